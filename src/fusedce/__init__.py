@@ -1,0 +1,1 @@
+"""fusedce: fused cross-entropy for PyTorch."""

@@ -1,0 +1,256 @@
+"""Pure-PyTorch kernels: the executable specification of every fused op.
+
+Every backend (``cpu``, ``triton``) implements exactly these functions with exactly these
+signatures, and the parity suite checks each of them against torch. This module is also the
+fallback on any device, and the double-backward path: every function here is written with
+differentiable torch ops, so autograd can differentiate through it.
+
+Conventions shared by all backends
+----------------------------------
+* ``x`` is the input in canonical form ``(outer, C, inner)``, with any strides. Row ``r = (o, i)``
+  has its classes at ``x[o, :, i]``.
+* ``target`` (index path) is ``(outer, inner)``, int64 or uint8, any strides.
+* ``weight`` is ``None`` or a 1-D tensor of ``C`` elements in ``x``'s dtype.
+* Per-row results (``loss``, ``lse``) are ``(outer, inner)`` in the accumulation dtype:
+  float64 for float64 input, float32 otherwise.
+* ``grad_loss`` is ``(outer, inner)`` in the accumulation dtype and may be broadcast (zero
+  strides), e.g. the scalar upstream gradient of a 'mean' reduction expanded over the rows.
+* Gradients with respect to ``x`` come back contiguous ``(outer, C, inner)`` in ``x``'s dtype,
+  unless ``inplace`` asks for them to be written into ``x`` itself.
+* An index target outside ``[0, C)`` that is not ``ignore_index`` raises
+  ``IndexError("Target {t} is out of bounds.")`` in the forward, naming the first such target in
+  row order.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+
+def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Half types and float32 accumulate in float32; float64 stays in float64."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _acc(x: Tensor) -> Tensor:
+    return x.to(accumulation_dtype(x.dtype))
+
+
+def logsumexp(x: Tensor) -> Tensor:
+    """Max-subtracted log-sum-exp over the class dim, in the accumulation dtype.
+
+    Unlike ``torch.logsumexp``, a row that is all ``-inf`` gives NaN (``-inf - -inf``), and a row
+    holding ``+inf`` or NaN gives NaN. That is exactly what makes every derived quantity of such a
+    row NaN, as torch's log_softmax does for it.
+    """
+    xf = _acc(x)
+    row_max = xf.amax(dim=1, keepdim=True)
+    return (row_max + (xf - row_max).exp().sum(dim=1, keepdim=True).log()).squeeze(1)
+
+
+def check_targets(target: Tensor, num_classes: int, ignore_index: int) -> None:
+    """Raise torch's IndexError for the first target outside [0, C) that is not ignored.
+
+    This reads the targets on the host, so only backends whose tensors are on the host call it.
+    """
+    target = target.long()
+    bad = ((target < 0) | (target >= num_classes)) & (target != ignore_index)
+    if bool(bad.any()):
+        first = target.reshape(-1)[bad.reshape(-1)][0]
+        raise IndexError(f"Target {int(first)} is out of bounds.")
+
+
+def _gather_targets(
+    x: Tensor, target: Tensor, weight: Tensor | None, ignore_index: int
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Per row: the mask of non-ignored rows, the safe class index, and the target's weight."""
+    valid = target != ignore_index
+    safe = torch.where(valid, target.long(), 0)
+    w_target = (
+        torch.ones_like(safe, dtype=accumulation_dtype(x.dtype))
+        if weight is None
+        else _acc(weight)[safe]
+    )
+    return valid, safe, w_target
+
+
+def _class_weights(x: Tensor, weight: Tensor | None) -> Tensor:
+    """The weight as a (1, C, 1) accumulation-dtype tensor (ones when there is none)."""
+    if weight is None:
+        return torch.ones(1, x.shape[1], 1, dtype=accumulation_dtype(x.dtype), device=x.device)
+    return _acc(weight).view(1, -1, 1)
+
+
+# --------------------------------------------------------------------------------------------
+# cross_entropy, index targets
+# --------------------------------------------------------------------------------------------
+
+
+def ce_forward(
+    x: Tensor, target: Tensor, weight: Tensor | None, ignore_index: int, smoothing: float
+) -> tuple[Tensor, Tensor]:
+    """Per-row loss and lse.
+
+    ``loss = (1-ε)·w[t]·(lse - x[t]) + (ε/C)·Σ_c w_c·(lse - x_c)`` for a non-ignored row, and 0
+    for an ignored one (torch masks the row's loss, so an ignored NaN row still gives 0).
+    """
+    num_classes = x.shape[1]
+    check_targets(target, num_classes, ignore_index)
+    lse = logsumexp(x)
+    valid, safe, w_target = _gather_targets(x, target, weight, ignore_index)
+    x_target = _acc(x.gather(1, safe.unsqueeze(1)).squeeze(1))
+    loss = w_target * (lse - x_target)
+    if smoothing > 0:
+        smooth = (_class_weights(x, weight) * (lse.unsqueeze(1) - _acc(x))).sum(dim=1)
+        loss = (1 - smoothing) * loss + (smoothing / num_classes) * smooth
+    return torch.where(valid, loss, 0), lse
+
+
+def ce_backward(
+    grad_loss: Tensor,
+    x: Tensor,
+    target: Tensor,
+    weight: Tensor | None,
+    lse: Tensor,
+    ignore_index: int,
+    smoothing: float,
+    inplace: bool,
+) -> Tensor:
+    """``grad_c = g·[(1-ε)·w[t]·(p_c - δ_ct) + (ε/C)·(W·p_c - w_c)]`` with ``W = Σ_c w_c``.
+
+    ``g`` is zero on ignored rows. It multiplies the bracket rather than replacing it, so a NaN
+    row that is ignored still has a NaN gradient, as in torch.
+    """
+    num_classes = x.shape[1]
+    valid, safe, w_target = _gather_targets(x, target, weight, ignore_index)
+    g = torch.where(valid, grad_loss, 0)
+    eps = max(smoothing, 0.0)
+    w = _class_weights(x, weight)
+    prob = (_acc(x) - lse.unsqueeze(1)).exp()
+    target_coef = (1 - eps) * w_target  # weight of the one-hot part, per row
+    smooth_coef = eps / num_classes
+    prob_coef = target_coef + smooth_coef * w.sum()
+    grad = prob_coef.unsqueeze(1) * prob - smooth_coef * w
+    onehot = torch.zeros_like(prob).scatter_(1, safe.unsqueeze(1), 1.0)
+    grad = (grad - target_coef.unsqueeze(1) * onehot) * g.unsqueeze(1)
+    if inplace:
+        return x.copy_(grad)
+    return grad.to(x.dtype)
+
+
+# --------------------------------------------------------------------------------------------
+# cross_entropy, probability targets (x, target and weight share one dtype: the caller promotes)
+# --------------------------------------------------------------------------------------------
+
+
+def smoothed_target(target: Tensor, smoothing: float) -> Tensor:
+    """``t' = t·(1-ε) + ε/C`` for ``ε > 0``; torch ignores ``ε ≤ 0`` (and NaN)."""
+    if smoothing > 0:
+        return target * (1 - smoothing) + smoothing / target.shape[1]
+    return target
+
+
+def ce_prob_forward(
+    x: Tensor, target: Tensor, weight: Tensor | None, smoothing: float
+) -> tuple[Tensor, Tensor]:
+    """``loss = Σ_c w_c·t'_c·(lse - x_c)``. No masking, and a 0 target at a -inf logit is NaN."""
+    lse = logsumexp(x)
+    neg_logprob = lse.unsqueeze(1) - _acc(x)
+    loss = (_class_weights(x, weight) * _acc(smoothed_target(target, smoothing)) * neg_logprob).sum(1)
+    return loss, lse
+
+
+def ce_prob_backward(
+    grad_loss: Tensor,
+    x: Tensor,
+    target: Tensor,
+    weight: Tensor | None,
+    lse: Tensor,
+    smoothing: float,
+    inplace: bool,
+) -> Tensor:
+    """``grad_c = g·(S·p_c - w_c·t'_c)`` with ``S = Σ_k w_k·t'_k`` per row."""
+    wt = _class_weights(x, weight) * _acc(smoothed_target(target, smoothing))
+    prob = (_acc(x) - lse.unsqueeze(1)).exp()
+    grad = (wt.sum(1, keepdim=True) * prob - wt) * grad_loss.unsqueeze(1)
+    if inplace:
+        return x.copy_(grad)
+    return grad.to(x.dtype)
+
+
+def ce_prob_target_grad(
+    grad_loss: Tensor, x: Tensor, weight: Tensor | None, lse: Tensor, smoothing: float
+) -> Tensor:
+    """``∂loss/∂t_c = g·(1-ε)·w_c·(lse - x_c)``, in x's dtype."""
+    scale = 1 - smoothing if smoothing > 0 else 1.0
+    neg_logprob = lse.unsqueeze(1) - _acc(x)
+    grad = (scale * grad_loss).unsqueeze(1) * _class_weights(x, weight) * neg_logprob
+    return grad.to(x.dtype)
+
+
+def ce_prob_weight_grad(
+    grad_loss: Tensor, x: Tensor, target: Tensor, lse: Tensor, smoothing: float
+) -> Tensor:
+    """``∂loss/∂w_c = Σ_rows g·t'_c·(lse - x_c)``, in x's dtype."""
+    neg_logprob = lse.unsqueeze(1) - _acc(x)
+    per_row = grad_loss.unsqueeze(1) * _acc(smoothed_target(target, smoothing)) * neg_logprob
+    return per_row.sum(dim=(0, 2)).to(x.dtype)
+
+
+# --------------------------------------------------------------------------------------------
+# nll_loss
+# --------------------------------------------------------------------------------------------
+
+
+def nll_forward(x: Tensor, target: Tensor, weight: Tensor | None, ignore_index: int) -> Tensor:
+    """``loss = -w[t]·x[t]`` for a non-ignored row, 0 for an ignored one."""
+    check_targets(target, x.shape[1], ignore_index)
+    valid, safe, w_target = _gather_targets(x, target, weight, ignore_index)
+    x_target = _acc(x.gather(1, safe.unsqueeze(1)).squeeze(1))
+    return torch.where(valid, -w_target * x_target, 0)
+
+
+def nll_backward(
+    grad_loss: Tensor,
+    target: Tensor,
+    weight: Tensor | None,
+    ignore_index: int,
+    num_classes: int,
+    dtype: torch.dtype,
+) -> Tensor:
+    """Scatter ``-g·w[t]`` into zeros of shape (outer, C, inner); ignored rows stay 0."""
+    valid = target != ignore_index
+    safe = torch.where(valid, target.long(), 0)
+    w_target = 1.0 if weight is None else _acc(weight)[safe]
+    g = torch.where(valid, -grad_loss * w_target, 0)
+    outer, inner = target.shape
+    grad = torch.zeros(outer, num_classes, inner, dtype=g.dtype, device=target.device)
+    return grad.scatter(1, safe.unsqueeze(1), g.unsqueeze(1)).to(dtype)
+
+
+# --------------------------------------------------------------------------------------------
+# log_softmax and softmax (over dim 1 of the canonical form)
+# --------------------------------------------------------------------------------------------
+
+
+def log_softmax_forward(x: Tensor) -> Tensor:
+    out = _acc(x) - logsumexp(x).unsqueeze(1)
+    return out.to(x.dtype, memory_format=torch.contiguous_format)
+
+
+def log_softmax_backward(grad_out: Tensor, out: Tensor) -> Tensor:
+    """``grad - exp(out)·Σ_c grad``: at a -inf input the gradient is the upstream one, not 0."""
+    g = _acc(grad_out)
+    return (g - _acc(out).exp() * g.sum(dim=1, keepdim=True)).to(out.dtype)
+
+
+def softmax_forward(x: Tensor) -> Tensor:
+    out = (_acc(x) - logsumexp(x).unsqueeze(1)).exp()
+    return out.to(x.dtype, memory_format=torch.contiguous_format)
+
+
+def softmax_backward(grad_out: Tensor, out: Tensor) -> Tensor:
+    """``out·(grad - Σ_c grad·out)``."""
+    g, y = _acc(grad_out), _acc(out)
+    return (y * (g - (g * y).sum(dim=1, keepdim=True))).to(out.dtype)
