@@ -236,7 +236,7 @@ def nll_backward(
 
 def log_softmax_forward(x: Tensor) -> Tensor:
     out = _acc(x) - logsumexp(x).unsqueeze(1)
-    return out.to(x.dtype, memory_format=torch.contiguous_format)
+    return out.to(x.dtype).contiguous()
 
 
 def log_softmax_backward(grad_out: Tensor, out: Tensor) -> Tensor:
@@ -247,7 +247,7 @@ def log_softmax_backward(grad_out: Tensor, out: Tensor) -> Tensor:
 
 def softmax_forward(x: Tensor) -> Tensor:
     out = (_acc(x) - logsumexp(x).unsqueeze(1)).exp()
-    return out.to(x.dtype, memory_format=torch.contiguous_format)
+    return out.to(x.dtype).contiguous()
 
 
 def softmax_backward(grad_out: Tensor, out: Tensor) -> Tensor:
