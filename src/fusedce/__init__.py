@@ -1,1 +1,29 @@
-"""fusedce: fused cross-entropy for PyTorch."""
+"""fusedce: fused cross-entropy for PyTorch.
+
+A drop-in replacement for torch's cross-entropy family that fuses log-softmax with the loss, so
+the log-probabilities are never materialised: the same values, gradients, dtypes, warnings and
+errors as torch, in less time and memory.
+"""
+
+from . import functional
+from .functional import cross_entropy, log_softmax, nll_loss, softmax
+from .kernels import available_backends, use_backend
+from .modules import CrossEntropyLoss, LogSoftmax, NLLLoss, Softmax
+from .patch import patch
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "CrossEntropyLoss",
+    "LogSoftmax",
+    "NLLLoss",
+    "Softmax",
+    "available_backends",
+    "cross_entropy",
+    "functional",
+    "log_softmax",
+    "nll_loss",
+    "patch",
+    "softmax",
+    "use_backend",
+]

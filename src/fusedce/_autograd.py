@@ -1,0 +1,226 @@
+"""The autograd Functions. Their only job is ctx: what to save, and which op to call.
+
+All take and return tensors in canonical form (see ``_canonical``). Three rules hold for each:
+
+* First-order backward calls the fused op, which reads the saved input once.
+* When autograd records the backward itself (``create_graph=True``, ``torch.func.grad``), the
+  backward is computed with the differentiable reference formulas instead, so double backward
+  works; the saved lse is then recomputed from the input so that it is part of the graph.
+* ``jvp`` gives forward-mode AD, and ``generate_vmap_rule`` lets ``torch.func.vmap`` batch the
+  whole Function through the ops' batching rules.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor
+from torch.autograd import Function
+
+from ._ops import ops
+from .kernels import reference
+
+
+def _recording_backward() -> bool:
+    """True when autograd is building a graph of the backward (double backward)."""
+    return torch.is_grad_enabled()
+
+
+def _refuse_inplace_double_backward() -> None:
+    raise RuntimeError(
+        "fusedce: inplace_backward=True writes the gradient over the logits, so it cannot be "
+        "differentiated twice (create_graph=True or torch.func transforms); use inplace_backward=False"
+    )
+
+
+class CrossEntropy(Function):
+    """Fused log-softmax + NLL for index targets, with weight, ignore_index and smoothing.
+
+    Returns the per-row loss and the per-row lse; only the lse is saved, never log-probabilities.
+    """
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(
+        x: Tensor,
+        target: Tensor,
+        weight: Tensor | None,
+        ignore_index: int,
+        smoothing: float,
+        inplace_backward: bool,
+    ) -> tuple[Tensor, Tensor]:
+        return ops.ce_forward(x, target, weight, ignore_index, smoothing)
+
+    @staticmethod
+    def setup_context(ctx: Any, inputs: tuple[Any, ...], output: tuple[Tensor, Tensor]) -> None:
+        x, target, weight, ctx.ignore_index, ctx.smoothing, ctx.inplace_backward = inputs
+        lse = output[1]
+        ctx.mark_non_differentiable(lse)
+        ctx.save_for_backward(x, target, weight, lse)
+        ctx.save_for_forward(x, target, weight, lse)
+
+    @staticmethod
+    def backward(ctx: Any, grad_loss: Tensor, _grad_lse: Tensor | None) -> tuple[Tensor | None, ...]:
+        x, target, weight, lse = ctx.saved_tensors
+        if not ctx.needs_input_grad[0]:
+            return (None,) * 6
+        args = (target, weight)
+        consts = (ctx.ignore_index, ctx.smoothing)
+        if _recording_backward():
+            if ctx.inplace_backward:
+                _refuse_inplace_double_backward()
+            grad = reference.ce_backward(grad_loss, x, *args, reference.logsumexp(x), *consts, False)
+        elif ctx.inplace_backward:
+            ops.ce_backward_(grad_loss, x, *args, lse, *consts)
+            grad = x
+        else:
+            grad = ops.ce_backward(grad_loss, x, *args, lse, *consts)
+        return grad, None, None, None, None, None
+
+    @staticmethod
+    def jvp(ctx: Any, x_tangent: Tensor | None, *_: Any) -> tuple[Tensor | None, None]:
+        x, target, weight, lse = ctx.saved_tensors
+        if x_tangent is None:
+            return None, None
+        return reference.ce_jvp(x, target, weight, lse, ctx.ignore_index, ctx.smoothing, x_tangent), None
+
+
+class CrossEntropyProb(Function):
+    """Fused log-softmax + cross-entropy against class probabilities.
+
+    Differentiable with respect to the input, the target and the weight. The caller has already
+    promoted the three to one dtype.
+    """
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(
+        x: Tensor, target: Tensor, weight: Tensor | None, smoothing: float, inplace_backward: bool
+    ) -> tuple[Tensor, Tensor]:
+        return ops.ce_prob_forward(x, target, weight, smoothing)
+
+    @staticmethod
+    def setup_context(ctx: Any, inputs: tuple[Any, ...], output: tuple[Tensor, Tensor]) -> None:
+        x, target, weight, ctx.smoothing, ctx.inplace_backward = inputs
+        lse = output[1]
+        ctx.mark_non_differentiable(lse)
+        ctx.save_for_backward(x, target, weight, lse)
+        ctx.save_for_forward(x, target, weight, lse)
+
+    @staticmethod
+    def backward(ctx: Any, grad_loss: Tensor, _grad_lse: Tensor | None) -> tuple[Tensor | None, ...]:
+        x, target, weight, lse = ctx.saved_tensors
+        eps = ctx.smoothing
+        recording = _recording_backward()
+        if recording:
+            if ctx.inplace_backward:
+                _refuse_inplace_double_backward()
+            lse = reference.logsumexp(x)
+        # The target and weight gradients read x, so they come before an in-place input gradient.
+        grad_target = grad_weight = grad_x = None
+        if ctx.needs_input_grad[1]:
+            grad_target = reference.ce_prob_target_grad(grad_loss, x, weight, lse, eps)
+        if ctx.needs_input_grad[2]:
+            grad_weight = reference.ce_prob_weight_grad(grad_loss, x, target, lse, eps)
+        if ctx.needs_input_grad[0]:
+            if recording:
+                grad_x = reference.ce_prob_backward(grad_loss, x, target, weight, lse, eps, False)
+            elif ctx.inplace_backward:
+                ops.ce_prob_backward_(grad_loss, x, target, weight, lse, eps)
+                grad_x = x
+            else:
+                grad_x = ops.ce_prob_backward(grad_loss, x, target, weight, lse, eps)
+        return grad_x, grad_target, grad_weight, None, None
+
+    @staticmethod
+    def jvp(ctx: Any, x_tangent: Tensor | None, target_tangent: Tensor | None, weight_tangent: Tensor | None,
+            *_: Any) -> tuple[Tensor, None]:
+        x, target, weight, lse = ctx.saved_tensors
+        tangents = (x_tangent, target_tangent, weight_tangent)
+        return reference.ce_prob_jvp(x, target, weight, lse, ctx.smoothing, tangents), None
+
+
+class NllLoss(Function):
+    """Per-row ``-w[t]·x[t]``. Saves the target and weight only: the gradient does not depend on x."""
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(x: Tensor, target: Tensor, weight: Tensor | None, ignore_index: int) -> Tensor:
+        return ops.nll_forward(x, target, weight, ignore_index)
+
+    @staticmethod
+    def setup_context(ctx: Any, inputs: tuple[Any, ...], output: Tensor) -> None:
+        x, target, weight, ctx.ignore_index = inputs
+        ctx.num_classes, ctx.dtype = x.shape[1], x.dtype
+        ctx.save_for_backward(target, weight)
+        ctx.save_for_forward(target, weight)
+
+    @staticmethod
+    def backward(ctx: Any, grad_loss: Tensor) -> tuple[Tensor | None, ...]:
+        target, weight = ctx.saved_tensors
+        if not ctx.needs_input_grad[0]:
+            return None, None, None, None
+        args = (grad_loss, target, weight, ctx.ignore_index, ctx.num_classes, ctx.dtype)
+        backward = reference.nll_backward if _recording_backward() else ops.nll_backward
+        return backward(*args), None, None, None
+
+    @staticmethod
+    def jvp(ctx: Any, x_tangent: Tensor | None, *_: Any) -> Tensor | None:
+        target, weight = ctx.saved_tensors
+        return None if x_tangent is None else reference.nll_jvp(target, weight, ctx.ignore_index, x_tangent)
+
+
+class LogSoftmax(Function):
+    """log_softmax over dim 1 of the canonical form; saves its output only, as torch does."""
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(x: Tensor) -> Tensor:
+        return ops.log_softmax_forward(x)
+
+    @staticmethod
+    def setup_context(ctx: Any, inputs: tuple[Any, ...], output: Tensor) -> None:
+        ctx.save_for_backward(output)
+        ctx.save_for_forward(output)
+
+    @staticmethod
+    def backward(ctx: Any, grad_out: Tensor) -> Tensor:
+        (out,) = ctx.saved_tensors
+        backward = reference.log_softmax_backward if _recording_backward() else ops.log_softmax_backward
+        return backward(grad_out, out)
+
+    @staticmethod
+    def jvp(ctx: Any, x_tangent: Tensor) -> Tensor:
+        (out,) = ctx.saved_tensors
+        return reference.log_softmax_jvp(out, x_tangent)
+
+
+class Softmax(Function):
+    """softmax over dim 1 of the canonical form; saves its output only, as torch does."""
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(x: Tensor) -> Tensor:
+        return ops.softmax_forward(x)
+
+    @staticmethod
+    def setup_context(ctx: Any, inputs: tuple[Any, ...], output: Tensor) -> None:
+        ctx.save_for_backward(output)
+        ctx.save_for_forward(output)
+
+    @staticmethod
+    def backward(ctx: Any, grad_out: Tensor) -> Tensor:
+        (out,) = ctx.saved_tensors
+        backward = reference.softmax_backward if _recording_backward() else ops.softmax_backward
+        return backward(grad_out, out)
+
+    @staticmethod
+    def jvp(ctx: Any, x_tangent: Tensor) -> Tensor:
+        (out,) = ctx.saved_tensors
+        return reference.softmax_jvp(out, x_tangent)

@@ -1,0 +1,158 @@
+"""The fused ops, registered with torch.library.
+
+Registering them as operators (with fake kernels) is what lets torch.compile trace through the
+autograd Functions without a graph break, lets FakeTensor propagate shapes, and lets
+``torch.func.vmap`` batch them. Each call is sent to a kernel backend chosen from the tensor's
+device (see ``kernels.backend_for``); the backends all implement ``kernels.reference``.
+
+The Python functions at the bottom are what the autograd Functions call.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from .kernels import backend_for
+from .kernels.reference import accumulation_dtype
+
+_lib = torch.library.Library("fusedce", "DEF")  # noqa: TOR901 - the op definitions live here
+
+# name -> schema. The trailing underscore marks the in-place backward: it writes into x.
+_SCHEMAS = {
+    "ce_forward": "(Tensor x, Tensor target, Tensor? weight, int ignore_index, float smoothing)"
+    " -> (Tensor, Tensor)",
+    "ce_backward": "(Tensor grad_loss, Tensor x, Tensor target, Tensor? weight, Tensor lse,"
+    " int ignore_index, float smoothing) -> Tensor",
+    "ce_backward_": "(Tensor grad_loss, Tensor(a!) x, Tensor target, Tensor? weight, Tensor lse,"
+    " int ignore_index, float smoothing) -> ()",
+    "ce_prob_forward": "(Tensor x, Tensor target, Tensor? weight, float smoothing) -> (Tensor, Tensor)",
+    "ce_prob_backward": "(Tensor grad_loss, Tensor x, Tensor target, Tensor? weight, Tensor lse,"
+    " float smoothing) -> Tensor",
+    "ce_prob_backward_": "(Tensor grad_loss, Tensor(a!) x, Tensor target, Tensor? weight, Tensor lse,"
+    " float smoothing) -> ()",
+    "nll_forward": "(Tensor x, Tensor target, Tensor? weight, int ignore_index) -> Tensor",
+    "nll_backward": "(Tensor grad_loss, Tensor target, Tensor? weight, int ignore_index,"
+    " SymInt num_classes, ScalarType dtype) -> Tensor",
+    "log_softmax_forward": "(Tensor x) -> Tensor",
+    "log_softmax_backward": "(Tensor grad_out, Tensor out) -> Tensor",
+    "softmax_forward": "(Tensor x) -> Tensor",
+    "softmax_backward": "(Tensor grad_out, Tensor out) -> Tensor",
+}
+
+
+def _device_of(args: Sequence[Any]) -> torch.device:
+    return next(a.device for a in args if isinstance(a, Tensor))
+
+
+def _eager_kernel(name: str) -> Callable[..., Any]:
+    """The real kernel: look up the backend for this call's device and run its function."""
+    if name.endswith("_"):
+        backend_name = name[:-1]
+
+        def run_inplace(*args: Any) -> None:
+            getattr(backend_for(_device_of(args)), backend_name)(*args, True)
+
+        return run_inplace
+    if name in ("ce_backward", "ce_prob_backward"):
+
+        def run_backward(*args: Any) -> Any:
+            return getattr(backend_for(_device_of(args)), name)(*args, False)
+
+        return run_backward
+
+    def run(*args: Any) -> Any:
+        return getattr(backend_for(_device_of(args)), name)(*args)
+
+    return run
+
+
+# ---- fake kernels: shapes and dtypes only -------------------------------------------------
+
+
+def _rows_like(x: Tensor) -> Tensor:
+    return x.new_empty((x.shape[0], x.shape[2]), dtype=accumulation_dtype(x.dtype))
+
+
+def _fake_ce_forward(x: Tensor, *_: Any) -> tuple[Tensor, Tensor]:
+    return _rows_like(x), _rows_like(x)
+
+
+def _fake_grad_like_x(grad_loss: Tensor, x: Tensor, *_: Any) -> Tensor:
+    return torch.empty(x.shape, dtype=x.dtype, device=x.device)
+
+
+def _fake_none(*_: Any) -> None:
+    return None
+
+
+def _fake_nll_forward(x: Tensor, *_: Any) -> Tensor:
+    return _rows_like(x)
+
+
+def _fake_nll_backward(
+    grad_loss: Tensor, target: Tensor, weight: Tensor | None, ignore_index: int, num_classes: int, dtype: Any
+) -> Tensor:
+    return target.new_empty((target.shape[0], num_classes, target.shape[1]), dtype=dtype)
+
+
+def _fake_like_first(x: Tensor, *_: Any) -> Tensor:
+    return torch.empty(x.shape, dtype=x.dtype, device=x.device)
+
+
+def _fake_like_second(grad: Tensor, out: Tensor) -> Tensor:
+    return torch.empty(out.shape, dtype=out.dtype, device=out.device)
+
+
+_FAKES: dict[str, Callable[..., Any]] = {
+    "ce_forward": _fake_ce_forward,
+    "ce_backward": _fake_grad_like_x,
+    "ce_backward_": _fake_none,
+    "ce_prob_forward": _fake_ce_forward,
+    "ce_prob_backward": _fake_grad_like_x,
+    "ce_prob_backward_": _fake_none,
+    "nll_forward": _fake_nll_forward,
+    "nll_backward": _fake_nll_backward,
+    "log_softmax_forward": _fake_like_first,
+    "log_softmax_backward": _fake_like_second,
+    "softmax_forward": _fake_like_first,
+    "softmax_backward": _fake_like_second,
+}
+
+
+# ---- vmap: run the op once per batch entry ------------------------------------------------
+
+
+def _vmap_by_loop(op: Callable[..., Any]) -> Callable[..., Any]:
+    """A batching rule that slices every batched argument and stacks the results.
+
+    Correct for every op and every combination of batched arguments (a per-sample weight
+    included); it costs one kernel launch per batch entry, which is what vmap over a loss
+    usually amounts to anyway (per-sample gradients of small inputs).
+    """
+
+    def rule(info: Any, in_dims: tuple[int | None, ...], *args: Any) -> tuple[Any, Any]:
+        def pick(i: int) -> list[Any]:
+            return [a if d is None else a.select(d, i) for a, d in zip(args, in_dims)]
+
+        results = [op(*pick(i)) for i in range(info.batch_size)]
+        if isinstance(results[0], tuple):
+            return tuple(torch.stack(r) for r in zip(*results)), (0,) * len(results[0])
+        return torch.stack(results), 0
+
+    return rule
+
+
+for _name, _schema in _SCHEMAS.items():
+    _lib.define(_name + _schema)
+    _lib.impl(_name, _eager_kernel(_name), "CompositeExplicitAutograd")
+    torch.library.register_fake(f"fusedce::{_name}", _FAKES[_name], lib=_lib)
+    if not _name.endswith("_"):
+        torch.library.register_vmap(
+            f"fusedce::{_name}", _vmap_by_loop(getattr(torch.ops.fusedce, _name)), lib=_lib
+        )
+
+ops = torch.ops.fusedce

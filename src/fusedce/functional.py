@@ -1,0 +1,262 @@
+"""torch's functional signatures, exactly: validation, canonical form, and the reduction.
+
+Each function here mirrors its ``torch.nn.functional`` namesake argument for argument. The work
+itself happens in the autograd Functions (``_autograd``); the reduction happens here, in torch,
+over the per-row losses the kernels return. That keeps 'none' free, and there is no host sync.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+from torch import Tensor
+from torch.nn import _reduction
+from torch.nn import functional as torch_functional
+
+from . import _checks
+from ._autograd import CrossEntropy, CrossEntropyProb, LogSoftmax, NllLoss, Softmax
+from ._canonical import canonical, canonical_rows
+from .kernels.reference import accumulation_dtype
+
+__all__ = ["cross_entropy", "log_softmax", "nll_loss", "softmax"]
+
+Reduction = Literal["none", "mean", "sum"]
+_REDUCTIONS: tuple[Reduction, ...] = ("none", "mean", "sum")
+
+
+def _resolve_reduction(size_average: bool | None, reduce: bool | None, reduction: str) -> Reduction:
+    """The legacy arguments override ``reduction`` (with torch's warning); then the string is
+    validated, warning for 'elementwise_mean' and raising for anything unknown."""
+    if size_average is not None or reduce is not None:
+        reduction = _reduction.legacy_get_string(size_average, reduce)
+    return _REDUCTIONS[_reduction.get_enum(reduction)]
+
+
+# --------------------------------------------------------------------------------------------
+# cross_entropy
+# --------------------------------------------------------------------------------------------
+
+
+def cross_entropy(
+    input: Tensor,
+    target: Tensor,
+    weight: Tensor | None = None,
+    size_average: bool | None = None,
+    ignore_index: int = -100,
+    reduce: bool | None = None,
+    reduction: str = "mean",
+    label_smoothing: float = 0.0,
+    *,
+    inplace_backward: bool = False,
+) -> Tensor:
+    """``torch.nn.functional.cross_entropy``, fused: the log-probabilities are never stored.
+
+    ``inplace_backward=True`` (fusedce only) writes the gradient into ``input``'s own storage
+    during backward, so forward plus backward allocates nothing of the logits' size. It
+    overwrites the logits: use it only when nothing else reads them after the loss (the usual
+    LM-head case), and never with ``create_graph=True``.
+    """
+    mode = _resolve_reduction(size_average, reduce, reduction)
+    fn = "cross_entropy_loss"
+    _checks.check_tensor(fn, "input", 1, input)
+    _checks.check_tensor(fn, "target", 2, target)
+    _checks.check_tensor(fn, "weight", 3, weight, optional=True)
+    ignore_index = _checks.to_int_arg(fn, "ignore_index", 5, ignore_index)
+    smoothing = _checks.to_float_arg(fn, "label_smoothing", 6, label_smoothing)
+    if _checks.is_probability_target(input, target):
+        return _cross_entropy_prob(input, target, weight, ignore_index, smoothing, mode, inplace_backward)
+    return _cross_entropy_index(input, target, weight, ignore_index, smoothing, mode, inplace_backward)
+
+
+def _class_dim(input: Tensor) -> int:
+    return 0 if input.dim() == 1 else 1
+
+
+def _cross_entropy_index(
+    input: Tensor,
+    target: Tensor,
+    weight: Tensor | None,
+    ignore_index: int,
+    smoothing: float,
+    reduction: Reduction,
+    inplace_backward: bool,
+) -> Tensor:
+    # torch's order: the smoothing range, then log_softmax's checks, then nll_loss's.
+    _checks.check_label_smoothing(smoothing)
+    class_dim = _checks.wrap_dim(_class_dim(input), input.dim())
+    _checks.check_softmax_dtype("log_softmax", input, class_dim)
+    _checks.check_nll_shapes(input, target, weight)
+    _checks.check_weight_not_differentiable(weight)
+    _checks.check_nll_dtypes(input, target, weight)
+
+    x = canonical(input, class_dim)
+    _check_inplace_backward(inplace_backward, input, x)
+    rows = canonical_rows(target, x.shape[0], x.shape[2])
+    weight = _flat_weight(weight)
+    loss, _ = CrossEntropy.apply(x, rows, weight, ignore_index, smoothing, inplace_backward)
+    return _reduce_index_loss(loss, rows, weight, ignore_index, reduction, input)
+
+
+def _cross_entropy_prob(
+    input: Tensor,
+    target: Tensor,
+    weight: Tensor | None,
+    ignore_index: int,
+    smoothing: float,
+    reduction: Reduction,
+    inplace_backward: bool,
+) -> Tensor:
+    _checks.check_probability_target(input, target, weight, ignore_index)
+    class_dim = _class_dim(input)
+    _checks.check_softmax_dtype("log_softmax", input, class_dim)
+    _checks.check_label_smoothing(smoothing)
+
+    # Ordinary type promotion decides the result dtype (an f64 target makes an f64 loss); the
+    # fused kernel then sees one dtype. torch computes log_softmax in the input's dtype first,
+    # so computing it in the promoted dtype is never less accurate.
+    dtype = torch.promote_types(input.dtype, target.dtype)
+    if weight is not None:
+        dtype = torch.promote_types(dtype, weight.dtype)
+    if inplace_backward and input.dtype != dtype:
+        raise ValueError(
+            f"fusedce: inplace_backward=True cannot write a {dtype} gradient into {input.dtype} logits; "
+            "give the target and weight the logits' dtype"
+        )
+    x = canonical(input.to(dtype), class_dim)
+    _check_inplace_backward(inplace_backward, input, x)
+    t = canonical(target.to(dtype), class_dim)
+    w = None if weight is None else weight.to(dtype).contiguous()
+    loss, _ = CrossEntropyProb.apply(x, t, w, smoothing, inplace_backward)
+
+    if reduction == "none":
+        return loss.reshape(_rows_shape(input)).to(dtype)
+    total = loss.sum()
+    if reduction == "sum":
+        return total.to(dtype)
+    # torch divides by the number of rows, and gives NaN when the input is empty (C = 0 too).
+    rows = loss.numel() if input.numel() else 0
+    return (total / rows).to(dtype)
+
+
+def _rows_shape(input: Tensor) -> tuple[int, ...]:
+    """The 'none' output shape: the input's without the class dim; () for an unbatched input."""
+    if input.dim() <= 1:
+        return ()
+    return (input.shape[0], *input.shape[2:])
+
+
+def _flat_weight(weight: Tensor | None) -> Tensor | None:
+    # The spatial path accepts any weight of C elements, a (1, C) one included.
+    return None if weight is None else weight.reshape(-1).contiguous()
+
+
+def _check_inplace_backward(inplace_backward: bool, input: Tensor, x: Tensor) -> None:
+    """inplace_backward must write the gradient over the user's logits, or it saves nothing."""
+    if not inplace_backward:
+        return
+    if any(stride == 0 and size > 1 for size, stride in zip(input.shape, input.stride())):
+        raise ValueError(
+            "fusedce: inplace_backward=True needs logits whose elements do not overlap in memory "
+            "(this input is expanded)"
+        )
+    if x.untyped_storage().data_ptr() != input.untyped_storage().data_ptr():
+        raise ValueError(
+            "fusedce: inplace_backward=True needs logits that can be viewed as (N, C, d1*...*dk) "
+            "without a copy; call .contiguous() on them first"
+        )
+
+
+def _reduce_index_loss(
+    loss: Tensor,
+    rows: Tensor,
+    weight: Tensor | None,
+    ignore_index: int,
+    reduction: Reduction,
+    input: Tensor,
+) -> Tensor:
+    """'mean' divides by the summed target weights of the non-ignored rows (their count when
+    there is no weight), so all-ignored or empty input gives 0/0 = NaN, as in torch."""
+    if reduction == "none":
+        return loss.reshape(_rows_shape(input) if input.dim() != 1 else ()).to(input.dtype)
+    total = loss.sum()
+    if reduction == "sum":
+        return total.to(input.dtype)
+    valid = rows != ignore_index
+    if weight is None:
+        denominator = valid.sum()
+    else:
+        # Clamp so that an out-of-range target (which the CUDA kernels report as NaN instead of
+        # raising) cannot index out of bounds here.
+        safe = rows.long().clamp(0, max(weight.numel() - 1, 0))
+        picked = weight.to(accumulation_dtype(input.dtype)).gather(0, safe.reshape(-1)).view_as(safe)
+        denominator = torch.where(valid, picked, 0).sum()
+    return (total / denominator).to(input.dtype)
+
+
+# --------------------------------------------------------------------------------------------
+# nll_loss
+# --------------------------------------------------------------------------------------------
+
+
+def nll_loss(
+    input: Tensor,
+    target: Tensor,
+    weight: Tensor | None = None,
+    size_average: bool | None = None,
+    ignore_index: int = -100,
+    reduce: bool | None = None,
+    reduction: str = "mean",
+) -> Tensor:
+    """``torch.nn.functional.nll_loss``."""
+    mode = _resolve_reduction(size_average, reduce, reduction)
+    fn = "nll_loss_nd"
+    _checks.check_tensor(fn, "input", 1, input)
+    _checks.check_tensor(fn, "target", 2, target)
+    _checks.check_tensor(fn, "weight", 3, weight, optional=True)
+    ignore_index = _checks.to_int_arg(fn, "ignore_index", 5, ignore_index)
+    _checks.check_nll_shapes(input, target, weight)
+    _checks.check_weight_not_differentiable(weight)
+    _checks.check_nll_dtypes(input, target, weight)
+
+    x = canonical(input, _class_dim(input))
+    rows = canonical_rows(target, x.shape[0], x.shape[2])
+    weight = _flat_weight(weight)
+    loss = NllLoss.apply(x, rows, weight, ignore_index)
+    return _reduce_index_loss(loss, rows, weight, ignore_index, mode, input)
+
+
+# --------------------------------------------------------------------------------------------
+# softmax and log_softmax
+# --------------------------------------------------------------------------------------------
+
+
+def _softmax_like(
+    kernel: str, function: type[LogSoftmax] | type[Softmax], input: Tensor, dim: int | None,
+    stacklevel: int, dtype: torch.dtype | None,
+) -> Tensor:
+    _checks.check_tensor(kernel, "input", 0, input)
+    if dim is None:
+        # torch's own helper: the same deprecation warning, attributed to the same frame.
+        dim = torch_functional._get_softmax_dim(kernel, input.dim(), stacklevel + 1)
+    dim = _checks.to_int_arg(kernel, "dim", 1, dim)
+    if dtype is not None:
+        input = input.to(dtype)  # cast first: int input works with a float dtype, as in torch
+    dim = _checks.wrap_dim(dim, input.dim())
+    _checks.check_softmax_dtype(kernel, input, dim)
+    out = function.apply(canonical(input, dim))
+    return out.view(input.shape)
+
+
+def log_softmax(
+    input: Tensor, dim: int | None = None, _stacklevel: int = 3, dtype: torch.dtype | None = None
+) -> Tensor:
+    """``torch.nn.functional.log_softmax``."""
+    return _softmax_like("log_softmax", LogSoftmax, input, dim, _stacklevel, dtype)
+
+
+def softmax(
+    input: Tensor, dim: int | None = None, _stacklevel: int = 3, dtype: torch.dtype | None = None
+) -> Tensor:
+    """``torch.nn.functional.softmax``."""
+    return _softmax_like("softmax", Softmax, input, dim, _stacklevel, dtype)
