@@ -224,3 +224,39 @@ class Softmax(Function):
     def jvp(ctx: Any, x_tangent: Tensor) -> Tensor:
         (out,) = ctx.saved_tensors
         return reference.softmax_jvp(out, x_tangent)
+
+
+def _without_jvp(function: type[Function]) -> type[Function]:
+    """The same Function minus its jvp. Dynamo refuses to trace a Function that defines a custom
+    jvp (a graph break), and forward-mode AD does not apply inside a compiled graph anyway."""
+    return type(function.__name__, (function,), {"jvp": Function.jvp})
+
+
+_CrossEntropyTraced = _without_jvp(CrossEntropy)
+_CrossEntropyProbTraced = _without_jvp(CrossEntropyProb)
+_NllLossTraced = _without_jvp(NllLoss)
+_LogSoftmaxTraced = _without_jvp(LogSoftmax)
+_SoftmaxTraced = _without_jvp(Softmax)
+
+# The entry points functional calls: the jvp-less variant while torch.compile traces. (Dynamo
+# follows a plain conditional on is_compiling, but not a lookup of the class in a dict.)
+
+
+def cross_entropy(*args: Any) -> tuple[Tensor, Tensor]:
+    return (_CrossEntropyTraced if torch.compiler.is_compiling() else CrossEntropy).apply(*args)
+
+
+def cross_entropy_prob(*args: Any) -> tuple[Tensor, Tensor]:
+    return (_CrossEntropyProbTraced if torch.compiler.is_compiling() else CrossEntropyProb).apply(*args)
+
+
+def nll_loss(*args: Any) -> Tensor:
+    return (_NllLossTraced if torch.compiler.is_compiling() else NllLoss).apply(*args)
+
+
+def log_softmax(x: Tensor) -> Tensor:
+    return (_LogSoftmaxTraced if torch.compiler.is_compiling() else LogSoftmax).apply(x)
+
+
+def softmax(x: Tensor) -> Tensor:
+    return (_SoftmaxTraced if torch.compiler.is_compiling() else Softmax).apply(x)

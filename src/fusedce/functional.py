@@ -7,6 +7,7 @@ over the per-row losses the kernels return. That keeps 'none' free, and there is
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Literal
 
 import torch
@@ -15,7 +16,7 @@ from torch.nn import _reduction
 from torch.nn import functional as torch_functional
 
 from . import _checks
-from ._autograd import CrossEntropy, CrossEntropyProb, LogSoftmax, NllLoss, Softmax
+from . import _autograd
 from ._canonical import canonical, canonical_rows
 from .kernels.reference import accumulation_dtype
 
@@ -94,7 +95,7 @@ def _cross_entropy_index(
     _check_inplace_backward(inplace_backward, input, x)
     rows = canonical_rows(target, x.shape[0], x.shape[2])
     weight = _flat_weight(weight)
-    loss, _ = CrossEntropy.apply(x, rows, weight, ignore_index, smoothing, inplace_backward)
+    loss, _ = _autograd.cross_entropy(x, rows, weight, ignore_index, smoothing, inplace_backward)
     return _reduce_index_loss(loss, rows, weight, ignore_index, reduction, input)
 
 
@@ -127,7 +128,7 @@ def _cross_entropy_prob(
     _check_inplace_backward(inplace_backward, input, x)
     t = canonical(target.to(dtype), class_dim)
     w = None if weight is None else weight.to(dtype).contiguous()
-    loss, _ = CrossEntropyProb.apply(x, t, w, smoothing, inplace_backward)
+    loss, _ = _autograd.cross_entropy_prob(x, t, w, smoothing, inplace_backward)
 
     if reduction == "none":
         return loss.reshape(_rows_shape(input)).to(dtype)
@@ -222,7 +223,7 @@ def nll_loss(
     x = canonical(input, _class_dim(input))
     rows = canonical_rows(target, x.shape[0], x.shape[2])
     weight = _flat_weight(weight)
-    loss = NllLoss.apply(x, rows, weight, ignore_index)
+    loss = _autograd.nll_loss(x, rows, weight, ignore_index)
     return _reduce_index_loss(loss, rows, weight, ignore_index, mode, input)
 
 
@@ -232,7 +233,7 @@ def nll_loss(
 
 
 def _softmax_like(
-    kernel: str, function: type[LogSoftmax] | type[Softmax], input: Tensor, dim: int | None,
+    kernel: str, function: Callable[[Tensor], Tensor], input: Tensor, dim: int | None,
     stacklevel: int, dtype: torch.dtype | None,
 ) -> Tensor:
     _checks.check_tensor(kernel, "input", 0, input)
@@ -244,7 +245,7 @@ def _softmax_like(
         input = input.to(dtype)  # cast first: int input works with a float dtype, as in torch
     dim = _checks.wrap_dim(dim, input.dim())
     _checks.check_softmax_dtype(kernel, input, dim)
-    out = function.apply(canonical(input, dim))
+    out = function(canonical(input, dim))
     return out.view(input.shape)
 
 
@@ -252,11 +253,11 @@ def log_softmax(
     input: Tensor, dim: int | None = None, _stacklevel: int = 3, dtype: torch.dtype | None = None
 ) -> Tensor:
     """``torch.nn.functional.log_softmax``."""
-    return _softmax_like("log_softmax", LogSoftmax, input, dim, _stacklevel, dtype)
+    return _softmax_like("log_softmax", _autograd.log_softmax, input, dim, _stacklevel, dtype)
 
 
 def softmax(
     input: Tensor, dim: int | None = None, _stacklevel: int = 3, dtype: torch.dtype | None = None
 ) -> Tensor:
     """``torch.nn.functional.softmax``."""
-    return _softmax_like("softmax", Softmax, input, dim, _stacklevel, dtype)
+    return _softmax_like("softmax", _autograd.softmax, input, dim, _stacklevel, dtype)

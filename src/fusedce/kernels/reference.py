@@ -206,6 +206,10 @@ def ce_prob_weight_grad(
 def nll_forward(x: Tensor, target: Tensor, weight: Tensor | None, ignore_index: int) -> Tensor:
     """``loss = -w[t]·x[t]`` for a non-ignored row, 0 for an ignored one."""
     check_targets(target, x.shape[1], ignore_index)
+    return _picked_values(x, target, weight, ignore_index)
+
+
+def _picked_values(x: Tensor, target: Tensor, weight: Tensor | None, ignore_index: int) -> Tensor:
     valid, safe, w_target = _gather_targets(x, target, weight, ignore_index)
     x_target = _acc(x.gather(1, safe.unsqueeze(1)).squeeze(1))
     return torch.where(valid, -w_target * x_target, 0)
@@ -254,3 +258,67 @@ def softmax_backward(grad_out: Tensor, out: Tensor) -> Tensor:
     """``out·(grad - Σ_c grad·out)``."""
     g, y = _acc(grad_out), _acc(out)
     return (y * (g - (g * y).sum(dim=1, keepdim=True))).to(out.dtype)
+
+
+# --------------------------------------------------------------------------------------------
+# Forward-mode AD: the tangent of each op's output, given the tangents of its inputs.
+# ``None`` tangents are inputs that carry none. These run only under forward AD, so they may
+# materialise N×C temporaries.
+# --------------------------------------------------------------------------------------------
+
+
+def ce_jvp(
+    x: Tensor,
+    target: Tensor,
+    weight: Tensor | None,
+    lse: Tensor,
+    ignore_index: int,
+    smoothing: float,
+    x_tangent: Tensor,
+) -> Tensor:
+    """``Σ_c ∂loss/∂x_c · dx_c``, per row."""
+    ones = torch.ones_like(lse)
+    jacobian = ce_backward(ones, x, target, weight, lse, ignore_index, smoothing, False)
+    return (_acc(jacobian) * _acc(x_tangent)).sum(dim=1)
+
+
+def ce_prob_jvp(
+    x: Tensor,
+    target: Tensor,
+    weight: Tensor | None,
+    lse: Tensor,
+    smoothing: float,
+    tangents: tuple[Tensor | None, Tensor | None, Tensor | None],
+) -> Tensor:
+    """The loss tangent from the tangents of x, the target and the weight."""
+    x_tangent, target_tangent, weight_tangent = tangents
+    ones = torch.ones_like(lse)
+    out = torch.zeros_like(lse)
+    if x_tangent is not None:
+        jacobian = ce_prob_backward(ones, x, target, weight, lse, smoothing, False)
+        out = out + (_acc(jacobian) * _acc(x_tangent)).sum(dim=1)
+    if target_tangent is not None:
+        jacobian = ce_prob_target_grad(ones, x, weight, lse, smoothing)
+        out = out + (_acc(jacobian) * _acc(target_tangent)).sum(dim=1)
+    if weight_tangent is not None:
+        neg_logprob = lse.unsqueeze(1) - _acc(x)
+        per_class = _acc(smoothed_target(target, smoothing)) * neg_logprob
+        out = out + (per_class * _acc(weight_tangent).view(1, -1, 1)).sum(dim=1)
+    return out
+
+
+def nll_jvp(target: Tensor, weight: Tensor | None, ignore_index: int, x_tangent: Tensor) -> Tensor:
+    """nll is linear in x: its tangent is the loss of the tangent."""
+    return _picked_values(x_tangent, target, weight, ignore_index)
+
+
+def log_softmax_jvp(out: Tensor, x_tangent: Tensor) -> Tensor:
+    """``dx - Σ_c p_c·dx_c``."""
+    dx = _acc(x_tangent)
+    return (dx - (_acc(out).exp() * dx).sum(dim=1, keepdim=True)).to(out.dtype)
+
+
+def softmax_jvp(out: Tensor, x_tangent: Tensor) -> Tensor:
+    """``p·(dx - Σ_c p_c·dx_c)``."""
+    p, dx = _acc(out), _acc(x_tangent)
+    return (p * (dx - (p * dx).sum(dim=1, keepdim=True))).to(out.dtype)

@@ -1,0 +1,553 @@
+// Shared helpers for the fusedce CPU kernels.
+//
+// Every kernel sees its N×C operands in the canonical form (outer, C, inner): row r = (o, i) has
+// its classes at data + o*s0 + c*s1 + i*s2. Two execution paths cover every layout:
+//
+// * The row path, when every N×C operand has class stride 1 (plain 2-D inputs, and channels-last
+//   inputs for the ops whose only N×C operand is the input): one row at a time, vectorized along
+//   C, read straight from the tensor.
+// * The tile path, for everything else (the contiguous K-dimensional case, where the class stride
+//   is `inner`, and arbitrary strides): a tile of consecutive rows is gathered into a small
+//   accumulation-dtype scratch laid out [class][row], so that the vector lanes run ACROSS rows and
+//   every per-row reduction is a plain lane-wise loop over classes. When the rows of a tile share
+//   their outer index and the inner stride is 1, the gather reads whole contiguous runs.
+//
+// Numerics: half types accumulate in float32, float32 in float32, float64 in float64. Exponentials
+// use ATen's exp_u20 (about 20 ulp) where the argument is known to be finite or -inf; exp_u20 does
+// not propagate NaN or +inf, so rows whose reference value (max, lse) is not finite take the
+// precise path, which is std::exp per element.
+#pragma once
+
+#include <ATen/ATen.h>
+#include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
+#include <ATen/cpu/vec/functional.h>
+#include <ATen/cpu/vec/vec.h>
+#include <c10/util/Exception.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <limits>
+#include <optional>
+#include <tuple>
+#include <type_traits>
+#include <vector>
+
+namespace fusedce {
+
+using at::Tensor;
+using at::vec::Vectorized;
+
+template <typename scalar_t>
+using acc_t = at::opmath_type<scalar_t>;
+
+// Work per parallel_for grain, in elements: small rows are batched so that a task is not
+// dominated by the scheduling overhead.
+constexpr int64_t kGrainElements = 32768;
+// Tile path: scratch bytes per tensor, and the most rows a tile holds.
+constexpr int64_t kTileBytes = 48 * 1024;
+constexpr int64_t kMaxTileRows = 256;
+
+template <typename T>
+constexpr T kInf = std::numeric_limits<T>::infinity();
+template <typename T>
+constexpr T kNaN = std::numeric_limits<T>::quiet_NaN();
+
+// ---------------------------------------------------------------------------------------------
+// Compile-time switches: `dispatch_bool(flag, [&](auto kFlag) { if constexpr (kFlag) ... })`
+// instantiates a loop once per value of the flag, so that the flag is not tested per element.
+// ---------------------------------------------------------------------------------------------
+
+template <typename F>
+inline auto dispatch_bool(bool flag, F&& f) {
+  return flag ? f(std::true_type{}) : f(std::false_type{});
+}
+
+// exp_u20 is exact enough (tests allow 2e-5 in float32) and several times cheaper than Sleef's
+// exp, but it maps NaN and +inf to finite values. Use it only where the argument is finite or
+// -inf (it gives 0 there).
+struct FastExp {
+  template <typename V>
+  V operator()(const V& v) const {
+    return v.exp_u20();
+  }
+};
+
+// For rows whose max or lse is not finite: std::exp propagates NaN and +inf as torch does.
+struct PreciseExp {
+  template <typename V>
+  V operator()(const V& v) const {
+    using T = typename V::value_type;
+    __at_align__ T lanes[V::size()];
+    v.store(lanes);
+    for (int64_t k = 0; k < V::size(); ++k) {
+      lanes[k] = std::exp(lanes[k]);
+    }
+    return V::loadu(lanes);
+  }
+};
+
+template <typename F>
+inline auto dispatch_exp(bool fast, F&& f) {
+  return fast ? f(FastExp{}) : f(PreciseExp{});
+}
+
+// ---------------------------------------------------------------------------------------------
+// Loads and stores that convert between the storage dtype and the accumulation dtype.
+// ---------------------------------------------------------------------------------------------
+
+template <typename scalar_t>
+struct VecIO {
+  using acc = acc_t<scalar_t>;
+  using AVec = Vectorized<acc>;
+  static constexpr int64_t kLanes = AVec::size();
+  // One full load covers a whole Vectorized<scalar_t>: one accumulation vector for float and
+  // double, two for the half types (16-bit values widen into two float vectors).
+  static constexpr int64_t kStep = Vectorized<scalar_t>::size();
+  static constexpr int64_t kPer = kStep / kLanes;
+  static constexpr bool kSame = std::is_same_v<scalar_t, acc>;
+
+  static void load(const scalar_t* p, AVec (&v)[kPer]) {
+    if constexpr (kSame) {
+      v[0] = AVec::loadu(p);
+    } else {
+      at::vec::load_to_float<scalar_t>(p, v[0], v[1]);
+    }
+  }
+
+  static void store(scalar_t* p, const AVec (&v)[kPer]) {
+    if constexpr (kSame) {
+      v[0].store(p);
+    } else {
+      at::vec::convert_from_float<scalar_t>(v[0], v[1]).store(p);
+    }
+  }
+
+  // The first n (< kLanes) elements; the other lanes hold `fill`.
+  static AVec load_partial(const scalar_t* p, int64_t n, acc fill) {
+    __at_align__ acc lanes[kLanes];
+    for (int64_t k = 0; k < kLanes; ++k) {
+      lanes[k] = k < n ? static_cast<acc>(p[k]) : fill;
+    }
+    return AVec::loadu(lanes);
+  }
+
+  static void store_partial(scalar_t* p, const AVec& v, int64_t n) {
+    __at_align__ acc lanes[kLanes];
+    v.store(lanes);
+    for (int64_t k = 0; k < n; ++k) {
+      p[k] = static_cast<scalar_t>(lanes[k]);
+    }
+  }
+};
+
+// An accumulation-dtype vector of up to n lanes from a small contiguous buffer (the weights).
+template <typename acc>
+inline Vectorized<acc> load_acc(const acc* p, int64_t n) {
+  return n == Vectorized<acc>::size() ? Vectorized<acc>::loadu(p) : Vectorized<acc>::loadu(p, n);
+}
+
+// Zero the lanes at and beyond n, so that a padded tail does not pollute a sum.
+template <typename acc>
+inline Vectorized<acc> mask_tail(const Vectorized<acc>& v, int64_t n) {
+  return n == Vectorized<acc>::size() ? v : Vectorized<acc>::set(Vectorized<acc>(0), v, n);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Row loops (row path): f sees accumulation vectors of the row, with the index j of their first
+// class and the number n of real lanes; lanes beyond n hold a padding value.
+// ---------------------------------------------------------------------------------------------
+
+template <typename scalar_t, typename F>
+inline void for_each_vec(const scalar_t* p, int64_t count, acc_t<scalar_t> fill, F&& f) {
+  using IO = VecIO<scalar_t>;
+  int64_t j = 0;
+  for (; j + IO::kStep <= count; j += IO::kStep) {
+    typename IO::AVec v[IO::kPer];
+    IO::load(p + j, v);
+    for (int64_t k = 0; k < IO::kPer; ++k) {
+      f(v[k], j + k * IO::kLanes, IO::kLanes);
+    }
+  }
+  for (; j < count; j += IO::kLanes) {
+    const int64_t n = std::min(IO::kLanes, count - j);
+    f(IO::load_partial(p + j, n, fill), j, n);
+  }
+}
+
+// Two rows of the same length side by side (x and target, out and grad); padding is 0.
+template <typename scalar_t, typename F>
+inline void for_each_vec2(const scalar_t* p, const scalar_t* q, int64_t count, F&& f) {
+  using IO = VecIO<scalar_t>;
+  int64_t j = 0;
+  for (; j + IO::kStep <= count; j += IO::kStep) {
+    typename IO::AVec u[IO::kPer], v[IO::kPer];
+    IO::load(p + j, u);
+    IO::load(q + j, v);
+    for (int64_t k = 0; k < IO::kPer; ++k) {
+      f(u[k], v[k], j + k * IO::kLanes, IO::kLanes);
+    }
+  }
+  for (; j < count; j += IO::kLanes) {
+    const int64_t n = std::min(IO::kLanes, count - j);
+    f(IO::load_partial(p + j, n, 0), IO::load_partial(q + j, n, 0), j, n);
+  }
+}
+
+// dst[j] = f(src[j]...) over a row; dst may be src (each step loads before it stores).
+template <typename scalar_t, typename F>
+inline void map_row(const scalar_t* src, scalar_t* dst, int64_t count, F&& f) {
+  using IO = VecIO<scalar_t>;
+  int64_t j = 0;
+  for (; j + IO::kStep <= count; j += IO::kStep) {
+    typename IO::AVec v[IO::kPer];
+    IO::load(src + j, v);
+    for (int64_t k = 0; k < IO::kPer; ++k) {
+      v[k] = f(v[k], j + k * IO::kLanes, IO::kLanes);
+    }
+    IO::store(dst + j, v);
+  }
+  for (; j < count; j += IO::kLanes) {
+    const int64_t n = std::min(IO::kLanes, count - j);
+    IO::store_partial(dst + j, f(IO::load_partial(src + j, n, 0), j, n), n);
+  }
+}
+
+template <typename scalar_t, typename F>
+inline void map_row2(const scalar_t* src, const scalar_t* src2, scalar_t* dst, int64_t count, F&& f) {
+  using IO = VecIO<scalar_t>;
+  int64_t j = 0;
+  for (; j + IO::kStep <= count; j += IO::kStep) {
+    typename IO::AVec u[IO::kPer], v[IO::kPer];
+    IO::load(src + j, u);
+    IO::load(src2 + j, v);
+    for (int64_t k = 0; k < IO::kPer; ++k) {
+      u[k] = f(u[k], v[k], j + k * IO::kLanes, IO::kLanes);
+    }
+    IO::store(dst + j, u);
+  }
+  for (; j < count; j += IO::kLanes) {
+    const int64_t n = std::min(IO::kLanes, count - j);
+    IO::store_partial(
+        dst + j, f(IO::load_partial(src + j, n, 0), IO::load_partial(src2 + j, n, 0), j, n), n);
+  }
+}
+
+// Horizontal reductions. The max propagates NaN, so that a NaN anywhere in a row makes its max
+// (and from it the row's lse) NaN, as in torch.
+template <typename acc>
+inline acc hsum(const Vectorized<acc>& v) {
+  __at_align__ acc lanes[Vectorized<acc>::size()];
+  v.store(lanes);
+  acc s = 0;
+  for (int64_t k = 0; k < Vectorized<acc>::size(); ++k) {
+    s += lanes[k];
+  }
+  return s;
+}
+
+template <typename acc>
+inline acc nan_max(acc a, acc b) {
+  if (std::isnan(a) || std::isnan(b)) {
+    return kNaN<acc>;
+  }
+  return a > b ? a : b;
+}
+
+template <typename acc>
+inline acc hmax(const Vectorized<acc>& v) {
+  __at_align__ acc lanes[Vectorized<acc>::size()];
+  v.store(lanes);
+  acc m = lanes[0];
+  for (int64_t k = 1; k < Vectorized<acc>::size(); ++k) {
+    m = nan_max(m, lanes[k]);
+  }
+  return m;
+}
+
+template <typename scalar_t>
+inline acc_t<scalar_t> row_max(const scalar_t* p, int64_t count) {
+  using AVec = Vectorized<acc_t<scalar_t>>;
+  const auto ninf = -kInf<acc_t<scalar_t>>;
+  // Two accumulators halve the dependency chain of the (compare, or) NaN-propagating maximum.
+  AVec m0(ninf), m1(ninf);
+  bool odd = false;
+  for_each_vec(p, count, ninf, [&](const AVec& v, int64_t, int64_t) {
+    if (odd) {
+      m1 = at::vec::maximum(m1, v);
+    } else {
+      m0 = at::vec::maximum(m0, v);
+    }
+    odd = !odd;
+  });
+  return hmax(at::vec::maximum(m0, m1));
+}
+
+// lse from a row's max m and its Σ exp(x - m): NaN unless m is finite (a row that is all -inf, or
+// holds +inf or NaN), exactly as reference.logsumexp.
+template <typename acc>
+inline acc lse_from(acc m, acc sum) {
+  return std::isfinite(m) ? m + std::log(sum) : kNaN<acc>;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Strided views
+// ---------------------------------------------------------------------------------------------
+
+// An (outer, C, inner) tensor: pointer plus strides in elements.
+template <typename T>
+struct View3 {
+  T* data;
+  int64_t s0, s1, s2;
+
+  T* row(int64_t o, int64_t i) const { return data + o * s0 + i * s2; }
+};
+
+template <typename T>
+inline View3<T> view3(const Tensor& t) {
+  return {t.data_ptr<std::remove_const_t<T>>(), t.stride(0), t.stride(1), t.stride(2)};
+}
+
+// An (outer, inner) per-row tensor (target, grad_loss, lse): any strides, zero included.
+template <typename T>
+struct View2 {
+  const T* data;
+  int64_t s0, s1;
+
+  T operator()(int64_t o, int64_t i) const { return data[o * s0 + i * s1]; }
+};
+
+template <typename T>
+inline View2<T> view2(const Tensor& t) {
+  return {t.data_ptr<T>(), t.stride(0), t.stride(1)};
+}
+
+// A row can be walked with vector loads when its classes are adjacent (or there is one class).
+inline bool row_contiguous(int64_t class_stride, int64_t classes) {
+  return class_stride == 1 || classes == 1;
+}
+
+inline int64_t row_grain(int64_t classes) {
+  return std::max<int64_t>(1, kGrainElements / std::max<int64_t>(classes, 1));
+}
+
+// The (outer, C, inner) contiguous output that gradients and softmax outputs are written to.
+inline Tensor empty_like_canonical(const Tensor& x) {
+  return at::empty({x.size(0), x.size(1), x.size(2)}, x.options());
+}
+
+// ---------------------------------------------------------------------------------------------
+// Targets
+// ---------------------------------------------------------------------------------------------
+
+// Index targets as int64 (uint8 targets are widened: O(rows)).
+inline Tensor long_targets(const Tensor& target) {
+  return target.scalar_type() == at::kLong ? target : target.to(at::kLong);
+}
+
+// torch's IndexError for the first target outside [0, C) that is not ignore_index, in row order.
+// A separate pass over the targets (O(rows)) keeps the error deterministic under parallel_for,
+// and guards the kernels' target-indexed loads.
+inline void check_targets(const View2<int64_t>& t, int64_t outer, int64_t inner, int64_t classes,
+                          int64_t ignore_index) {
+  for (int64_t o = 0; o < outer; ++o) {
+    for (int64_t i = 0; i < inner; ++i) {
+      const int64_t v = t(o, i);
+      TORCH_CHECK_INDEX(v == ignore_index || (v >= 0 && v < classes), "Target ", v,
+                        " is out of bounds.");
+    }
+  }
+}
+
+// The weight in the accumulation dtype (empty when there is none), and its sum W.
+template <typename scalar_t>
+inline std::pair<std::vector<acc_t<scalar_t>>, acc_t<scalar_t>> acc_weight(
+    const std::optional<Tensor>& weight, int64_t classes) {
+  using acc = acc_t<scalar_t>;
+  std::vector<acc> w;
+  acc total = static_cast<acc>(classes);
+  if (weight.has_value()) {
+    const Tensor wc = weight->contiguous();
+    const scalar_t* p = wc.data_ptr<scalar_t>();
+    w.resize(classes);
+    double sum = 0;
+    for (int64_t c = 0; c < classes; ++c) {
+      w[c] = static_cast<acc>(p[c]);
+      sum += static_cast<double>(w[c]);
+    }
+    total = static_cast<acc>(sum);
+  }
+  return {std::move(w), total};
+}
+
+// ---------------------------------------------------------------------------------------------
+// Tile path
+// ---------------------------------------------------------------------------------------------
+
+// How the rows are cut into tiles: `rows` consecutive rows per tile (row order r = o*inner + i),
+// lanes padded to `ld`, a multiple of the vector width.
+struct TilePlan {
+  int64_t rows, ld, count;
+};
+
+inline TilePlan plan_tiles(int64_t total_rows, int64_t classes, int64_t lanes, int64_t acc_bytes) {
+  int64_t rows = kTileBytes / std::max<int64_t>(classes * acc_bytes, 1);
+  rows = std::clamp<int64_t>(rows / lanes * lanes, lanes, kMaxTileRows);
+  rows = std::min(rows, (total_rows + lanes - 1) / lanes * lanes);
+  const int64_t count = total_rows == 0 ? 0 : (total_rows + rows - 1) / rows;
+  return {rows, rows, count};
+}
+
+// The rows of one tile, with each lane's (o, i).
+struct TileRows {
+  int64_t r0 = 0, n = 0;
+  bool one_outer = false;  // all rows share o[0], so they are i[0], i[0]+1, ...
+  int64_t o[kMaxTileRows];
+  int64_t i[kMaxTileRows];
+
+  void set(int64_t first, int64_t count, int64_t inner) {
+    r0 = first;
+    n = count;
+    for (int64_t b = 0; b < n; ++b) {
+      o[b] = (first + b) / inner;
+      i[b] = (first + b) - o[b] * inner;
+    }
+    one_outer = n > 0 && o[n - 1] == o[0];
+  }
+};
+
+// Convert a contiguous run into accumulation dtype.
+template <typename scalar_t>
+inline void load_run(const scalar_t* src, acc_t<scalar_t>* dst, int64_t count) {
+  using IO = VecIO<scalar_t>;
+  for_each_vec(src, count, 0, [&](const typename IO::AVec& v, int64_t j, int64_t n) {
+    if (n == IO::kLanes) {
+      v.store(dst + j);
+    } else {
+      v.store(dst + j, n);
+    }
+  });
+}
+
+template <typename scalar_t>
+inline void store_run(const acc_t<scalar_t>* src, scalar_t* dst, int64_t count) {
+  using IO = VecIO<scalar_t>;
+  int64_t j = 0;
+  for (; j + IO::kStep <= count; j += IO::kStep) {
+    typename IO::AVec v[IO::kPer];
+    for (int64_t k = 0; k < IO::kPer; ++k) {
+      v[k] = IO::AVec::loadu(src + j + k * IO::kLanes);
+    }
+    IO::store(dst + j, v);
+  }
+  for (; j < count; ++j) {
+    dst[j] = static_cast<scalar_t>(src[j]);
+  }
+}
+
+// tile[c*ld + b] = x[row b, class c]; padding lanes are set to 0 (finite, never stored).
+template <typename scalar_t>
+inline void gather_tile(const View3<const scalar_t>& x, int64_t classes, const TileRows& rows,
+                        acc_t<scalar_t>* tile, int64_t ld) {
+  using acc = acc_t<scalar_t>;
+  if (rows.one_outer && x.s2 == 1) {
+    // The K-dimensional contiguous case: each class of the tile is one contiguous run.
+    const scalar_t* base = x.row(rows.o[0], rows.i[0]);
+    for (int64_t c = 0; c < classes; ++c) {
+      load_run(base + c * x.s1, tile + c * ld, rows.n);
+    }
+  } else if (x.s1 <= x.s2) {
+    // Classes closer together than rows (channels-last): read each row in order.
+    for (int64_t b = 0; b < rows.n; ++b) {
+      const scalar_t* p = x.row(rows.o[b], rows.i[b]);
+      for (int64_t c = 0; c < classes; ++c) {
+        tile[c * ld + b] = static_cast<acc>(p[c * x.s1]);
+      }
+    }
+  } else {
+    for (int64_t c = 0; c < classes; ++c) {
+      for (int64_t b = 0; b < rows.n; ++b) {
+        tile[c * ld + b] = static_cast<acc>(x.row(rows.o[b], rows.i[b])[c * x.s1]);
+      }
+    }
+  }
+  if (rows.n < ld) {
+    for (int64_t c = 0; c < classes; ++c) {
+      std::fill(tile + c * ld + rows.n, tile + (c + 1) * ld, acc(0));
+    }
+  }
+}
+
+template <typename scalar_t>
+inline void scatter_tile(const acc_t<scalar_t>* tile, int64_t ld, int64_t classes,
+                         const TileRows& rows, const View3<scalar_t>& y) {
+  if (rows.one_outer && y.s2 == 1) {
+    scalar_t* base = y.row(rows.o[0], rows.i[0]);
+    for (int64_t c = 0; c < classes; ++c) {
+      store_run(tile + c * ld, base + c * y.s1, rows.n);
+    }
+  } else {
+    for (int64_t b = 0; b < rows.n; ++b) {
+      scalar_t* p = y.row(rows.o[b], rows.i[b]);
+      for (int64_t c = 0; c < classes; ++c) {
+        p[c * y.s1] = static_cast<scalar_t>(tile[c * ld + b]);
+      }
+    }
+  }
+}
+
+// Runs f(rows, scratch...) over every tile in parallel. Each task owns `buffers` scratch tiles
+// of classes*ld accumulation values.
+template <typename acc, typename F>
+inline void for_each_tile(int64_t outer, int64_t inner, int64_t classes, int buffers, F&& f) {
+  const TilePlan plan =
+      plan_tiles(outer * inner, classes, Vectorized<acc>::size(), sizeof(acc) * buffers);
+  const int64_t grain = std::max<int64_t>(1, kGrainElements / std::max<int64_t>(classes * plan.rows, 1));
+  at::parallel_for(0, plan.count, grain, [&](int64_t begin, int64_t end) {
+    std::vector<acc> scratch(static_cast<size_t>(classes * plan.ld * buffers));
+    TileRows rows;
+    for (int64_t k = begin; k < end; ++k) {
+      const int64_t first = k * plan.rows;
+      rows.set(first, std::min(plan.rows, outer * inner - first), inner);
+      f(rows, scratch.data(), plan.ld);
+    }
+  });
+}
+
+// Lane-wise max and Σ exp(x - max) over the classes of a tile; lse per lane into `lse`.
+template <typename acc>
+inline void tile_lse(const acc* tile, int64_t ld, int64_t classes, int64_t n, acc* max_out,
+                     acc* lse) {
+  using AVec = Vectorized<acc>;
+  for (int64_t lb = 0; lb < n; lb += AVec::size()) {
+    AVec m(-kInf<acc>);
+    for (int64_t c = 0; c < classes; ++c) {
+      m = at::vec::maximum(m, AVec::loadu(tile + c * ld + lb));
+    }
+    // Lanes whose max is not finite come out NaN from lse_from; what exp_u20 makes of them in
+    // between does not matter.
+    AVec s(0);
+    for (int64_t c = 0; c < classes; ++c) {
+      s += (AVec::loadu(tile + c * ld + lb) - m).exp_u20();
+    }
+    m.store(max_out + lb);
+    s.store(lse + lb);
+  }
+  for (int64_t b = 0; b < n; ++b) {
+    lse[b] = lse_from(max_out[b], lse[b]);
+  }
+}
+
+// True when every lane's value is finite: the tile may use FastExp.
+template <typename acc>
+inline bool all_finite(const acc* values, int64_t n) {
+  for (int64_t b = 0; b < n; ++b) {
+    if (!std::isfinite(values[b])) {
+      return false;
+    }
+  }
+  return true;
+}
+
+}  // namespace fusedce

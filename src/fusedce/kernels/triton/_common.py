@@ -1,0 +1,209 @@
+"""Shared pieces of the Triton kernels: the row tiling, the launch heuristics and fp64 scalars.
+
+Every kernel of this backend walks the canonical form ``(outer, C, inner)`` the same way. A program
+owns a tile of ``BLOCK_R`` rows and loops over the classes in column blocks of ``BLOCK_C``. The rows
+of a tile are picked in one of two ways (the ``INNER_TILE`` constexpr):
+
+* ``INNER_TILE=False``: ``BLOCK_R`` consecutive flat rows ``r = o·inner + i``. This is the plain
+  2-D case (``inner == 1``, classes contiguous): one row per program for a large vocabulary, many
+  rows per program for a small one. It is also the fallback for any other strides.
+* ``INNER_TILE=True``: ``BLOCK_R`` consecutive inner positions of one ``o``. It is used when the
+  inner stride is 1 and the class stride is not (the K-dimensional NCHW case, e.g. segmentation):
+  the tile's rows are then adjacent in memory, so loads coalesce along ``inner``.
+
+Offsets are int64 from the row upwards, so tensors with more than 2^31 elements work.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+# The largest column block per element size, on a GPU. A program streams a long row through
+# registers in blocks of this many classes; 16 KiB of 16-bit logits or 8 KiB of fp32 per step.
+GPU_MAX_BLOCK_C = {1: 4096, 2: 4096, 4: 2048, 8: 1024}
+
+# Under the interpreter each program runs in Python; the column block is kept small there so that
+# the test shapes (C = 1500) cross several blocks and exercise the online log-sum-exp.
+INTERPRET_MAX_BLOCK_C = 512
+
+# A test may force a smaller column block (and tile) with this knob; None means the defaults.
+MAX_BLOCK_C: int | None = None
+
+# Rows per program along ``inner`` in the INNER_TILE layout, at most.
+MAX_BLOCK_INNER = 64
+
+_INT32_MAX = 2**31 - 1
+
+
+def interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def check_device(x: torch.Tensor) -> None:
+    """Host tensors only work under the interpreter; say so instead of crashing in the launcher."""
+    if x.device.type != "cuda" and not interpreting():
+        raise RuntimeError(
+            f"fusedce: the triton backend needs CUDA tensors (got {x.device.type}); "
+            "set TRITON_INTERPRET=1 to run it on the CPU"
+        )
+
+
+def acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Half types and float32 accumulate in float32; float64 stays in float64."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def tl_acc(dtype: torch.dtype) -> tl.dtype:
+    return tl.float64 if dtype == torch.float64 else tl.float32
+
+
+def split_scalar(value: float) -> tuple[float, float]:
+    """A Python float as a pair of float32s whose sum recovers it to about 2^-48.
+
+    Triton passes a float argument as float32. The float64 kernels need the coefficient (1-ε,
+    ε/C) to float64 precision, so they take ``hi + lo``; the float32 kernels use ``hi`` alone,
+    which is the float32 rounding that torch applies to a Python scalar.
+    """
+    hi = float(torch.tensor(value, dtype=torch.float32))
+    lo = float(torch.tensor(value - hi, dtype=torch.float32))
+    return hi, lo
+
+
+@dataclass(frozen=True)
+class Tiling:
+    """How a kernel covers ``rows = outer·inner`` rows of ``C`` classes."""
+
+    block_r: int
+    block_c: int
+    inner_tile: bool
+    inner_tiles: int  # programs per ``o`` along ``inner`` (INNER_TILE only; 1 otherwise)
+    grid: int
+    num_warps: int
+    col_i64: bool  # class offsets need int64: (C-1)·|class stride| does not fit in int32
+
+    def meta(self) -> dict[str, int | bool]:
+        """The constexpr keyword arguments every kernel of this backend takes."""
+        return {"BLOCK_R": self.block_r, "BLOCK_C": self.block_c, "INNER_TILE": self.inner_tile,
+                "COL_I64": self.col_i64}
+
+
+def plan(
+    outer: int,
+    num_classes: int,
+    inner: int,
+    class_strides: tuple[int, ...],
+    inner_strides: tuple[int, ...],
+    itemsize: int,
+    device: torch.device,
+) -> Tiling:
+    """Pick the tile for one launch from the shape, the strides of the N×C operands and the dtype.
+
+    A heuristic instead of autotuning: the tile holds about ``max_block_c`` elements (16 KiB of
+    16-bit data, 8 KiB of fp32), with as many of them in the class dim as the layout allows.
+    ``class_strides`` and ``inner_strides`` are those of every N×C tensor the kernel touches; the
+    INNER_TILE layout is chosen when all of them have unit inner stride and non-unit class stride.
+    """
+    rows = outer * inner
+    if MAX_BLOCK_C is not None:
+        cap = MAX_BLOCK_C
+    elif device.type != "cuda":
+        cap = INTERPRET_MAX_BLOCK_C
+    else:
+        cap = GPU_MAX_BLOCK_C.get(itemsize, 2048)
+    c_pow2 = triton.next_power_of_2(max(num_classes, 1))
+    inner_tile = (
+        inner > 1
+        and num_classes > 1
+        and all(s == 1 for s in inner_strides)
+        and all(s != 1 for s in class_strides)
+    )
+    if inner_tile:
+        block_r = min(triton.next_power_of_2(inner), MAX_BLOCK_INNER, cap)
+        block_c = min(c_pow2, max(1, cap // block_r))
+        inner_tiles = triton.cdiv(inner, block_r)
+        grid = outer * inner_tiles
+    else:
+        block_c = min(c_pow2, cap)
+        block_r = min(triton.next_power_of_2(max(rows, 1)), max(1, cap // block_c))
+        inner_tiles = 1
+        grid = triton.cdiv(rows, block_r)
+    num_warps = max(1, min(8, (block_r * block_c) // 512))
+    col_i64 = max((abs(s) for s in class_strides), default=1) * max(num_classes - 1, 0) > _INT32_MAX
+    return Tiling(block_r, block_c, inner_tile, inner_tiles, grid, num_warps, col_i64)
+
+
+# --------------------------------------------------------------------------------------------
+# jit helpers shared by the kernels
+# --------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def tile_rows(
+    pid,
+    n_rows,
+    inner,
+    inner_tiles,
+    BLOCK_R: tl.constexpr,
+    INNER_TILE: tl.constexpr,
+):
+    """This program's rows as int64 ``(o, i, r)`` vectors of BLOCK_R, and the in-bounds mask."""
+    if INNER_TILE:
+        o = (pid // inner_tiles).to(tl.int64) + tl.zeros([BLOCK_R], dtype=tl.int64)
+        i = (pid % inner_tiles).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
+        mask = i < inner
+        r = o * inner + i
+    else:
+        r = pid.to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
+        mask = r < n_rows
+        o = r // inner
+        i = r % inner
+    return o, i, r, mask
+
+
+@triton.jit
+def col_offsets(c0, stride_c, BLOCK_C: tl.constexpr, COL_I64: tl.constexpr):
+    """The classes ``c0 .. c0+BLOCK_C`` and their element offsets along the class dim."""
+    cols = c0 + tl.arange(0, BLOCK_C)
+    if COL_I64:
+        offs = cols.to(tl.int64) * stride_c
+    else:
+        offs = cols * stride_c
+    return cols, offs
+
+
+@triton.jit
+def scalar(hi, lo, ACC: tl.constexpr):
+    """A host coefficient in the accumulation dtype (see ``split_scalar``)."""
+    if ACC == tl.float64:
+        return tl.cast(hi, tl.float64) + tl.cast(lo, tl.float64)
+    else:
+        return tl.cast(hi, tl.float32)
+
+
+@triton.jit
+def online_lse_step(m, s, xf, cmask):
+    """Fold a [BLOCK_R, BLOCK_C] block into the running max ``m`` and scaled sum ``s``.
+
+    ``s`` is ``Σ exp(x - m)``. While a row's max is still -inf, the shift is 0 instead, so that
+    ``exp(-inf - -inf)`` never makes a NaN: such a row keeps ``s = 0`` until a finite logit
+    arrives. +inf and NaN still propagate (``exp(inf - inf)`` and ``exp(nan)`` are NaN), which is
+    what the max-subtracted reference gives.
+    """
+    xm = tl.where(cmask, xf, float("-inf"))
+    m_new = tl.maximum(m, tl.max(xm, axis=1))
+    shift = tl.where(m_new == float("-inf"), 0.0, m_new)
+    p = tl.where(cmask, tl.exp(xm - shift[:, None]), 0.0)
+    s = s * tl.exp(m - shift) + tl.sum(p, axis=1)
+    return m_new, s
+
+
+@triton.jit
+def finish_lse(m, s):
+    """``m + log(s)``, NaN for a row that is all -inf (as ``-inf - -inf`` is in the reference)."""
+    empty = m == float("-inf")
+    return tl.where(empty, float("nan"), m + tl.log(tl.where(empty, 1.0, s)))

@@ -1,0 +1,437 @@
+"""cross_entropy kernels: index targets and probability targets, forward and backward.
+
+Forward is one streaming pass over the logits: an online log-sum-exp (plus the sums the label
+smoothing and probability-target losses need) gives the per-row loss and lse. Backward is one
+streaming pass too: it reads the logits, recomputes ``p = exp(x - lse)`` and writes the gradient,
+into a fresh contiguous ``(outer, C, inner)`` tensor or into ``x`` itself when ``inplace``.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from .. import reference
+from ._common import (
+    acc_dtype,
+    check_device,
+    col_offsets,
+    finish_lse,
+    online_lse_step,
+    plan,
+    scalar,
+    split_scalar,
+    tile_rows,
+    tl_acc,
+)
+
+# --------------------------------------------------------------------------------------------
+# kernels
+# --------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _load_index_targets(
+    target_ptr, weight_ptr, o, i, rmask, stride_to, stride_ti, num_classes, ignore_index,
+    ACC: tl.constexpr, HAS_WEIGHT: tl.constexpr,
+):
+    """Per row: kept (not ignored), out of bounds, the safe class index and its weight."""
+    t = tl.load(target_ptr + o * stride_to + i * stride_ti, mask=rmask, other=0).to(tl.int64)
+    kept = t != ignore_index
+    in_bounds = (t >= 0) & (t < num_classes)
+    # An out-of-bounds target is poisoned (NaN loss and gradient) instead of asserting on device.
+    bad = kept & ~in_bounds
+    safe = tl.where(kept & in_bounds, t, 0)
+    if HAS_WEIGHT:
+        w_t = tl.load(weight_ptr + safe, mask=rmask, other=0.0).to(ACC)
+    else:
+        w_t = tl.full(t.shape, 1.0, ACC)
+    return kept, bad, safe, w_t
+
+
+@triton.jit
+def _ce_fwd_kernel(
+    # pointers
+    x_ptr, target_ptr, weight_ptr, loss_ptr, lse_ptr,
+    # shapes
+    n_rows, num_classes, inner, inner_tiles,
+    # strides (elements); loss and lse are contiguous (outer, inner)
+    stride_xo, stride_xc, stride_xi,
+    stride_to, stride_ti,
+    # scalars: ignore_index, then 1-ε and ε/C as float32 pairs (see split_scalar)
+    ignore_index, keep_hi, keep_lo, smooth_hi, smooth_lo,
+    # meta
+    ACC: tl.constexpr,
+    BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, INNER_TILE: tl.constexpr, COL_I64: tl.constexpr,
+    HAS_WEIGHT: tl.constexpr, HAS_SMOOTHING: tl.constexpr,
+):
+    o, i, r, rmask = tile_rows(tl.program_id(0), n_rows, inner, inner_tiles, BLOCK_R, INNER_TILE)
+    x_row = o * stride_xo + i * stride_xi
+
+    m = tl.full([BLOCK_R], float("-inf"), ACC)
+    s = tl.zeros([BLOCK_R], ACC)
+    sum_wx = tl.zeros([BLOCK_R], ACC)  # Σ w_c·x_c (smoothing only)
+    sum_w = tl.zeros([BLOCK_R], ACC)  # Σ w_c (smoothing with weight only)
+    for c0 in range(0, num_classes, BLOCK_C):
+        cols, offs = col_offsets(c0, stride_xc, BLOCK_C, COL_I64)
+        cmask = rmask[:, None] & (cols < num_classes)[None, :]
+        xf = tl.load(x_ptr + x_row[:, None] + offs[None, :], mask=cmask, other=float("-inf")).to(ACC)
+        m, s = online_lse_step(m, s, xf, cmask)
+        if HAS_SMOOTHING:
+            if HAS_WEIGHT:
+                w = tl.load(weight_ptr + cols, mask=cols < num_classes, other=0.0).to(ACC)
+                sum_wx += tl.sum(tl.where(cmask, w[None, :] * xf, 0.0), axis=1)
+                sum_w += tl.sum(w, axis=0)
+            else:
+                sum_wx += tl.sum(tl.where(cmask, xf, 0.0), axis=1)
+    lse = finish_lse(m, s)
+
+    kept, bad, safe, w_t = _load_index_targets(
+        target_ptr, weight_ptr, o, i, rmask, stride_to, stride_ti, num_classes, ignore_index,
+        ACC, HAS_WEIGHT,
+    )
+    x_t = tl.load(x_ptr + x_row + safe * stride_xc, mask=rmask & kept & ~bad, other=0.0).to(ACC)
+    loss = w_t * (lse - x_t)
+    if HAS_SMOOTHING:
+        if HAS_WEIGHT:
+            total_w = sum_w
+        else:
+            total_w = tl.full([BLOCK_R], 1.0, ACC) * num_classes
+        smooth = total_w * lse - sum_wx  # Σ_c w_c·(lse - x_c)
+        loss = scalar(keep_hi, keep_lo, ACC) * loss + scalar(smooth_hi, smooth_lo, ACC) * smooth
+    loss = tl.where(kept, loss, 0.0)
+    loss = tl.where(bad, float("nan"), loss)
+    tl.store(loss_ptr + r, loss, mask=rmask)
+    tl.store(lse_ptr + r, lse, mask=rmask)
+
+
+@triton.jit
+def _ce_bwd_kernel(
+    # pointers (out may be x itself: the in-place backward)
+    grad_loss_ptr, x_ptr, target_ptr, weight_ptr, weight_sum_ptr, lse_ptr, out_ptr,
+    # shapes
+    n_rows, num_classes, inner, inner_tiles,
+    # strides (elements); lse is contiguous (outer, inner)
+    stride_go, stride_gi,
+    stride_xo, stride_xc, stride_xi,
+    stride_to, stride_ti,
+    stride_oo, stride_oc, stride_oi,
+    # scalars: ignore_index, then 1-ε and ε/C as float32 pairs (see split_scalar)
+    ignore_index, keep_hi, keep_lo, smooth_hi, smooth_lo,
+    # meta
+    ACC: tl.constexpr,
+    BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, INNER_TILE: tl.constexpr, COL_I64: tl.constexpr,
+    HAS_WEIGHT: tl.constexpr, HAS_SMOOTHING: tl.constexpr,
+):
+    o, i, r, rmask = tile_rows(tl.program_id(0), n_rows, inner, inner_tiles, BLOCK_R, INNER_TILE)
+    kept, bad, safe, w_t = _load_index_targets(
+        target_ptr, weight_ptr, o, i, rmask, stride_to, stride_ti, num_classes, ignore_index,
+        ACC, HAS_WEIGHT,
+    )
+    g = tl.load(grad_loss_ptr + o * stride_go + i * stride_gi, mask=rmask, other=0.0).to(ACC)
+    # g = 0 on ignored rows multiplies the bracket, so a NaN row that is ignored stays NaN.
+    g = tl.where(kept, g, 0.0)
+    g = tl.where(bad, float("nan"), g)
+    lse = tl.load(lse_ptr + r, mask=rmask, other=0.0)
+
+    if HAS_SMOOTHING:
+        smooth = scalar(smooth_hi, smooth_lo, ACC)
+        target_coef = scalar(keep_hi, keep_lo, ACC) * w_t
+        if HAS_WEIGHT:
+            total_w = tl.load(weight_sum_ptr).to(ACC)
+        else:
+            total_w = num_classes
+        prob_coef = target_coef + smooth * total_w
+    else:
+        target_coef = w_t
+        prob_coef = w_t
+
+    x_row = o * stride_xo + i * stride_xi
+    out_row = o * stride_oo + i * stride_oi
+    for c0 in range(0, num_classes, BLOCK_C):
+        cols, offs = col_offsets(c0, stride_xc, BLOCK_C, COL_I64)
+        cols, out_offs = col_offsets(c0, stride_oc, BLOCK_C, COL_I64)
+        cmask = rmask[:, None] & (cols < num_classes)[None, :]
+        xf = tl.load(x_ptr + x_row[:, None] + offs[None, :], mask=cmask, other=0.0).to(ACC)
+        grad = prob_coef[:, None] * tl.exp(xf - lse[:, None])
+        if HAS_SMOOTHING:
+            if HAS_WEIGHT:
+                w = tl.load(weight_ptr + cols, mask=cols < num_classes, other=0.0).to(ACC)
+                grad -= smooth * w[None, :]
+            else:
+                grad -= smooth
+        grad = tl.where(cols[None, :] == safe[:, None], grad - target_coef[:, None], grad)
+        grad = grad * g[:, None]
+        tl.store(
+            out_ptr + out_row[:, None] + out_offs[None, :],
+            grad.to(out_ptr.dtype.element_ty),
+            mask=cmask,
+        )
+
+
+@triton.jit
+def _smoothed_target(t, keep, smooth, HAS_SMOOTHING: tl.constexpr, ACC: tl.constexpr):
+    """``t' = t·(1-ε) + ε/C``, rounded to the target's dtype after each step as torch does."""
+    tf = t.to(ACC)
+    if HAS_SMOOTHING:
+        tf = (tf * keep).to(t.dtype).to(ACC)
+        tf = (tf + smooth).to(t.dtype).to(ACC)
+    return tf
+
+
+@triton.jit
+def _ce_prob_fwd_kernel(
+    # pointers
+    x_ptr, target_ptr, weight_ptr, loss_ptr, lse_ptr,
+    # shapes
+    n_rows, num_classes, inner, inner_tiles,
+    # strides (elements); loss and lse are contiguous (outer, inner)
+    stride_xo, stride_xc, stride_xi,
+    stride_to, stride_tc, stride_ti,
+    # scalars: 1-ε and ε/C as float32 pairs (see split_scalar)
+    keep_hi, keep_lo, smooth_hi, smooth_lo,
+    # meta
+    ACC: tl.constexpr,
+    BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, INNER_TILE: tl.constexpr, COL_I64: tl.constexpr,
+    HAS_WEIGHT: tl.constexpr, HAS_SMOOTHING: tl.constexpr,
+):
+    o, i, r, rmask = tile_rows(tl.program_id(0), n_rows, inner, inner_tiles, BLOCK_R, INNER_TILE)
+    x_row = o * stride_xo + i * stride_xi
+    t_row = o * stride_to + i * stride_ti
+    keep = scalar(keep_hi, keep_lo, ACC)
+    smooth = scalar(smooth_hi, smooth_lo, ACC)
+
+    m = tl.full([BLOCK_R], float("-inf"), ACC)
+    s = tl.zeros([BLOCK_R], ACC)
+    sum_wt = tl.zeros([BLOCK_R], ACC)  # S = Σ w_c·t'_c
+    sum_wtx = tl.zeros([BLOCK_R], ACC)  # Σ w_c·t'_c·x_c
+    for c0 in range(0, num_classes, BLOCK_C):
+        cols, offs = col_offsets(c0, stride_xc, BLOCK_C, COL_I64)
+        cols, t_offs = col_offsets(c0, stride_tc, BLOCK_C, COL_I64)
+        cmask = rmask[:, None] & (cols < num_classes)[None, :]
+        xf = tl.load(x_ptr + x_row[:, None] + offs[None, :], mask=cmask, other=float("-inf")).to(ACC)
+        m, s = online_lse_step(m, s, xf, cmask)
+        t = tl.load(target_ptr + t_row[:, None] + t_offs[None, :], mask=cmask, other=0.0)
+        wt = _smoothed_target(t, keep, smooth, HAS_SMOOTHING, ACC)
+        if HAS_WEIGHT:
+            w = tl.load(weight_ptr + cols, mask=cols < num_classes, other=0.0).to(ACC)
+            wt = w[None, :] * wt
+        wt = tl.where(cmask, wt, 0.0)
+        sum_wt += tl.sum(wt, axis=1)
+        # A zero target at a -inf logit gives 0·-inf = NaN, as the reference's 0·(lse - x) does.
+        sum_wtx += tl.sum(tl.where(cmask, wt * xf, 0.0), axis=1)
+    lse = finish_lse(m, s)
+    loss = sum_wt * lse - sum_wtx  # Σ_c w_c·t'_c·(lse - x_c)
+    tl.store(loss_ptr + r, loss, mask=rmask)
+    tl.store(lse_ptr + r, lse, mask=rmask)
+
+
+@triton.jit
+def _ce_prob_bwd_kernel(
+    # pointers (out may be x itself: the in-place backward)
+    grad_loss_ptr, x_ptr, target_ptr, weight_ptr, lse_ptr, out_ptr,
+    # shapes
+    n_rows, num_classes, inner, inner_tiles,
+    # strides (elements); lse is contiguous (outer, inner)
+    stride_go, stride_gi,
+    stride_xo, stride_xc, stride_xi,
+    stride_to, stride_tc, stride_ti,
+    stride_oo, stride_oc, stride_oi,
+    # scalars: 1-ε and ε/C as float32 pairs (see split_scalar)
+    keep_hi, keep_lo, smooth_hi, smooth_lo,
+    # meta
+    ACC: tl.constexpr,
+    BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, INNER_TILE: tl.constexpr, COL_I64: tl.constexpr,
+    HAS_WEIGHT: tl.constexpr, HAS_SMOOTHING: tl.constexpr,
+):
+    o, i, r, rmask = tile_rows(tl.program_id(0), n_rows, inner, inner_tiles, BLOCK_R, INNER_TILE)
+    x_row = o * stride_xo + i * stride_xi
+    t_row = o * stride_to + i * stride_ti
+    out_row = o * stride_oo + i * stride_oi
+    keep = scalar(keep_hi, keep_lo, ACC)
+    smooth = scalar(smooth_hi, smooth_lo, ACC)
+    g = tl.load(grad_loss_ptr + o * stride_go + i * stride_gi, mask=rmask, other=0.0).to(ACC)
+    lse = tl.load(lse_ptr + r, mask=rmask, other=0.0)
+
+    # First pass, over the targets only: S = Σ w_c·t'_c.
+    sum_wt = tl.zeros([BLOCK_R], ACC)
+    for c0 in range(0, num_classes, BLOCK_C):
+        cols, t_offs = col_offsets(c0, stride_tc, BLOCK_C, COL_I64)
+        cmask = rmask[:, None] & (cols < num_classes)[None, :]
+        t = tl.load(target_ptr + t_row[:, None] + t_offs[None, :], mask=cmask, other=0.0)
+        wt = _smoothed_target(t, keep, smooth, HAS_SMOOTHING, ACC)
+        if HAS_WEIGHT:
+            w = tl.load(weight_ptr + cols, mask=cols < num_classes, other=0.0).to(ACC)
+            wt = w[None, :] * wt
+        sum_wt += tl.sum(tl.where(cmask, wt, 0.0), axis=1)
+
+    # Second pass: grad_c = g·(S·p_c - w_c·t'_c), one read of x and one write of the gradient.
+    for c0 in range(0, num_classes, BLOCK_C):
+        cols, offs = col_offsets(c0, stride_xc, BLOCK_C, COL_I64)
+        cols, t_offs = col_offsets(c0, stride_tc, BLOCK_C, COL_I64)
+        cols, out_offs = col_offsets(c0, stride_oc, BLOCK_C, COL_I64)
+        cmask = rmask[:, None] & (cols < num_classes)[None, :]
+        xf = tl.load(x_ptr + x_row[:, None] + offs[None, :], mask=cmask, other=0.0).to(ACC)
+        t = tl.load(target_ptr + t_row[:, None] + t_offs[None, :], mask=cmask, other=0.0)
+        wt = _smoothed_target(t, keep, smooth, HAS_SMOOTHING, ACC)
+        if HAS_WEIGHT:
+            w = tl.load(weight_ptr + cols, mask=cols < num_classes, other=0.0).to(ACC)
+            wt = w[None, :] * wt
+        grad = (sum_wt[:, None] * tl.exp(xf - lse[:, None]) - wt) * g[:, None]
+        tl.store(
+            out_ptr + out_row[:, None] + out_offs[None, :],
+            grad.to(out_ptr.dtype.element_ty),
+            mask=cmask,
+        )
+
+
+# --------------------------------------------------------------------------------------------
+# launchers
+# --------------------------------------------------------------------------------------------
+
+
+def _coefficients(smoothing: float, num_classes: int) -> tuple[bool, float, float, float, float]:
+    """Whether smoothing is on, and 1-ε and ε/C as float32 pairs."""
+    has_smoothing = smoothing > 0
+    eps = smoothing if has_smoothing else 0.0
+    keep_hi, keep_lo = split_scalar(1.0 - eps)
+    smooth_hi, smooth_lo = split_scalar(eps / num_classes if num_classes else 0.0)
+    return has_smoothing, keep_hi, keep_lo, smooth_hi, smooth_lo
+
+
+def _gradient_buffer(x: Tensor, inplace: bool) -> Tensor:
+    return x if inplace else torch.empty(x.shape, dtype=x.dtype, device=x.device)
+
+
+def ce_forward(
+    x: Tensor, target: Tensor, weight: Tensor | None, ignore_index: int, smoothing: float
+) -> tuple[Tensor, Tensor]:
+    check_device(x)
+    outer, num_classes, inner = x.shape
+    if x.device.type == "cpu":
+        # Free on the host (the interpreter); on CUDA the kernel poisons the row instead.
+        reference.check_targets(target, num_classes, ignore_index)
+    acc = acc_dtype(x.dtype)
+    loss = torch.empty(outer, inner, dtype=acc, device=x.device)
+    lse = torch.empty(outer, inner, dtype=acc, device=x.device)
+    if loss.numel() == 0:
+        return loss, lse
+    tiling = plan(outer, num_classes, inner, (x.stride(1),), (x.stride(2),), x.element_size(), x.device)
+    has_smoothing, keep_hi, keep_lo, smooth_hi, smooth_lo = _coefficients(smoothing, num_classes)
+    _ce_fwd_kernel[(tiling.grid,)](
+        x, target, x if weight is None else weight, loss, lse,
+        outer * inner, num_classes, inner, tiling.inner_tiles,
+        x.stride(0), x.stride(1), x.stride(2),
+        target.stride(0), target.stride(1),
+        ignore_index, keep_hi, keep_lo, smooth_hi, smooth_lo,
+        ACC=tl_acc(x.dtype), HAS_WEIGHT=weight is not None, HAS_SMOOTHING=has_smoothing,
+        num_warps=tiling.num_warps, **tiling.meta(),
+    )  # fmt: skip
+    return loss, lse
+
+
+def ce_backward(
+    grad_loss: Tensor,
+    x: Tensor,
+    target: Tensor,
+    weight: Tensor | None,
+    lse: Tensor,
+    ignore_index: int,
+    smoothing: float,
+    inplace: bool,
+) -> Tensor:
+    check_device(x)
+    outer, num_classes, inner = x.shape
+    out = _gradient_buffer(x, inplace)
+    if x.numel() == 0:
+        return out
+    lse = lse.contiguous()
+    tiling = plan(
+        outer, num_classes, inner, (x.stride(1), out.stride(1)), (x.stride(2), out.stride(2)),
+        x.element_size(), x.device,
+    )
+    has_smoothing, keep_hi, keep_lo, smooth_hi, smooth_lo = _coefficients(smoothing, num_classes)
+    # W = Σ_c w_c for the smoothing term: a tiny reduction in torch, no host sync.
+    weight_sum = weight.to(lse.dtype).sum() if weight is not None and has_smoothing else lse
+    _ce_bwd_kernel[(tiling.grid,)](
+        grad_loss, x, target, x if weight is None else weight, weight_sum, lse, out,
+        outer * inner, num_classes, inner, tiling.inner_tiles,
+        grad_loss.stride(0), grad_loss.stride(1),
+        x.stride(0), x.stride(1), x.stride(2),
+        target.stride(0), target.stride(1),
+        out.stride(0), out.stride(1), out.stride(2),
+        ignore_index, keep_hi, keep_lo, smooth_hi, smooth_lo,
+        ACC=tl_acc(x.dtype), HAS_WEIGHT=weight is not None, HAS_SMOOTHING=has_smoothing,
+        num_warps=tiling.num_warps, **tiling.meta(),
+    )  # fmt: skip
+    return out
+
+
+def ce_prob_forward(
+    x: Tensor, target: Tensor, weight: Tensor | None, smoothing: float
+) -> tuple[Tensor, Tensor]:
+    check_device(x)
+    outer, num_classes, inner = x.shape
+    acc = acc_dtype(x.dtype)
+    loss = torch.empty(outer, inner, dtype=acc, device=x.device)
+    lse = torch.empty(outer, inner, dtype=acc, device=x.device)
+    if loss.numel() == 0:
+        return loss, lse
+    tiling = plan(
+        outer, num_classes, inner, (x.stride(1), target.stride(1)), (x.stride(2), target.stride(2)),
+        x.element_size(), x.device,
+    )
+    has_smoothing, keep_hi, keep_lo, smooth_hi, smooth_lo = _coefficients(smoothing, num_classes)
+    _ce_prob_fwd_kernel[(tiling.grid,)](
+        x, target, x if weight is None else weight, loss, lse,
+        outer * inner, num_classes, inner, tiling.inner_tiles,
+        x.stride(0), x.stride(1), x.stride(2),
+        target.stride(0), target.stride(1), target.stride(2),
+        keep_hi, keep_lo, smooth_hi, smooth_lo,
+        ACC=tl_acc(x.dtype), HAS_WEIGHT=weight is not None, HAS_SMOOTHING=has_smoothing,
+        num_warps=tiling.num_warps, **tiling.meta(),
+    )  # fmt: skip
+    return loss, lse
+
+
+def ce_prob_backward(
+    grad_loss: Tensor,
+    x: Tensor,
+    target: Tensor,
+    weight: Tensor | None,
+    lse: Tensor,
+    smoothing: float,
+    inplace: bool,
+) -> Tensor:
+    check_device(x)
+    outer, num_classes, inner = x.shape
+    out = _gradient_buffer(x, inplace)
+    if x.numel() == 0:
+        return out
+    lse = lse.contiguous()
+    tiling = plan(
+        outer, num_classes, inner,
+        (x.stride(1), target.stride(1), out.stride(1)), (x.stride(2), target.stride(2), out.stride(2)),
+        x.element_size(), x.device,
+    )  # fmt: skip
+    has_smoothing, keep_hi, keep_lo, smooth_hi, smooth_lo = _coefficients(smoothing, num_classes)
+    _ce_prob_bwd_kernel[(tiling.grid,)](
+        grad_loss, x, target, x if weight is None else weight, lse, out,
+        outer * inner, num_classes, inner, tiling.inner_tiles,
+        grad_loss.stride(0), grad_loss.stride(1),
+        x.stride(0), x.stride(1), x.stride(2),
+        target.stride(0), target.stride(1), target.stride(2),
+        out.stride(0), out.stride(1), out.stride(2),
+        keep_hi, keep_lo, smooth_hi, smooth_lo,
+        ACC=tl_acc(x.dtype), HAS_WEIGHT=weight is not None, HAS_SMOOTHING=has_smoothing,
+        num_warps=tiling.num_warps, **tiling.meta(),
+    )  # fmt: skip
+    return out
+
+
+# The gradients with respect to the probability targets and the class weights are rare N×C
+# paths (soft targets that require grad, a learnable weight): the reference's torch ops serve.
+ce_prob_target_grad = reference.ce_prob_target_grad
+ce_prob_weight_grad = reference.ce_prob_weight_grad

@@ -1,0 +1,161 @@
+"""log_softmax and softmax over the class dim of the canonical form, forward and backward.
+
+Each kernel makes two passes over a row: a reduction (online log-sum-exp forward; ``Σ grad`` or
+``Σ grad·out`` backward), then the elementwise map that writes the contiguous output. For rows
+of up to a few thousand classes the second read comes from cache.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from ._common import check_device, col_offsets, finish_lse, online_lse_step, plan, tile_rows, tl_acc
+
+
+@triton.jit
+def _softmax_fwd_kernel(
+    # pointers
+    x_ptr, out_ptr,
+    # shapes
+    n_rows, num_classes, inner, inner_tiles,
+    # strides (elements); out is contiguous (outer, C, inner)
+    stride_xo, stride_xc, stride_xi,
+    # meta
+    ACC: tl.constexpr,
+    BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, INNER_TILE: tl.constexpr, COL_I64: tl.constexpr,
+    LOG: tl.constexpr,
+):
+    o, i, r, rmask = tile_rows(tl.program_id(0), n_rows, inner, inner_tiles, BLOCK_R, INNER_TILE)
+    x_row = o * stride_xo + i * stride_xi
+    m = tl.full([BLOCK_R], float("-inf"), ACC)
+    s = tl.zeros([BLOCK_R], ACC)
+    for c0 in range(0, num_classes, BLOCK_C):
+        cols, offs = col_offsets(c0, stride_xc, BLOCK_C, COL_I64)
+        cmask = rmask[:, None] & (cols < num_classes)[None, :]
+        xf = tl.load(x_ptr + x_row[:, None] + offs[None, :], mask=cmask, other=float("-inf")).to(ACC)
+        m, s = online_lse_step(m, s, xf, cmask)
+    lse = finish_lse(m, s)
+
+    out_row = o * num_classes * inner + i
+    for c0 in range(0, num_classes, BLOCK_C):
+        cols, offs = col_offsets(c0, stride_xc, BLOCK_C, COL_I64)
+        cols, out_offs = col_offsets(c0, inner, BLOCK_C, COL_I64)
+        cmask = rmask[:, None] & (cols < num_classes)[None, :]
+        xf = tl.load(x_ptr + x_row[:, None] + offs[None, :], mask=cmask, other=0.0).to(ACC)
+        y = xf - lse[:, None]
+        if not LOG:
+            y = tl.exp(y)
+        tl.store(out_ptr + out_row[:, None] + out_offs[None, :], y.to(out_ptr.dtype.element_ty), mask=cmask)
+
+
+@triton.jit
+def _softmax_bwd_kernel(
+    # pointers
+    grad_out_ptr, out_ptr, grad_in_ptr,
+    # shapes
+    n_rows, num_classes, inner, inner_tiles,
+    # strides (elements); grad_in is contiguous (outer, C, inner)
+    stride_go, stride_gc, stride_gi,
+    stride_oo, stride_oc, stride_oi,
+    # meta
+    ACC: tl.constexpr,
+    BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, INNER_TILE: tl.constexpr, COL_I64: tl.constexpr,
+    LOG: tl.constexpr,
+):
+    o, i, r, rmask = tile_rows(tl.program_id(0), n_rows, inner, inner_tiles, BLOCK_R, INNER_TILE)
+    g_row = o * stride_go + i * stride_gi
+    y_row = o * stride_oo + i * stride_oi
+
+    # log_softmax: Σ_c grad_c.  softmax: Σ_c grad_c·out_c.
+    total = tl.zeros([BLOCK_R], ACC)
+    for c0 in range(0, num_classes, BLOCK_C):
+        cols, g_offs = col_offsets(c0, stride_gc, BLOCK_C, COL_I64)
+        cmask = rmask[:, None] & (cols < num_classes)[None, :]
+        g = tl.load(grad_out_ptr + g_row[:, None] + g_offs[None, :], mask=cmask, other=0.0).to(ACC)
+        if LOG:
+            total += tl.sum(g, axis=1)
+        else:
+            cols, y_offs = col_offsets(c0, stride_oc, BLOCK_C, COL_I64)
+            y = tl.load(out_ptr + y_row[:, None] + y_offs[None, :], mask=cmask, other=0.0).to(ACC)
+            total += tl.sum(g * y, axis=1)
+
+    gi_row = o * num_classes * inner + i
+    for c0 in range(0, num_classes, BLOCK_C):
+        cols, g_offs = col_offsets(c0, stride_gc, BLOCK_C, COL_I64)
+        cols, y_offs = col_offsets(c0, stride_oc, BLOCK_C, COL_I64)
+        cols, gi_offs = col_offsets(c0, inner, BLOCK_C, COL_I64)
+        cmask = rmask[:, None] & (cols < num_classes)[None, :]
+        g = tl.load(grad_out_ptr + g_row[:, None] + g_offs[None, :], mask=cmask, other=0.0).to(ACC)
+        y = tl.load(out_ptr + y_row[:, None] + y_offs[None, :], mask=cmask, other=0.0).to(ACC)
+        if LOG:
+            # At a -inf output the gradient is the upstream one (exp(-inf) = 0), not 0.
+            grad = g - tl.exp(y) * total[:, None]
+        else:
+            grad = y * (g - total[:, None])
+        tl.store(
+            grad_in_ptr + gi_row[:, None] + gi_offs[None, :], grad.to(grad_in_ptr.dtype.element_ty), mask=cmask
+        )
+
+
+def _forward(x: Tensor, log: bool) -> Tensor:
+    check_device(x)
+    outer, num_classes, inner = x.shape
+    out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    if out.numel() == 0:
+        return out
+    tiling = plan(
+        outer, num_classes, inner, (x.stride(1), out.stride(1)), (x.stride(2), out.stride(2)),
+        x.element_size(), x.device,
+    )  # fmt: skip
+    _softmax_fwd_kernel[(tiling.grid,)](
+        x, out,
+        outer * inner, num_classes, inner, tiling.inner_tiles,
+        x.stride(0), x.stride(1), x.stride(2),
+        ACC=tl_acc(x.dtype), LOG=log,
+        num_warps=tiling.num_warps, **tiling.meta(),
+    )  # fmt: skip
+    return out
+
+
+def _backward(grad_out: Tensor, out: Tensor, log: bool) -> Tensor:
+    check_device(out)
+    outer, num_classes, inner = out.shape
+    grad_in = torch.empty(out.shape, dtype=out.dtype, device=out.device)
+    if grad_in.numel() == 0:
+        return grad_in
+    tiling = plan(
+        outer, num_classes, inner,
+        (grad_out.stride(1), out.stride(1), grad_in.stride(1)),
+        (grad_out.stride(2), out.stride(2), grad_in.stride(2)),
+        out.element_size(), out.device,
+    )  # fmt: skip
+    _softmax_bwd_kernel[(tiling.grid,)](
+        grad_out, out, grad_in,
+        outer * inner, num_classes, inner, tiling.inner_tiles,
+        grad_out.stride(0), grad_out.stride(1), grad_out.stride(2),
+        out.stride(0), out.stride(1), out.stride(2),
+        ACC=tl_acc(out.dtype), LOG=log,
+        num_warps=tiling.num_warps, **tiling.meta(),
+    )  # fmt: skip
+    return grad_in
+
+
+def log_softmax_forward(x: Tensor) -> Tensor:
+    return _forward(x, log=True)
+
+
+def log_softmax_backward(grad_out: Tensor, out: Tensor) -> Tensor:
+    """``grad - exp(out)·Σ_c grad``: at a -inf input the gradient is the upstream one, not 0."""
+    return _backward(grad_out, out, log=True)
+
+
+def softmax_forward(x: Tensor) -> Tensor:
+    return _forward(x, log=False)
+
+
+def softmax_backward(grad_out: Tensor, out: Tensor) -> Tensor:
+    """``out·(grad - Σ_c grad·out)``."""
+    return _backward(grad_out, out, log=False)
