@@ -64,7 +64,7 @@ def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
 def ensure_available() -> None:
     """Raise if Triton cannot be used here (it is imported above, so an ImportError comes first)."""
     import triton
-    import triton.language  # noqa: F401
+    import triton.language
 
     if not hasattr(triton, "jit"):
         raise ImportError("fusedce: the installed triton has no triton.jit")

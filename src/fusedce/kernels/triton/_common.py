@@ -17,6 +17,7 @@ Offsets are int64 from the row upwards, so tensors with more than 2^31 elements 
 from __future__ import annotations
 
 import os
+import struct
 from dataclasses import dataclass
 
 import torch
@@ -69,9 +70,12 @@ def split_scalar(value: float) -> tuple[float, float]:
     ε/C) to float64 precision, so they take ``hi + lo``; the float32 kernels use ``hi`` alone,
     which is the float32 rounding that torch applies to a Python scalar.
     """
-    hi = float(torch.tensor(value, dtype=torch.float32))
-    lo = float(torch.tensor(value - hi, dtype=torch.float32))
-    return hi, lo
+    hi = _to_float32(value)
+    return hi, _to_float32(value - hi)
+
+
+def _to_float32(value: float) -> float:
+    return float(struct.unpack("f", struct.pack("f", value))[0])
 
 
 @dataclass(frozen=True)
@@ -88,8 +92,12 @@ class Tiling:
 
     def meta(self) -> dict[str, int | bool]:
         """The constexpr keyword arguments every kernel of this backend takes."""
-        return {"BLOCK_R": self.block_r, "BLOCK_C": self.block_c, "INNER_TILE": self.inner_tile,
-                "COL_I64": self.col_i64}
+        return {
+            "BLOCK_R": self.block_r,
+            "BLOCK_C": self.block_c,
+            "INNER_TILE": self.inner_tile,
+            "COL_I64": self.col_i64,
+        }
 
 
 def plan(
@@ -169,17 +177,14 @@ def tile_rows(
 def col_offsets(c0, stride_c, BLOCK_C: tl.constexpr, COL_I64: tl.constexpr):
     """The classes ``c0 .. c0+BLOCK_C`` and their element offsets along the class dim."""
     cols = c0 + tl.arange(0, BLOCK_C)
-    if COL_I64:
-        offs = cols.to(tl.int64) * stride_c
-    else:
-        offs = cols * stride_c
+    offs = cols.to(tl.int64) * stride_c if COL_I64 else cols * stride_c
     return cols, offs
 
 
 @triton.jit
 def scalar(hi, lo, ACC: tl.constexpr):
     """A host coefficient in the accumulation dtype (see ``split_scalar``)."""
-    if ACC == tl.float64:
+    if ACC == tl.float64:  # noqa: SIM300 - a constexpr dtype, compared at compile time
         return tl.cast(hi, tl.float64) + tl.cast(lo, tl.float64)
     else:
         return tl.cast(hi, tl.float32)

@@ -34,8 +34,17 @@ from ._common import (
 
 @triton.jit
 def _load_index_targets(
-    target_ptr, weight_ptr, o, i, rmask, stride_to, stride_ti, num_classes, ignore_index,
-    ACC: tl.constexpr, HAS_WEIGHT: tl.constexpr,
+    target_ptr,
+    weight_ptr,
+    o,
+    i,
+    rmask,
+    stride_to,
+    stride_ti,
+    num_classes,
+    ignore_index,
+    ACC: tl.constexpr,
+    HAS_WEIGHT: tl.constexpr,
 ):
     """Per row: kept (not ignored), out of bounds, the safe class index and its weight."""
     t = tl.load(target_ptr + o * stride_to + i * stride_ti, mask=rmask, other=0).to(tl.int64)
@@ -54,18 +63,36 @@ def _load_index_targets(
 @triton.jit
 def _ce_fwd_kernel(
     # pointers
-    x_ptr, target_ptr, weight_ptr, loss_ptr, lse_ptr,
+    x_ptr,
+    target_ptr,
+    weight_ptr,
+    loss_ptr,
+    lse_ptr,
     # shapes
-    n_rows, num_classes, inner, inner_tiles,
+    n_rows,
+    num_classes,
+    inner,
+    inner_tiles,
     # strides (elements); loss and lse are contiguous (outer, inner)
-    stride_xo, stride_xc, stride_xi,
-    stride_to, stride_ti,
+    stride_xo,
+    stride_xc,
+    stride_xi,
+    stride_to,
+    stride_ti,
     # scalars: ignore_index, then 1-ε and ε/C as float32 pairs (see split_scalar)
-    ignore_index, keep_hi, keep_lo, smooth_hi, smooth_lo,
+    ignore_index,
+    keep_hi,
+    keep_lo,
+    smooth_hi,
+    smooth_lo,
     # meta
     ACC: tl.constexpr,
-    BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, INNER_TILE: tl.constexpr, COL_I64: tl.constexpr,
-    HAS_WEIGHT: tl.constexpr, HAS_SMOOTHING: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+    INNER_TILE: tl.constexpr,
+    COL_I64: tl.constexpr,
+    HAS_WEIGHT: tl.constexpr,
+    HAS_SMOOTHING: tl.constexpr,
 ):
     o, i, r, rmask = tile_rows(tl.program_id(0), n_rows, inner, inner_tiles, BLOCK_R, INNER_TILE)
     x_row = o * stride_xo + i * stride_xi
@@ -77,7 +104,7 @@ def _ce_fwd_kernel(
     for c0 in range(0, num_classes, BLOCK_C):
         cols, offs = col_offsets(c0, stride_xc, BLOCK_C, COL_I64)
         cmask = rmask[:, None] & (cols < num_classes)[None, :]
-        xf = tl.load(x_ptr + x_row[:, None] + offs[None, :], mask=cmask, other=float("-inf")).to(ACC)
+        xf = tl.load(x_ptr + x_row[:, None] + offs[None, :], mask=cmask, other=0.0).to(ACC)
         m, s = online_lse_step(m, s, xf, cmask)
         if HAS_SMOOTHING:
             if HAS_WEIGHT:
@@ -89,16 +116,22 @@ def _ce_fwd_kernel(
     lse = finish_lse(m, s)
 
     kept, bad, safe, w_t = _load_index_targets(
-        target_ptr, weight_ptr, o, i, rmask, stride_to, stride_ti, num_classes, ignore_index,
-        ACC, HAS_WEIGHT,
+        target_ptr,
+        weight_ptr,
+        o,
+        i,
+        rmask,
+        stride_to,
+        stride_ti,
+        num_classes,
+        ignore_index,
+        ACC,
+        HAS_WEIGHT,
     )
     x_t = tl.load(x_ptr + x_row + safe * stride_xc, mask=rmask & kept & ~bad, other=0.0).to(ACC)
     loss = w_t * (lse - x_t)
     if HAS_SMOOTHING:
-        if HAS_WEIGHT:
-            total_w = sum_w
-        else:
-            total_w = tl.full([BLOCK_R], 1.0, ACC) * num_classes
+        total_w = sum_w if HAS_WEIGHT else tl.full([BLOCK_R], 1.0, ACC) * num_classes
         smooth = total_w * lse - sum_wx  # Σ_c w_c·(lse - x_c)
         loss = scalar(keep_hi, keep_lo, ACC) * loss + scalar(smooth_hi, smooth_lo, ACC) * smooth
     loss = tl.where(kept, loss, 0.0)
@@ -110,25 +143,57 @@ def _ce_fwd_kernel(
 @triton.jit
 def _ce_bwd_kernel(
     # pointers (out may be x itself: the in-place backward)
-    grad_loss_ptr, x_ptr, target_ptr, weight_ptr, weight_sum_ptr, lse_ptr, out_ptr,
+    grad_loss_ptr,
+    x_ptr,
+    target_ptr,
+    weight_ptr,
+    weight_sum_ptr,
+    lse_ptr,
+    out_ptr,
     # shapes
-    n_rows, num_classes, inner, inner_tiles,
+    n_rows,
+    num_classes,
+    inner,
+    inner_tiles,
     # strides (elements); lse is contiguous (outer, inner)
-    stride_go, stride_gi,
-    stride_xo, stride_xc, stride_xi,
-    stride_to, stride_ti,
-    stride_oo, stride_oc, stride_oi,
+    stride_go,
+    stride_gi,
+    stride_xo,
+    stride_xc,
+    stride_xi,
+    stride_to,
+    stride_ti,
+    stride_oo,
+    stride_oc,
+    stride_oi,
     # scalars: ignore_index, then 1-ε and ε/C as float32 pairs (see split_scalar)
-    ignore_index, keep_hi, keep_lo, smooth_hi, smooth_lo,
+    ignore_index,
+    keep_hi,
+    keep_lo,
+    smooth_hi,
+    smooth_lo,
     # meta
     ACC: tl.constexpr,
-    BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, INNER_TILE: tl.constexpr, COL_I64: tl.constexpr,
-    HAS_WEIGHT: tl.constexpr, HAS_SMOOTHING: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+    INNER_TILE: tl.constexpr,
+    COL_I64: tl.constexpr,
+    HAS_WEIGHT: tl.constexpr,
+    HAS_SMOOTHING: tl.constexpr,
 ):
     o, i, r, rmask = tile_rows(tl.program_id(0), n_rows, inner, inner_tiles, BLOCK_R, INNER_TILE)
     kept, bad, safe, w_t = _load_index_targets(
-        target_ptr, weight_ptr, o, i, rmask, stride_to, stride_ti, num_classes, ignore_index,
-        ACC, HAS_WEIGHT,
+        target_ptr,
+        weight_ptr,
+        o,
+        i,
+        rmask,
+        stride_to,
+        stride_ti,
+        num_classes,
+        ignore_index,
+        ACC,
+        HAS_WEIGHT,
     )
     g = tl.load(grad_loss_ptr + o * stride_go + i * stride_gi, mask=rmask, other=0.0).to(ACC)
     # g = 0 on ignored rows multiplies the bracket, so a NaN row that is ignored stays NaN.
@@ -139,10 +204,7 @@ def _ce_bwd_kernel(
     if HAS_SMOOTHING:
         smooth = scalar(smooth_hi, smooth_lo, ACC)
         target_coef = scalar(keep_hi, keep_lo, ACC) * w_t
-        if HAS_WEIGHT:
-            total_w = tl.load(weight_sum_ptr).to(ACC)
-        else:
-            total_w = num_classes
+        total_w = tl.load(weight_sum_ptr).to(ACC) if HAS_WEIGHT else num_classes
         prob_coef = target_coef + smooth * total_w
     else:
         target_coef = w_t
@@ -184,18 +246,36 @@ def _smoothed_target(t, keep, smooth, HAS_SMOOTHING: tl.constexpr, ACC: tl.const
 @triton.jit
 def _ce_prob_fwd_kernel(
     # pointers
-    x_ptr, target_ptr, weight_ptr, loss_ptr, lse_ptr,
+    x_ptr,
+    target_ptr,
+    weight_ptr,
+    loss_ptr,
+    lse_ptr,
     # shapes
-    n_rows, num_classes, inner, inner_tiles,
+    n_rows,
+    num_classes,
+    inner,
+    inner_tiles,
     # strides (elements); loss and lse are contiguous (outer, inner)
-    stride_xo, stride_xc, stride_xi,
-    stride_to, stride_tc, stride_ti,
+    stride_xo,
+    stride_xc,
+    stride_xi,
+    stride_to,
+    stride_tc,
+    stride_ti,
     # scalars: 1-ε and ε/C as float32 pairs (see split_scalar)
-    keep_hi, keep_lo, smooth_hi, smooth_lo,
+    keep_hi,
+    keep_lo,
+    smooth_hi,
+    smooth_lo,
     # meta
     ACC: tl.constexpr,
-    BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, INNER_TILE: tl.constexpr, COL_I64: tl.constexpr,
-    HAS_WEIGHT: tl.constexpr, HAS_SMOOTHING: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+    INNER_TILE: tl.constexpr,
+    COL_I64: tl.constexpr,
+    HAS_WEIGHT: tl.constexpr,
+    HAS_SMOOTHING: tl.constexpr,
 ):
     o, i, r, rmask = tile_rows(tl.program_id(0), n_rows, inner, inner_tiles, BLOCK_R, INNER_TILE)
     x_row = o * stride_xo + i * stride_xi
@@ -211,7 +291,7 @@ def _ce_prob_fwd_kernel(
         cols, offs = col_offsets(c0, stride_xc, BLOCK_C, COL_I64)
         cols, t_offs = col_offsets(c0, stride_tc, BLOCK_C, COL_I64)
         cmask = rmask[:, None] & (cols < num_classes)[None, :]
-        xf = tl.load(x_ptr + x_row[:, None] + offs[None, :], mask=cmask, other=float("-inf")).to(ACC)
+        xf = tl.load(x_ptr + x_row[:, None] + offs[None, :], mask=cmask, other=0.0).to(ACC)
         m, s = online_lse_step(m, s, xf, cmask)
         t = tl.load(target_ptr + t_row[:, None] + t_offs[None, :], mask=cmask, other=0.0)
         wt = _smoothed_target(t, keep, smooth, HAS_SMOOTHING, ACC)
@@ -231,20 +311,42 @@ def _ce_prob_fwd_kernel(
 @triton.jit
 def _ce_prob_bwd_kernel(
     # pointers (out may be x itself: the in-place backward)
-    grad_loss_ptr, x_ptr, target_ptr, weight_ptr, lse_ptr, out_ptr,
+    grad_loss_ptr,
+    x_ptr,
+    target_ptr,
+    weight_ptr,
+    lse_ptr,
+    out_ptr,
     # shapes
-    n_rows, num_classes, inner, inner_tiles,
+    n_rows,
+    num_classes,
+    inner,
+    inner_tiles,
     # strides (elements); lse is contiguous (outer, inner)
-    stride_go, stride_gi,
-    stride_xo, stride_xc, stride_xi,
-    stride_to, stride_tc, stride_ti,
-    stride_oo, stride_oc, stride_oi,
+    stride_go,
+    stride_gi,
+    stride_xo,
+    stride_xc,
+    stride_xi,
+    stride_to,
+    stride_tc,
+    stride_ti,
+    stride_oo,
+    stride_oc,
+    stride_oi,
     # scalars: 1-ε and ε/C as float32 pairs (see split_scalar)
-    keep_hi, keep_lo, smooth_hi, smooth_lo,
+    keep_hi,
+    keep_lo,
+    smooth_hi,
+    smooth_lo,
     # meta
     ACC: tl.constexpr,
-    BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, INNER_TILE: tl.constexpr, COL_I64: tl.constexpr,
-    HAS_WEIGHT: tl.constexpr, HAS_SMOOTHING: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+    INNER_TILE: tl.constexpr,
+    COL_I64: tl.constexpr,
+    HAS_WEIGHT: tl.constexpr,
+    HAS_SMOOTHING: tl.constexpr,
 ):
     o, i, r, rmask = tile_rows(tl.program_id(0), n_rows, inner, inner_tiles, BLOCK_R, INNER_TILE)
     x_row = o * stride_xo + i * stride_xi
@@ -349,8 +451,13 @@ def ce_backward(
         return out
     lse = lse.contiguous()
     tiling = plan(
-        outer, num_classes, inner, (x.stride(1), out.stride(1)), (x.stride(2), out.stride(2)),
-        x.element_size(), x.device,
+        outer,
+        num_classes,
+        inner,
+        (x.stride(1), out.stride(1)),
+        (x.stride(2), out.stride(2)),
+        x.element_size(),
+        x.device,
     )
     has_smoothing, keep_hi, keep_lo, smooth_hi, smooth_lo = _coefficients(smoothing, num_classes)
     # W = Σ_c w_c for the smoothing term: a tiny reduction in torch, no host sync.
@@ -380,8 +487,13 @@ def ce_prob_forward(
     if loss.numel() == 0:
         return loss, lse
     tiling = plan(
-        outer, num_classes, inner, (x.stride(1), target.stride(1)), (x.stride(2), target.stride(2)),
-        x.element_size(), x.device,
+        outer,
+        num_classes,
+        inner,
+        (x.stride(1), target.stride(1)),
+        (x.stride(2), target.stride(2)),
+        x.element_size(),
+        x.device,
     )
     has_smoothing, keep_hi, keep_lo, smooth_hi, smooth_lo = _coefficients(smoothing, num_classes)
     _ce_prob_fwd_kernel[(tiling.grid,)](

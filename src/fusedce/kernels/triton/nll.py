@@ -21,16 +21,26 @@ _FWD_BLOCK = 1024
 @triton.jit
 def _nll_fwd_kernel(
     # pointers
-    x_ptr, target_ptr, weight_ptr, loss_ptr,
+    x_ptr,
+    target_ptr,
+    weight_ptr,
+    loss_ptr,
     # shapes
-    n_rows, num_classes, inner,
+    n_rows,
+    num_classes,
+    inner,
     # strides (elements); loss is contiguous (outer, inner)
-    stride_xo, stride_xc, stride_xi,
-    stride_to, stride_ti,
+    stride_xo,
+    stride_xc,
+    stride_xi,
+    stride_to,
+    stride_ti,
     # scalars
     ignore_index,
     # meta
-    ACC: tl.constexpr, BLOCK_R: tl.constexpr, HAS_WEIGHT: tl.constexpr,
+    ACC: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    HAS_WEIGHT: tl.constexpr,
 ):
     o, i, r, rmask = tile_rows(tl.program_id(0), n_rows, inner, 1, BLOCK_R, False)
     t = tl.load(target_ptr + o * stride_to + i * stride_ti, mask=rmask, other=0).to(tl.int64)
@@ -54,20 +64,31 @@ def _nll_fwd_kernel(
 @triton.jit
 def _nll_bwd_kernel(
     # pointers
-    grad_loss_ptr, target_ptr, weight_ptr, out_ptr,
+    grad_loss_ptr,
+    target_ptr,
+    weight_ptr,
+    out_ptr,
     # shapes
-    n_rows, num_classes, inner, inner_tiles,
+    n_rows,
+    num_classes,
+    inner,
+    inner_tiles,
     # strides (elements); out is contiguous (outer, C, inner)
-    stride_go, stride_gi,
-    stride_to, stride_ti,
+    stride_go,
+    stride_gi,
+    stride_to,
+    stride_ti,
     # scalars
     ignore_index,
     # meta
     ACC: tl.constexpr,
-    BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, INNER_TILE: tl.constexpr, COL_I64: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+    INNER_TILE: tl.constexpr,
+    COL_I64: tl.constexpr,
     HAS_WEIGHT: tl.constexpr,
 ):
-    o, i, r, rmask = tile_rows(tl.program_id(0), n_rows, inner, inner_tiles, BLOCK_R, INNER_TILE)
+    o, i, _r, rmask = tile_rows(tl.program_id(0), n_rows, inner, inner_tiles, BLOCK_R, INNER_TILE)
     t = tl.load(target_ptr + o * stride_to + i * stride_ti, mask=rmask, other=0).to(tl.int64)
     kept = t != ignore_index
     in_bounds = (t >= 0) & (t < num_classes)

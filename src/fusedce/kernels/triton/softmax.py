@@ -18,24 +18,33 @@ from ._common import check_device, col_offsets, finish_lse, online_lse_step, pla
 @triton.jit
 def _softmax_fwd_kernel(
     # pointers
-    x_ptr, out_ptr,
+    x_ptr,
+    out_ptr,
     # shapes
-    n_rows, num_classes, inner, inner_tiles,
+    n_rows,
+    num_classes,
+    inner,
+    inner_tiles,
     # strides (elements); out is contiguous (outer, C, inner)
-    stride_xo, stride_xc, stride_xi,
+    stride_xo,
+    stride_xc,
+    stride_xi,
     # meta
     ACC: tl.constexpr,
-    BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, INNER_TILE: tl.constexpr, COL_I64: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+    INNER_TILE: tl.constexpr,
+    COL_I64: tl.constexpr,
     LOG: tl.constexpr,
 ):
-    o, i, r, rmask = tile_rows(tl.program_id(0), n_rows, inner, inner_tiles, BLOCK_R, INNER_TILE)
+    o, i, _r, rmask = tile_rows(tl.program_id(0), n_rows, inner, inner_tiles, BLOCK_R, INNER_TILE)
     x_row = o * stride_xo + i * stride_xi
     m = tl.full([BLOCK_R], float("-inf"), ACC)
     s = tl.zeros([BLOCK_R], ACC)
     for c0 in range(0, num_classes, BLOCK_C):
         cols, offs = col_offsets(c0, stride_xc, BLOCK_C, COL_I64)
         cmask = rmask[:, None] & (cols < num_classes)[None, :]
-        xf = tl.load(x_ptr + x_row[:, None] + offs[None, :], mask=cmask, other=float("-inf")).to(ACC)
+        xf = tl.load(x_ptr + x_row[:, None] + offs[None, :], mask=cmask, other=0.0).to(ACC)
         m, s = online_lse_step(m, s, xf, cmask)
     lse = finish_lse(m, s)
 
@@ -54,18 +63,30 @@ def _softmax_fwd_kernel(
 @triton.jit
 def _softmax_bwd_kernel(
     # pointers
-    grad_out_ptr, out_ptr, grad_in_ptr,
+    grad_out_ptr,
+    out_ptr,
+    grad_in_ptr,
     # shapes
-    n_rows, num_classes, inner, inner_tiles,
+    n_rows,
+    num_classes,
+    inner,
+    inner_tiles,
     # strides (elements); grad_in is contiguous (outer, C, inner)
-    stride_go, stride_gc, stride_gi,
-    stride_oo, stride_oc, stride_oi,
+    stride_go,
+    stride_gc,
+    stride_gi,
+    stride_oo,
+    stride_oc,
+    stride_oi,
     # meta
     ACC: tl.constexpr,
-    BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, INNER_TILE: tl.constexpr, COL_I64: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+    INNER_TILE: tl.constexpr,
+    COL_I64: tl.constexpr,
     LOG: tl.constexpr,
 ):
-    o, i, r, rmask = tile_rows(tl.program_id(0), n_rows, inner, inner_tiles, BLOCK_R, INNER_TILE)
+    o, i, _r, rmask = tile_rows(tl.program_id(0), n_rows, inner, inner_tiles, BLOCK_R, INNER_TILE)
     g_row = o * stride_go + i * stride_gi
     y_row = o * stride_oo + i * stride_oi
 
@@ -90,13 +111,12 @@ def _softmax_bwd_kernel(
         cmask = rmask[:, None] & (cols < num_classes)[None, :]
         g = tl.load(grad_out_ptr + g_row[:, None] + g_offs[None, :], mask=cmask, other=0.0).to(ACC)
         y = tl.load(out_ptr + y_row[:, None] + y_offs[None, :], mask=cmask, other=0.0).to(ACC)
-        if LOG:
-            # At a -inf output the gradient is the upstream one (exp(-inf) = 0), not 0.
-            grad = g - tl.exp(y) * total[:, None]
-        else:
-            grad = y * (g - total[:, None])
+        # log_softmax: at a -inf output the gradient is the upstream one (exp(-inf) = 0), not 0.
+        grad = g - tl.exp(y) * total[:, None] if LOG else y * (g - total[:, None])
         tl.store(
-            grad_in_ptr + gi_row[:, None] + gi_offs[None, :], grad.to(grad_in_ptr.dtype.element_ty), mask=cmask
+            grad_in_ptr + gi_row[:, None] + gi_offs[None, :],
+            grad.to(grad_in_ptr.dtype.element_ty),
+            mask=cmask,
         )
 
 
