@@ -108,10 +108,29 @@ def is_probability_target(input: Tensor, target: Tensor) -> bool:
     return input.shape == target.shape
 
 
-def check_label_smoothing(smoothing: float) -> None:
-    # Only ε > 0 is checked (and used): negative and NaN values are silently ignored.
-    if smoothing > 0 and smoothing > 1.0:
+def check_label_smoothing(smoothing: float) -> float:
+    """The smoothing to use: torch only checks (and uses) ε > 0, so a negative or NaN ε is 0."""
+    if not smoothing > 0:
+        return 0.0
+    if smoothing > 1.0:
         raise RuntimeError(f"label_smoothing must be between 0.0 and 1.0. Got: {_format_double(smoothing)}")
+    return smoothing
+
+
+def check_smoothing_quirks(input: Tensor, target: Tensor, weight: Tensor | None, reduction: str) -> None:
+    """Two failures of torch's label-smoothing path (index targets, ε > 0), reproduced because
+    a drop-in must fail where torch fails:
+
+    * it views the weight as ``(1, C, 1, ...)`` by its first dim, so a ``(1, C)`` weight that
+      the spatial checks accepted fails the view;
+    * its 'mean' with a weight gathers the weight by the target, which gather refuses for uint8.
+    """
+    if weight is not None and weight.dim() != 1:
+        shape = [1] * input.dim()
+        shape[0 if input.dim() == 1 else 1] = weight.shape[0]
+        raise RuntimeError(f"shape '{list(shape)}' is invalid for input of size {weight.numel()}")
+    if weight is not None and reduction == "mean" and target.dtype == torch.uint8:
+        raise RuntimeError("gather(): Expected dtype int32/int64 for index")
 
 
 def _format_double(value: float) -> str:
@@ -198,11 +217,12 @@ def _check_spatial_weight(input: Tensor, weight: Tensor | None) -> None:
         raise RuntimeError("weight tensor should be defined either for all or no classes")
 
 
-def check_weight_not_differentiable(weight: Tensor | None) -> None:
+def check_weight_not_differentiable(input: Tensor, weight: Tensor | None) -> None:
     """The index path has no derivative for weight; torch refuses it in the forward."""
     if weight is not None and weight.requires_grad and torch.is_grad_enabled():
+        kernel = "nll_loss2d_forward" if input.dim() >= 3 else "nll_loss_forward"
         raise RuntimeError(
-            "The function 'nll_loss_forward' is not differentiable with respect to argument 'weight'. "
+            f"The function '{kernel}' is not differentiable with respect to argument 'weight'. "
             "This input cannot have requires_grad True."
         )
 

@@ -84,12 +84,14 @@ def _cross_entropy_index(
     inplace_backward: bool,
 ) -> Tensor:
     # torch's order: the smoothing range, then log_softmax's checks, then nll_loss's.
-    _checks.check_label_smoothing(smoothing)
+    smoothing = _checks.check_label_smoothing(smoothing)
     class_dim = _checks.wrap_dim(_class_dim(input), input.dim())
     _checks.check_softmax_dtype("log_softmax", input, class_dim)
     _checks.check_nll_shapes(input, target, weight)
-    _checks.check_weight_not_differentiable(weight)
+    _checks.check_weight_not_differentiable(input, weight)
     _checks.check_nll_dtypes(input, target, weight)
+    if smoothing > 0:
+        _checks.check_smoothing_quirks(input, target, weight, reduction)
 
     x = canonical(input, class_dim)
     _check_inplace_backward(inplace_backward, input, x)
@@ -111,7 +113,7 @@ def _cross_entropy_prob(
     _checks.check_probability_target(input, target, weight, ignore_index)
     class_dim = _class_dim(input)
     _checks.check_softmax_dtype("log_softmax", input, class_dim)
-    _checks.check_label_smoothing(smoothing)
+    smoothing = _checks.check_label_smoothing(smoothing)
 
     # Ordinary type promotion decides the result dtype (an f64 target makes an f64 loss); the
     # fused kernel then sees one dtype. torch computes log_softmax in the input's dtype first,
@@ -217,7 +219,7 @@ def nll_loss(
     _checks.check_tensor(fn, "weight", 3, weight, optional=True)
     ignore_index = _checks.to_int_arg(fn, "ignore_index", 5, ignore_index)
     _checks.check_nll_shapes(input, target, weight)
-    _checks.check_weight_not_differentiable(weight)
+    _checks.check_weight_not_differentiable(input, weight)
     _checks.check_nll_dtypes(input, target, weight)
 
     x = canonical(input, _class_dim(input))

@@ -360,25 +360,31 @@ inline void check_targets(const View2<int64_t>& t, int64_t outer, int64_t inner,
   }
 }
 
-// The weight in the accumulation dtype (empty when there is none), and its sum W.
+// The weight in the accumulation dtype (null when there is none), and its sum W (C without one).
+template <typename acc>
+struct AccWeight {
+  std::vector<acc> values;
+  acc total;
+
+  const acc* data() const { return values.empty() ? nullptr : values.data(); }
+};
+
 template <typename scalar_t>
-inline std::pair<std::vector<acc_t<scalar_t>>, acc_t<scalar_t>> acc_weight(
-    const std::optional<Tensor>& weight, int64_t classes) {
+inline AccWeight<acc_t<scalar_t>> acc_weight(const std::optional<Tensor>& weight, int64_t classes) {
   using acc = acc_t<scalar_t>;
-  std::vector<acc> w;
-  acc total = static_cast<acc>(classes);
+  AccWeight<acc> w{{}, static_cast<acc>(classes)};
   if (weight.has_value()) {
-    const Tensor wc = weight->contiguous();
+    const Tensor wc = weight->to(c10::CppTypeToScalarType<scalar_t>::value).contiguous();
     const scalar_t* p = wc.data_ptr<scalar_t>();
-    w.resize(classes);
+    w.values.resize(classes);
     double sum = 0;
     for (int64_t c = 0; c < classes; ++c) {
-      w[c] = static_cast<acc>(p[c]);
-      sum += static_cast<double>(w[c]);
+      w.values[c] = static_cast<acc>(p[c]);
+      sum += static_cast<double>(w.values[c]);
     }
-    total = static_cast<acc>(sum);
+    w.total = static_cast<acc>(sum);
   }
-  return {std::move(w), total};
+  return w;
 }
 
 // ---------------------------------------------------------------------------------------------

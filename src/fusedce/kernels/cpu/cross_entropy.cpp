@@ -1,0 +1,456 @@
+// cross_entropy with index targets and with probability targets: forward (per-row loss and lse)
+// and backward (the gradient with respect to the logits). The formulas are reference.py's.
+#include "common.h"
+#include "ops.h"
+
+namespace fusedce {
+namespace {
+
+// Per-row values in the accumulation dtype. Inputs that arrive in another dtype (a caller's
+// float64 grad for float32 logits, say) are converted: O(rows).
+Tensor per_row(const Tensor& t, at::ScalarType acc_dtype) {
+  return t.scalar_type() == acc_dtype ? t : t.to(acc_dtype);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Index targets
+// ---------------------------------------------------------------------------------------------
+
+// Forward: lse = m + log Σ exp(x - m), and loss = (1-ε)·w[t]·(lse - x[t]) + (ε/C)·Σ w_c(lse - x_c).
+// The smoothing sum is taken relative to the row max, Σ w_c(lse - x_c) = W·(lse - m) - Σ w_c(x_c - m),
+// so that it does not cancel when the logits sit far from zero.
+template <typename scalar_t>
+void ce_forward_kernel(const Tensor& x, const Tensor& target, const std::optional<Tensor>& weight,
+                       int64_t ignore_index, double smoothing, Tensor& loss, Tensor& lse) {
+  using acc = acc_t<scalar_t>;
+  using AVec = Vectorized<acc>;
+  const int64_t outer = x.size(0), classes = x.size(1), inner = x.size(2);
+  const auto xv = view3<const scalar_t>(x);
+  const auto tv = view2<int64_t>(target);
+  const auto w = acc_weight<scalar_t>(weight, classes);
+  const acc* wp = w.data();
+  const acc total_w = w.total;
+  const bool smooth = smoothing > 0;
+  const acc eps = smooth ? static_cast<acc>(smoothing) : acc(0);
+  const acc eps_per_class = eps / static_cast<acc>(classes);
+  acc* loss_p = loss.data_ptr<acc>();
+  acc* lse_p = lse.data_ptr<acc>();
+
+  // A row's loss from its lse, its target logit, lse - m and Σ w_c(x_c - m).
+  auto row_loss = [&](int64_t t, acc row_lse, acc x_t, acc lse_minus_max, acc shifted) -> acc {
+    if (t == ignore_index) {
+      return 0;  // torch masks the loss of an ignored row, even a NaN one
+    }
+    const acc w_t = wp ? wp[t] : acc(1);
+    acc l = w_t * (row_lse - x_t);
+    if (smooth) {
+      l = (1 - eps) * l + eps_per_class * (total_w * lse_minus_max - shifted);
+    }
+    return l;
+  };
+
+  if (row_contiguous(xv.s1, classes)) {
+    dispatch_bool(smooth, [&](auto kSmooth) {
+      dispatch_bool(wp != nullptr, [&](auto kWeight) {
+        at::parallel_for(0, outer * inner, row_grain(classes), [&](int64_t begin, int64_t end) {
+          for (int64_t r = begin; r < end; ++r) {
+            const int64_t o = r / inner, i = r - o * inner;
+            const scalar_t* row = xv.row(o, i);
+            const acc m = row_max(row, classes);
+            acc row_lse = kNaN<acc>, shifted = 0;
+            if (std::isfinite(m)) {  // otherwise the row's lse is NaN, and so is its loss
+              const AVec vm(m);
+              AVec sum(0), wsum(0);
+              for_each_vec(row, classes, -kInf<acc>, [&](const AVec& v, int64_t j, int64_t n) {
+                const AVec d = v - vm;  // padding is -inf: exp gives 0
+                sum += d.exp_u20();
+                if constexpr (kSmooth) {
+                  if constexpr (kWeight) {
+                    wsum += mask_tail(load_acc(wp + j, n) * d, n);
+                  } else {
+                    wsum += mask_tail(d, n);
+                  }
+                }
+              });
+              row_lse = m + std::log(hsum(sum));
+              shifted = hsum(wsum);
+            }
+            const int64_t t = tv(o, i);
+            const acc x_t = t == ignore_index ? acc(0) : static_cast<acc>(row[t * xv.s1]);
+            lse_p[r] = row_lse;
+            loss_p[r] = row_loss(t, row_lse, x_t, row_lse - m, shifted);
+          }
+        });
+      });
+    });
+    return;
+  }
+
+  for_each_tile<acc>(outer, inner, classes, 1, [&](const TileRows& rows, acc* tile, int64_t ld) {
+    gather_tile(xv, classes, rows, tile, ld);
+    __at_align__ acc m[kMaxTileRows], row_lse[kMaxTileRows], shifted[kMaxTileRows];
+    tile_lse(tile, ld, classes, rows.n, m, row_lse);
+    if (smooth) {
+      for (int64_t lb = 0; lb < rows.n; lb += AVec::size()) {
+        const AVec vm = AVec::loadu(m + lb);
+        AVec wsum(0);
+        for (int64_t c = 0; c < classes; ++c) {
+          wsum += AVec(wp ? wp[c] : acc(1)) * (AVec::loadu(tile + c * ld + lb) - vm);
+        }
+        wsum.store(shifted + lb);
+      }
+    }
+    for (int64_t b = 0; b < rows.n; ++b) {
+      const int64_t t = tv(rows.o[b], rows.i[b]);
+      const acc x_t = t == ignore_index ? acc(0) : tile[t * ld + b];
+      lse_p[rows.r0 + b] = row_lse[b];
+      loss_p[rows.r0 + b] =
+          row_loss(t, row_lse[b], x_t, row_lse[b] - m[b], smooth ? shifted[b] : acc(0));
+    }
+  });
+}
+
+// Backward: grad_c = g·[(1-ε)·w[t]·(p_c - δ_ct) + (ε/C)·(W·p_c - w_c)], written as
+// coef·p_c - sw·w_c - δ_ct·tg with coef = ((1-ε)·w[t] + (ε/C)·W)·g, sw = (ε/C)·g, tg = (1-ε)·w[t]·g.
+// g is 0 on ignored rows and multiplies everything, so an ignored NaN row stays NaN (reference).
+template <typename scalar_t>
+void ce_backward_kernel(const Tensor& grad_loss, const Tensor& x, const Tensor& target,
+                        const std::optional<Tensor>& weight, const Tensor& lse,
+                        int64_t ignore_index, double smoothing, Tensor& out) {
+  using acc = acc_t<scalar_t>;
+  using AVec = Vectorized<acc>;
+  const int64_t outer = x.size(0), classes = x.size(1), inner = x.size(2);
+  const auto xv = view3<const scalar_t>(x);
+  const auto ov = view3<scalar_t>(out);
+  const auto tv = view2<int64_t>(target);
+  const auto gv = view2<acc>(grad_loss);
+  const auto lv = view2<acc>(lse);
+  const auto w = acc_weight<scalar_t>(weight, classes);
+  const acc* wp = w.data();
+  const acc total_w = w.total;
+  const acc eps = static_cast<acc>(smoothing);
+  const acc eps_per_class = eps / static_cast<acc>(classes);
+  const bool smooth = smoothing != 0;  // the wrapper clamps it at 0; NaN stays NaN, as in reference
+
+  struct Coefs {
+    int64_t t;  // the target, or 0 for an ignored row (reference's `safe`)
+    acc g, coef, sw, tg;
+  };
+  auto coefs = [&](int64_t o, int64_t i) -> Coefs {
+    const int64_t t = tv(o, i);
+    const bool valid = t != ignore_index;
+    const int64_t safe = valid ? t : 0;
+    const acc g = valid ? gv(o, i) : acc(0);
+    const acc target_coef = (1 - eps) * (wp ? wp[safe] : acc(1));
+    return {safe, g, (target_coef + eps_per_class * total_w) * g, eps_per_class * g,
+            target_coef * g};
+  };
+
+  if (row_contiguous(xv.s1, classes) && row_contiguous(ov.s1, classes)) {
+    dispatch_bool(smooth, [&](auto kSmooth) {
+      dispatch_bool(wp != nullptr, [&](auto kWeight) {
+        at::parallel_for(0, outer * inner, row_grain(classes), [&](int64_t begin, int64_t end) {
+          for (int64_t r = begin; r < end; ++r) {
+            const int64_t o = r / inner, i = r - o * inner;
+            const scalar_t* row = xv.row(o, i);
+            scalar_t* dst = ov.row(o, i);
+            const Coefs k = coefs(o, i);
+            const acc row_lse = lv(o, i);
+            // Read before the row is overwritten (out may be x itself).
+            const acc x_t = static_cast<acc>(row[k.t * xv.s1]);
+            const AVec vl(row_lse), vc(k.coef), vsw(k.sw);
+            dispatch_exp(std::isfinite(row_lse), [&](auto exp_fn) {
+              map_row(row, dst, classes, [&](const AVec& v, int64_t j, int64_t n) {
+                AVec grad = vc * exp_fn(v - vl);
+                if constexpr (kSmooth) {
+                  if constexpr (kWeight) {
+                    grad = grad - vsw * load_acc(wp + j, n);
+                  } else {
+                    grad = grad - vsw;
+                  }
+                }
+                return grad;
+              });
+            });
+            // The target class: recomputed from x_t in the accumulation dtype, not patched in
+            // the (possibly 16-bit) output.
+            const acc w_t = wp ? wp[k.t] : acc(1);
+            dst[k.t * ov.s1] =
+                static_cast<scalar_t>(k.coef * std::exp(x_t - row_lse) - k.sw * w_t - k.tg);
+          }
+        });
+      });
+    });
+    return;
+  }
+
+  for_each_tile<acc>(outer, inner, classes, 1, [&](const TileRows& rows, acc* tile, int64_t ld) {
+    gather_tile(xv, classes, rows, tile, ld);
+    __at_align__ acc row_lse[kMaxTileRows], coef[kMaxTileRows], sw[kMaxTileRows];
+    Coefs k[kMaxTileRows];
+    for (int64_t b = 0; b < ld; ++b) {
+      if (b < rows.n) {
+        k[b] = coefs(rows.o[b], rows.i[b]);
+        row_lse[b] = lv(rows.o[b], rows.i[b]);
+      } else {
+        k[b] = {0, 0, 0, 0, 0};
+        row_lse[b] = 0;
+      }
+      coef[b] = k[b].coef;
+      sw[b] = k[b].sw;
+    }
+    dispatch_exp(all_finite(row_lse, rows.n), [&](auto exp_fn) {
+      for (int64_t lb = 0; lb < rows.n; lb += AVec::size()) {
+        const AVec vl = AVec::loadu(row_lse + lb), vc = AVec::loadu(coef + lb);
+        const AVec vsw = AVec::loadu(sw + lb);
+        for (int64_t c = 0; c < classes; ++c) {
+          acc* p = tile + c * ld + lb;
+          AVec grad = vc * exp_fn(AVec::loadu(p) - vl);
+          if (smooth) {
+            grad = grad - vsw * AVec(wp ? wp[c] : acc(1));
+          }
+          grad.store(p);
+        }
+      }
+    });
+    for (int64_t b = 0; b < rows.n; ++b) {
+      tile[k[b].t * ld + b] -= k[b].tg;
+    }
+    scatter_tile(tile, ld, classes, rows, ov);
+  });
+}
+
+// ---------------------------------------------------------------------------------------------
+// Probability targets: t' = t·(1-ε) + ε/C when ε > 0; x, target and weight share one dtype.
+// ---------------------------------------------------------------------------------------------
+
+template <typename acc>
+struct SmoothedTarget {
+  acc scale, shift;  // t' = scale·t + shift
+
+  SmoothedTarget(double smoothing, int64_t classes)
+      : scale(smoothing > 0 ? static_cast<acc>(1 - smoothing) : acc(1)),
+        shift(smoothing > 0 ? static_cast<acc>(smoothing / static_cast<double>(classes)) : acc(0)) {}
+
+  Vectorized<acc> operator()(const Vectorized<acc>& t) const {
+    return Vectorized<acc>(scale) * t + Vectorized<acc>(shift);
+  }
+};
+
+// Forward: loss = Σ_c w_c·t'_c·(lse - x_c). Three passes over the row (max, exp-sum, loss); the
+// second and third hit the cache, so the logits come from memory once.
+template <typename scalar_t>
+void ce_prob_forward_kernel(const Tensor& x, const Tensor& target,
+                            const std::optional<Tensor>& weight, double smoothing, Tensor& loss,
+                            Tensor& lse) {
+  using acc = acc_t<scalar_t>;
+  using AVec = Vectorized<acc>;
+  const int64_t outer = x.size(0), classes = x.size(1), inner = x.size(2);
+  const auto xv = view3<const scalar_t>(x);
+  const auto tv = view3<const scalar_t>(target);
+  const auto w = acc_weight<scalar_t>(weight, classes);
+  const acc* wp = w.data();
+  const SmoothedTarget<acc> smoothed(smoothing, classes);
+  acc* loss_p = loss.data_ptr<acc>();
+  acc* lse_p = lse.data_ptr<acc>();
+
+  if (row_contiguous(xv.s1, classes) && row_contiguous(tv.s1, classes)) {
+    at::parallel_for(0, outer * inner, row_grain(classes), [&](int64_t begin, int64_t end) {
+      for (int64_t r = begin; r < end; ++r) {
+        const int64_t o = r / inner, i = r - o * inner;
+        const scalar_t* row = xv.row(o, i);
+        const acc m = row_max(row, classes);
+        if (!std::isfinite(m)) {
+          lse_p[r] = loss_p[r] = kNaN<acc>;  // lse is NaN, and every term of the loss with it
+          continue;
+        }
+        const AVec vm(m);
+        AVec sum(0);
+        for_each_vec(row, classes, -kInf<acc>, [&](const AVec& v, int64_t, int64_t) {
+          sum += (v - vm).exp_u20();
+        });
+        const acc row_lse = m + std::log(hsum(sum));
+        const AVec vl(row_lse);
+        AVec l(0);
+        for_each_vec2(row, tv.row(o, i), classes,
+                      [&](const AVec& v, const AVec& t, int64_t j, int64_t n) {
+                        AVec term = smoothed(t) * (vl - v);
+                        if (wp) {
+                          term = load_acc(wp + j, n) * term;
+                        }
+                        l += mask_tail(term, n);
+                      });
+        lse_p[r] = row_lse;
+        loss_p[r] = hsum(l);
+      }
+    });
+    return;
+  }
+
+  for_each_tile<acc>(outer, inner, classes, 2, [&](const TileRows& rows, acc* tile, int64_t ld) {
+    acc* ttile = tile + classes * ld;
+    gather_tile(xv, classes, rows, tile, ld);
+    gather_tile(tv, classes, rows, ttile, ld);
+    __at_align__ acc m[kMaxTileRows], row_lse[kMaxTileRows];
+    tile_lse(tile, ld, classes, rows.n, m, row_lse);
+    for (int64_t lb = 0; lb < rows.n; lb += AVec::size()) {
+      const AVec vl = AVec::loadu(row_lse + lb);
+      AVec l(0);
+      for (int64_t c = 0; c < classes; ++c) {
+        const AVec t = smoothed(AVec::loadu(ttile + c * ld + lb));
+        l += AVec(wp ? wp[c] : acc(1)) * t * (vl - AVec::loadu(tile + c * ld + lb));
+      }
+      l.store(m + lb);  // m is no longer needed: reuse it for the loss
+    }
+    for (int64_t b = 0; b < rows.n; ++b) {
+      lse_p[rows.r0 + b] = row_lse[b];
+      loss_p[rows.r0 + b] = m[b];
+    }
+  });
+}
+
+// Backward: grad_c = g·(S·p_c - w_c·t'_c) with S = Σ_k w_k·t'_k.
+template <typename scalar_t>
+void ce_prob_backward_kernel(const Tensor& grad_loss, const Tensor& x, const Tensor& target,
+                             const std::optional<Tensor>& weight, const Tensor& lse,
+                             double smoothing, Tensor& out) {
+  using acc = acc_t<scalar_t>;
+  using AVec = Vectorized<acc>;
+  const int64_t outer = x.size(0), classes = x.size(1), inner = x.size(2);
+  const auto xv = view3<const scalar_t>(x);
+  const auto tv = view3<const scalar_t>(target);
+  const auto ov = view3<scalar_t>(out);
+  const auto gv = view2<acc>(grad_loss);
+  const auto lv = view2<acc>(lse);
+  const auto w = acc_weight<scalar_t>(weight, classes);
+  const acc* wp = w.data();
+  const SmoothedTarget<acc> smoothed(smoothing, classes);
+
+  if (row_contiguous(xv.s1, classes) && row_contiguous(tv.s1, classes) &&
+      row_contiguous(ov.s1, classes)) {
+    at::parallel_for(0, outer * inner, row_grain(classes), [&](int64_t begin, int64_t end) {
+      for (int64_t r = begin; r < end; ++r) {
+        const int64_t o = r / inner, i = r - o * inner;
+        const scalar_t* trow = tv.row(o, i);
+        AVec s(0);
+        for_each_vec(trow, classes, 0, [&](const AVec& t, int64_t j, int64_t n) {
+          const AVec wt = smoothed(t);
+          s += mask_tail(wp ? load_acc(wp + j, n) * wt : wt, n);
+        });
+        const acc row_lse = lv(o, i);
+        const acc g = gv(o, i);
+        const AVec vs(hsum(s) * g), vg(g), vl(row_lse);
+        dispatch_exp(std::isfinite(row_lse), [&](auto exp_fn) {
+          map_row2(xv.row(o, i), trow, ov.row(o, i), classes,
+                   [&](const AVec& v, const AVec& t, int64_t j, int64_t n) {
+                     AVec wt = smoothed(t);
+                     if (wp) {
+                       wt = load_acc(wp + j, n) * wt;
+                     }
+                     return vs * exp_fn(v - vl) - vg * wt;
+                   });
+        });
+      }
+    });
+    return;
+  }
+
+  for_each_tile<acc>(outer, inner, classes, 2, [&](const TileRows& rows, acc* tile, int64_t ld) {
+    acc* ttile = tile + classes * ld;
+    gather_tile(xv, classes, rows, tile, ld);
+    gather_tile(tv, classes, rows, ttile, ld);
+    __at_align__ acc row_lse[kMaxTileRows], g[kMaxTileRows];
+    for (int64_t b = 0; b < ld; ++b) {
+      row_lse[b] = b < rows.n ? lv(rows.o[b], rows.i[b]) : acc(0);
+      g[b] = b < rows.n ? gv(rows.o[b], rows.i[b]) : acc(0);
+    }
+    dispatch_exp(all_finite(row_lse, rows.n), [&](auto exp_fn) {
+      for (int64_t lb = 0; lb < rows.n; lb += AVec::size()) {
+        AVec s(0);
+        for (int64_t c = 0; c < classes; ++c) {
+          s += AVec(wp ? wp[c] : acc(1)) * smoothed(AVec::loadu(ttile + c * ld + lb));
+        }
+        const AVec vg = AVec::loadu(g + lb), vl = AVec::loadu(row_lse + lb), vs = s * vg;
+        for (int64_t c = 0; c < classes; ++c) {
+          acc* p = tile + c * ld + lb;
+          const AVec wt = AVec(wp ? wp[c] : acc(1)) * smoothed(AVec::loadu(ttile + c * ld + lb));
+          (vs * exp_fn(AVec::loadu(p) - vl) - vg * wt).store(p);
+        }
+      }
+    });
+    scatter_tile(tile, ld, classes, rows, ov);
+  });
+}
+
+void check_canonical(const Tensor& x) {
+  TORCH_CHECK(x.dim() == 3, "fusedce: expected the canonical (outer, C, inner) form, got ",
+              x.dim(), " dims");
+  TORCH_CHECK(x.size(1) > 0, "fusedce: the class dimension is empty");
+}
+
+}  // namespace
+
+std::tuple<Tensor, Tensor> ce_forward(const Tensor& x, const Tensor& target,
+                                      const std::optional<Tensor>& weight, int64_t ignore_index,
+                                      double smoothing) {
+  check_canonical(x);
+  const Tensor t = long_targets(target);
+  check_targets(view2<int64_t>(t), x.size(0), x.size(2), x.size(1), ignore_index);
+  const auto acc_dtype = x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  Tensor loss = at::empty({x.size(0), x.size(2)}, x.options().dtype(acc_dtype));
+  Tensor lse = at::empty_like(loss);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "fusedce_ce_forward",
+                                  [&] {
+                                    ce_forward_kernel<scalar_t>(x, t, weight, ignore_index,
+                                                                smoothing, loss, lse);
+                                  });
+  return {loss, lse};
+}
+
+Tensor ce_backward(const Tensor& grad_loss, const Tensor& x, const Tensor& target,
+                   const std::optional<Tensor>& weight, const Tensor& lse, int64_t ignore_index,
+                   double smoothing, bool inplace) {
+  check_canonical(x);
+  const Tensor t = long_targets(target);
+  check_targets(view2<int64_t>(t), x.size(0), x.size(2), x.size(1), ignore_index);
+  const auto acc_dtype = x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  Tensor out = inplace ? x : empty_like_canonical(x);
+  AT_DISPATCH_FLOATING_TYPES_AND2(
+      at::kHalf, at::kBFloat16, x.scalar_type(), "fusedce_ce_backward", [&] {
+        ce_backward_kernel<scalar_t>(per_row(grad_loss, acc_dtype), x, t, weight,
+                                     per_row(lse, acc_dtype), ignore_index, smoothing, out);
+      });
+  return out;
+}
+
+std::tuple<Tensor, Tensor> ce_prob_forward(const Tensor& x, const Tensor& target,
+                                           const std::optional<Tensor>& weight,
+                                           double smoothing) {
+  check_canonical(x);
+  const auto acc_dtype = x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  Tensor loss = at::empty({x.size(0), x.size(2)}, x.options().dtype(acc_dtype));
+  Tensor lse = at::empty_like(loss);
+  AT_DISPATCH_FLOATING_TYPES_AND2(
+      at::kHalf, at::kBFloat16, x.scalar_type(), "fusedce_ce_prob_forward", [&] {
+        ce_prob_forward_kernel<scalar_t>(x, target.to(x.scalar_type()), weight, smoothing, loss,
+                                         lse);
+      });
+  return {loss, lse};
+}
+
+Tensor ce_prob_backward(const Tensor& grad_loss, const Tensor& x, const Tensor& target,
+                        const std::optional<Tensor>& weight, const Tensor& lse, double smoothing,
+                        bool inplace) {
+  check_canonical(x);
+  const auto acc_dtype = x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  Tensor out = inplace ? x : empty_like_canonical(x);
+  AT_DISPATCH_FLOATING_TYPES_AND2(
+      at::kHalf, at::kBFloat16, x.scalar_type(), "fusedce_ce_prob_backward", [&] {
+        ce_prob_backward_kernel<scalar_t>(per_row(grad_loss, acc_dtype), x,
+                                          target.to(x.scalar_type()), weight,
+                                          per_row(lse, acc_dtype), smoothing, out);
+      });
+  return out;
+}
+
+}  // namespace fusedce

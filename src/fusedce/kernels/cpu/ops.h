@@ -1,0 +1,41 @@
+// The kernel entry points, one per function of fusedce.kernels.reference (same arguments, same
+// semantics; see reference.py for the specification). Defined in cross_entropy.cpp, nll.cpp and
+// softmax.cpp; bound to Python in bindings.cpp.
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include <optional>
+#include <tuple>
+
+namespace fusedce {
+
+std::tuple<at::Tensor, at::Tensor> ce_forward(const at::Tensor& x, const at::Tensor& target,
+                                              const std::optional<at::Tensor>& weight,
+                                              int64_t ignore_index, double smoothing);
+
+at::Tensor ce_backward(const at::Tensor& grad_loss, const at::Tensor& x, const at::Tensor& target,
+                       const std::optional<at::Tensor>& weight, const at::Tensor& lse,
+                       int64_t ignore_index, double smoothing, bool inplace);
+
+std::tuple<at::Tensor, at::Tensor> ce_prob_forward(const at::Tensor& x, const at::Tensor& target,
+                                                   const std::optional<at::Tensor>& weight,
+                                                   double smoothing);
+
+at::Tensor ce_prob_backward(const at::Tensor& grad_loss, const at::Tensor& x,
+                            const at::Tensor& target, const std::optional<at::Tensor>& weight,
+                            const at::Tensor& lse, double smoothing, bool inplace);
+
+at::Tensor nll_forward(const at::Tensor& x, const at::Tensor& target,
+                       const std::optional<at::Tensor>& weight, int64_t ignore_index);
+
+at::Tensor nll_backward(const at::Tensor& grad_loss, const at::Tensor& target,
+                        const std::optional<at::Tensor>& weight, int64_t ignore_index,
+                        int64_t num_classes, at::ScalarType dtype);
+
+at::Tensor log_softmax_forward(const at::Tensor& x);
+at::Tensor log_softmax_backward(const at::Tensor& grad_out, const at::Tensor& out);
+at::Tensor softmax_forward(const at::Tensor& x);
+at::Tensor softmax_backward(const at::Tensor& grad_out, const at::Tensor& out);
+
+}  // namespace fusedce

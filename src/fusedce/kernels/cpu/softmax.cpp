@@ -1,0 +1,190 @@
+// log_softmax and softmax over the class dim of the canonical form: forward and backward.
+// Outputs and gradients are contiguous (outer, C, inner), as torch's are.
+#include "common.h"
+#include "ops.h"
+
+namespace fusedce {
+namespace {
+
+// Forward: out = x - lse (log_softmax) or exp(x - lse) (softmax). A row whose max is not finite
+// has a NaN lse, hence a NaN output everywhere, as in reference.
+template <typename scalar_t, bool kLog>
+void softmax_forward_kernel(const Tensor& x, Tensor& out) {
+  using acc = acc_t<scalar_t>;
+  using AVec = Vectorized<acc>;
+  const int64_t outer = x.size(0), classes = x.size(1), inner = x.size(2);
+  const auto xv = view3<const scalar_t>(x);
+  const auto ov = view3<scalar_t>(out);
+
+  if (row_contiguous(xv.s1, classes) && row_contiguous(ov.s1, classes)) {
+    at::parallel_for(0, outer * inner, row_grain(classes), [&](int64_t begin, int64_t end) {
+      for (int64_t r = begin; r < end; ++r) {
+        const int64_t o = r / inner, i = r - o * inner;
+        const scalar_t* row = xv.row(o, i);
+        const acc m = row_max(row, classes);
+        acc row_lse = kNaN<acc>;
+        if (std::isfinite(m)) {
+          const AVec vm(m);
+          AVec sum(0);
+          for_each_vec(row, classes, -kInf<acc>, [&](const AVec& v, int64_t, int64_t) {
+            sum += (v - vm).exp_u20();
+          });
+          row_lse = m + std::log(hsum(sum));
+        }
+        const AVec vl(row_lse);
+        dispatch_exp(std::isfinite(row_lse), [&](auto exp_fn) {
+          map_row(row, ov.row(o, i), classes, [&](const AVec& v, int64_t, int64_t) {
+            if constexpr (kLog) {
+              return v - vl;
+            } else {
+              return exp_fn(v - vl);
+            }
+          });
+        });
+      }
+    });
+    return;
+  }
+
+  for_each_tile<acc>(outer, inner, classes, 1, [&](const TileRows& rows, acc* tile, int64_t ld) {
+    gather_tile(xv, classes, rows, tile, ld);
+    __at_align__ acc m[kMaxTileRows], row_lse[kMaxTileRows];
+    tile_lse(tile, ld, classes, rows.n, m, row_lse);
+    dispatch_exp(all_finite(row_lse, rows.n), [&](auto exp_fn) {
+      for (int64_t lb = 0; lb < rows.n; lb += AVec::size()) {
+        const AVec vl = AVec::loadu(row_lse + lb);
+        for (int64_t c = 0; c < classes; ++c) {
+          acc* p = tile + c * ld + lb;
+          const AVec shifted = AVec::loadu(p) - vl;
+          if constexpr (kLog) {
+            shifted.store(p);
+          } else {
+            exp_fn(shifted).store(p);
+          }
+        }
+      }
+    });
+    scatter_tile(tile, ld, classes, rows, ov);
+  });
+}
+
+// log_softmax backward: grad - exp(out)·Σ grad. exp_u20 is safe when the row's max output is
+// neither NaN nor large (a log_softmax output is ≤ 0; -inf gives 0, so a -inf input passes the
+// upstream gradient through).
+template <typename acc>
+inline bool fast_exp_ok(acc max_out) {
+  return !std::isnan(max_out) && max_out < acc(80);
+}
+
+// Backward. kLog: grad - exp(out)·Σ_c grad. Otherwise (softmax): out·(grad - Σ_c grad·out).
+template <typename scalar_t, bool kLog>
+void softmax_backward_kernel(const Tensor& grad_out, const Tensor& out, Tensor& grad) {
+  using acc = acc_t<scalar_t>;
+  using AVec = Vectorized<acc>;
+  const int64_t outer = out.size(0), classes = out.size(1), inner = out.size(2);
+  const auto gv = view3<const scalar_t>(grad_out);
+  const auto yv = view3<const scalar_t>(out);
+  const auto dv = view3<scalar_t>(grad);
+
+  if (row_contiguous(gv.s1, classes) && row_contiguous(yv.s1, classes) &&
+      row_contiguous(dv.s1, classes)) {
+    at::parallel_for(0, outer * inner, row_grain(classes), [&](int64_t begin, int64_t end) {
+      for (int64_t r = begin; r < end; ++r) {
+        const int64_t o = r / inner, i = r - o * inner;
+        const scalar_t* grow = gv.row(o, i);
+        const scalar_t* yrow = yv.row(o, i);
+        AVec sum(0), max_out(-kInf<acc>);
+        for_each_vec2(grow, yrow, classes, [&](const AVec& g, const AVec& y, int64_t, int64_t n) {
+          if constexpr (kLog) {
+            sum += g;  // padding is 0
+            max_out = at::vec::maximum(max_out, mask_tail(y, n));
+          } else {
+            sum += g * y;
+          }
+        });
+        const AVec vs(hsum(sum));
+        if constexpr (kLog) {
+          dispatch_exp(fast_exp_ok(hmax(max_out)), [&](auto exp_fn) {
+            map_row2(grow, yrow, dv.row(o, i), classes,
+                     [&](const AVec& g, const AVec& y, int64_t, int64_t) {
+                       return g - exp_fn(y) * vs;
+                     });
+          });
+        } else {
+          map_row2(grow, yrow, dv.row(o, i), classes,
+                   [&](const AVec& g, const AVec& y, int64_t, int64_t) { return y * (g - vs); });
+        }
+      }
+    });
+    return;
+  }
+
+  for_each_tile<acc>(outer, inner, classes, 2, [&](const TileRows& rows, acc* tile, int64_t ld) {
+    acc* ytile = tile + classes * ld;
+    gather_tile(gv, classes, rows, tile, ld);
+    gather_tile(yv, classes, rows, ytile, ld);
+    for (int64_t lb = 0; lb < rows.n; lb += AVec::size()) {
+      AVec sum(0), max_out(-kInf<acc>);
+      for (int64_t c = 0; c < classes; ++c) {
+        const AVec g = AVec::loadu(tile + c * ld + lb), y = AVec::loadu(ytile + c * ld + lb);
+        if constexpr (kLog) {
+          sum += g;
+          max_out = at::vec::maximum(max_out, y);  // padding lanes hold 0: harmless
+        } else {
+          sum += g * y;
+        }
+      }
+      auto body = [&](auto exp_fn) {
+        for (int64_t c = 0; c < classes; ++c) {
+          acc* p = tile + c * ld + lb;
+          const AVec g = AVec::loadu(p), y = AVec::loadu(ytile + c * ld + lb);
+          if constexpr (kLog) {
+            (g - exp_fn(y) * sum).store(p);
+          } else {
+            (y * (g - sum)).store(p);
+          }
+        }
+      };
+      if constexpr (kLog) {
+        dispatch_exp(fast_exp_ok(hmax(max_out)), body);
+      } else {
+        body(FastExp{});  // no exponential in softmax's backward
+      }
+    }
+    scatter_tile(tile, ld, classes, rows, dv);
+  });
+}
+
+void check_canonical(const Tensor& x) {
+  TORCH_CHECK(x.dim() == 3, "fusedce: expected the canonical (outer, C, inner) form, got ",
+              x.dim(), " dims");
+}
+
+template <bool kLog>
+Tensor forward(const Tensor& x) {
+  check_canonical(x);
+  TORCH_CHECK(x.size(1) > 0, "fusedce: the class dimension is empty");
+  Tensor out = empty_like_canonical(x);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "fusedce_softmax_forward",
+                                  [&] { softmax_forward_kernel<scalar_t, kLog>(x, out); });
+  return out;
+}
+
+template <bool kLog>
+Tensor backward(const Tensor& grad_out, const Tensor& out) {
+  check_canonical(out);
+  const Tensor g = grad_out.scalar_type() == out.scalar_type() ? grad_out : grad_out.to(out.scalar_type());
+  Tensor grad = empty_like_canonical(out);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, out.scalar_type(), "fusedce_softmax_backward",
+                                  [&] { softmax_backward_kernel<scalar_t, kLog>(g, out, grad); });
+  return grad;
+}
+
+}  // namespace
+
+Tensor log_softmax_forward(const Tensor& x) { return forward<true>(x); }
+Tensor log_softmax_backward(const Tensor& grad_out, const Tensor& out) { return backward<true>(grad_out, out); }
+Tensor softmax_forward(const Tensor& x) { return forward<false>(x); }
+Tensor softmax_backward(const Tensor& grad_out, const Tensor& out) { return backward<false>(grad_out, out); }
+
+}  // namespace fusedce
