@@ -31,8 +31,8 @@ import torch
 from torch import Tensor
 
 from ..reference import accumulation_dtype
-from ..reference import ce_prob_target_grad as ce_prob_target_grad  # noqa: PLC0414
-from ..reference import ce_prob_weight_grad as ce_prob_weight_grad  # noqa: PLC0414
+from ..reference import ce_prob_target_grad as ce_prob_target_grad
+from ..reference import ce_prob_weight_grad as ce_prob_weight_grad
 
 # ce_prob_target_grad and ce_prob_weight_grad are re-exported from the reference backend: they run
 # only when a probability target or a weight requires grad, which is rare, and they are N×C
@@ -61,8 +61,16 @@ _HEADERS = ("common.h", "ops.h")
 # ATen picks its Vectorized implementation at compile time from CPU_CAPABILITY; these are the
 # flags torch itself builds each capability with. The chosen set is part of the cache key.
 _ISA_FLAGS = {
-    "avx512": ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mfma", "-mf16c",
-               "-DCPU_CAPABILITY=AVX512", "-DCPU_CAPABILITY_AVX512"],
+    "avx512": [
+        "-mavx512f",
+        "-mavx512bw",
+        "-mavx512vl",
+        "-mavx512dq",
+        "-mfma",
+        "-mf16c",
+        "-DCPU_CAPABILITY=AVX512",
+        "-DCPU_CAPABILITY_AVX512",
+    ],
     "avx2": ["-mavx2", "-mfma", "-mf16c", "-DCPU_CAPABILITY=AVX2", "-DCPU_CAPABILITY_AVX2"],
     "default": ["-DCPU_CAPABILITY=DEFAULT", "-DCPU_CAPABILITY_DEFAULT"],
 }
@@ -177,7 +185,7 @@ def _kernels() -> ModuleType:
 def ce_forward(
     x: Tensor, target: Tensor, weight: Tensor | None, ignore_index: int, smoothing: float
 ) -> tuple[Tensor, Tensor]:
-    return tuple(_kernels().ce_forward(x, target, weight, ignore_index, smoothing))  # type: ignore[return-value]
+    return tuple(_kernels().ce_forward(x, target, weight, ignore_index, smoothing))
 
 
 def ce_backward(
@@ -191,7 +199,7 @@ def ce_backward(
     inplace: bool,
 ) -> Tensor:
     # max(ε, 0) exactly as reference: a negative ε is no smoothing, and NaN stays NaN.
-    return _kernels().ce_backward(  # type: ignore[no-any-return]
+    return _kernels().ce_backward(
         grad_loss, x, target, weight, lse, ignore_index, max(smoothing, 0.0), inplace
     )
 
@@ -199,7 +207,7 @@ def ce_backward(
 def ce_prob_forward(
     x: Tensor, target: Tensor, weight: Tensor | None, smoothing: float
 ) -> tuple[Tensor, Tensor]:
-    return tuple(_kernels().ce_prob_forward(x, target, weight, smoothing))  # type: ignore[return-value]
+    return tuple(_kernels().ce_prob_forward(x, target, weight, smoothing))
 
 
 def ce_prob_backward(
@@ -211,11 +219,11 @@ def ce_prob_backward(
     smoothing: float,
     inplace: bool,
 ) -> Tensor:
-    return _kernels().ce_prob_backward(grad_loss, x, target, weight, lse, smoothing, inplace)  # type: ignore[no-any-return]
+    return _kernels().ce_prob_backward(grad_loss, x, target, weight, lse, smoothing, inplace)
 
 
 def nll_forward(x: Tensor, target: Tensor, weight: Tensor | None, ignore_index: int) -> Tensor:
-    return _kernels().nll_forward(x, target, weight, ignore_index)  # type: ignore[no-any-return]
+    return _kernels().nll_forward(x, target, weight, ignore_index)
 
 
 def nll_backward(
@@ -226,20 +234,20 @@ def nll_backward(
     num_classes: int,
     dtype: torch.dtype,
 ) -> Tensor:
-    return _kernels().nll_backward(grad_loss, target, weight, ignore_index, num_classes, dtype)  # type: ignore[no-any-return]
+    return _kernels().nll_backward(grad_loss, target, weight, ignore_index, num_classes, dtype)
 
 
 def log_softmax_forward(x: Tensor) -> Tensor:
-    return _kernels().log_softmax_forward(x)  # type: ignore[no-any-return]
+    return _kernels().log_softmax_forward(x)
 
 
 def log_softmax_backward(grad_out: Tensor, out: Tensor) -> Tensor:
-    return _kernels().log_softmax_backward(grad_out, out)  # type: ignore[no-any-return]
+    return _kernels().log_softmax_backward(grad_out, out)
 
 
 def softmax_forward(x: Tensor) -> Tensor:
-    return _kernels().softmax_forward(x)  # type: ignore[no-any-return]
+    return _kernels().softmax_forward(x)
 
 
 def softmax_backward(grad_out: Tensor, out: Tensor) -> Tensor:
-    return _kernels().softmax_backward(grad_out, out)  # type: ignore[no-any-return]
+    return _kernels().softmax_backward(grad_out, out)
