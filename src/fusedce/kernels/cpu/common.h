@@ -55,6 +55,38 @@ template <typename T>
 constexpr T kNaN = std::numeric_limits<T>::quiet_NaN();
 
 // ---------------------------------------------------------------------------------------------
+// Strided views
+// ---------------------------------------------------------------------------------------------
+
+// An (outer, C, inner) tensor: pointer plus strides in elements.
+template <typename T>
+struct View3 {
+  T* data;
+  int64_t s0, s1, s2;
+
+  T* row(int64_t o, int64_t i) const { return data + o * s0 + i * s2; }
+};
+
+template <typename T>
+inline View3<T> view3(const Tensor& t) {
+  return {t.data_ptr<std::remove_const_t<T>>(), t.stride(0), t.stride(1), t.stride(2)};
+}
+
+// An (outer, inner) per-row tensor (target, grad_loss, lse): any strides, zero included.
+template <typename T>
+struct View2 {
+  const T* data;
+  int64_t s0, s1;
+
+  T operator()(int64_t o, int64_t i) const { return data[o * s0 + i * s1]; }
+};
+
+template <typename T>
+inline View2<T> view2(const Tensor& t) {
+  return {t.data_ptr<T>(), t.stride(0), t.stride(1)};
+}
+
+// ---------------------------------------------------------------------------------------------
 // Compile-time switches: `dispatch_bool(flag, [&](auto kFlag) { if constexpr (kFlag) ... })`
 // instantiates a loop once per value of the flag, so that the flag is not tested per element.
 // ---------------------------------------------------------------------------------------------
@@ -284,43 +316,30 @@ inline acc_t<scalar_t> row_max(const scalar_t* p, int64_t count) {
   return hmax(at::vec::maximum(m0, m1));
 }
 
+// The row path reads a row from memory in its max pass and then works on it from the cache, while
+// the memory bus would idle. Prefetching the next row during that cached pass overlaps the two
+// (about 10% on lm-32k forward). `next` is null for the last row of a task.
+template <typename scalar_t>
+inline const scalar_t* next_row(const View3<const scalar_t>& x, int64_t r, int64_t end, int64_t inner) {
+  if (r + 1 >= end) {
+    return nullptr;
+  }
+  const int64_t o = (r + 1) / inner;
+  return x.row(o, r + 1 - o * inner);
+}
+
+template <typename scalar_t>
+inline void prefetch(const scalar_t* next, int64_t j) {
+  if (next != nullptr) {
+    __builtin_prefetch(next + j);
+  }
+}
+
 // lse from a row's max m and its Σ exp(x - m): NaN unless m is finite (a row that is all -inf, or
 // holds +inf or NaN), exactly as reference.logsumexp.
 template <typename acc>
 inline acc lse_from(acc m, acc sum) {
   return std::isfinite(m) ? m + std::log(sum) : kNaN<acc>;
-}
-
-// ---------------------------------------------------------------------------------------------
-// Strided views
-// ---------------------------------------------------------------------------------------------
-
-// An (outer, C, inner) tensor: pointer plus strides in elements.
-template <typename T>
-struct View3 {
-  T* data;
-  int64_t s0, s1, s2;
-
-  T* row(int64_t o, int64_t i) const { return data + o * s0 + i * s2; }
-};
-
-template <typename T>
-inline View3<T> view3(const Tensor& t) {
-  return {t.data_ptr<std::remove_const_t<T>>(), t.stride(0), t.stride(1), t.stride(2)};
-}
-
-// An (outer, inner) per-row tensor (target, grad_loss, lse): any strides, zero included.
-template <typename T>
-struct View2 {
-  const T* data;
-  int64_t s0, s1;
-
-  T operator()(int64_t o, int64_t i) const { return data[o * s0 + i * s1]; }
-};
-
-template <typename T>
-inline View2<T> view2(const Tensor& t) {
-  return {t.data_ptr<T>(), t.stride(0), t.stride(1)};
 }
 
 // A row can be walked with vector loads when its classes are adjacent (or there is one class).

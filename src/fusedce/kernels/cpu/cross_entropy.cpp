@@ -61,7 +61,9 @@ void ce_forward_kernel(const Tensor& x, const Tensor& target, const std::optiona
             if (std::isfinite(m)) {  // otherwise the row's lse is NaN, and so is its loss
               const AVec vm(m);
               AVec sum(0), wsum(0);
+              const scalar_t* next = next_row(xv, r, end, inner);
               for_each_vec(row, classes, -kInf<acc>, [&](const AVec& v, int64_t j, int64_t n) {
+                prefetch(next, j);
                 const AVec d = v - vm;  // padding is -inf: exp gives 0
                 sum += d.exp_u20();
                 if constexpr (kSmooth) {
@@ -266,7 +268,9 @@ void ce_prob_forward_kernel(const Tensor& x, const Tensor& target,
         }
         const AVec vm(m);
         AVec sum(0);
-        for_each_vec(row, classes, -kInf<acc>, [&](const AVec& v, int64_t, int64_t) {
+        const scalar_t* next = next_row(xv, r, end, inner);
+        for_each_vec(row, classes, -kInf<acc>, [&](const AVec& v, int64_t j, int64_t) {
+          prefetch(next, j);
           sum += (v - vm).exp_u20();
         });
         const acc row_lse = m + std::log(hsum(sum));

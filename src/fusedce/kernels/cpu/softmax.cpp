@@ -26,7 +26,9 @@ void softmax_forward_kernel(const Tensor& x, Tensor& out) {
         if (std::isfinite(m)) {
           const AVec vm(m);
           AVec sum(0);
-          for_each_vec(row, classes, -kInf<acc>, [&](const AVec& v, int64_t, int64_t) {
+          const scalar_t* next = next_row(xv, r, end, inner);
+          for_each_vec(row, classes, -kInf<acc>, [&](const AVec& v, int64_t j, int64_t) {
+            prefetch(next, j);
             sum += (v - vm).exp_u20();
           });
           row_lse = m + std::log(hsum(sum));
