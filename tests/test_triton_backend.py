@@ -227,3 +227,19 @@ def test_gpu_tiling(shape, dtype, expected):
     assert (tiling.block_r, tiling.block_c, tiling.inner_tile, tiling.grid) == expected
     assert not tiling.col_i64
     assert 1 <= tiling.num_warps <= 8
+
+
+def test_out_of_bounds_targets_poison_without_host_check(triton_backend, monkeypatch):
+    """What CUDA does (no host check there): an out-of-range target gives a NaN loss and gradient
+    row; ignored and in-range rows are unaffected."""
+    monkeypatch.setattr(reference, "check_targets", lambda *args: None)
+    x = torch.randn(4, 5, 1)
+    target = torch.tensor([[0], [7], [-100], [-3]])
+    loss, lse = triton_backend.ce_forward(x, target, torch.rand(5), -100, 0.1)
+    assert loss[[1, 3]].isnan().all() and loss[0].isfinite().all() and loss[2].item() == 0.0
+    grad = triton_backend.ce_backward(torch.ones(4, 1), x, target, None, lse, -100, 0.0, False)
+    assert grad[[1, 3]].isnan().all() and grad[[0, 2]].isfinite().all()
+    nll = triton_backend.nll_forward(x, target, None, -100)
+    assert nll[[1, 3]].isnan().all() and nll[[0, 2]].isfinite().all()
+    grad = triton_backend.nll_backward(torch.ones(4, 1), target, None, -100, 5, x.dtype)
+    assert grad[[1, 3]].isnan().all() and grad[[0, 2]].isfinite().all()

@@ -40,6 +40,11 @@ MAX_BLOCK_INNER = 64
 
 _INT32_MAX = 2**31 - 1
 
+# Integer kernel arguments that Triton should not specialise on (value 1, multiple of 16): they
+# gain nothing from it, and each specialisation is one more compilation on the GPU. Strides of
+# the N×C operands and the class count stay specialised (a unit class stride is what vectorises).
+NO_SPECIALIZE = ["n_rows", "inner_tiles"]
+
 
 def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET") == "1"

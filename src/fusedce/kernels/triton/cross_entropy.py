@@ -15,6 +15,7 @@ from torch import Tensor
 
 from .. import reference
 from ._common import (
+    NO_SPECIALIZE,
     acc_dtype,
     check_device,
     col_offsets,
@@ -60,7 +61,7 @@ def _load_index_targets(
     return kept, bad, safe, w_t
 
 
-@triton.jit
+@triton.jit(do_not_specialize=[*NO_SPECIALIZE, "stride_to", "stride_ti", "ignore_index"])
 def _ce_fwd_kernel(
     # pointers
     x_ptr,
@@ -140,7 +141,9 @@ def _ce_fwd_kernel(
     tl.store(lse_ptr + r, lse, mask=rmask)
 
 
-@triton.jit
+@triton.jit(
+    do_not_specialize=[*NO_SPECIALIZE, "stride_go", "stride_gi", "stride_to", "stride_ti", "ignore_index"]
+)
 def _ce_bwd_kernel(
     # pointers (out may be x itself: the in-place backward)
     grad_loss_ptr,
@@ -243,7 +246,7 @@ def _smoothed_target(t, keep, smooth, HAS_SMOOTHING: tl.constexpr, ACC: tl.const
     return tf
 
 
-@triton.jit
+@triton.jit(do_not_specialize=NO_SPECIALIZE)
 def _ce_prob_fwd_kernel(
     # pointers
     x_ptr,
@@ -308,7 +311,7 @@ def _ce_prob_fwd_kernel(
     tl.store(lse_ptr + r, lse, mask=rmask)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=[*NO_SPECIALIZE, "stride_go", "stride_gi"])
 def _ce_prob_bwd_kernel(
     # pointers (out may be x itself: the in-place backward)
     grad_loss_ptr,

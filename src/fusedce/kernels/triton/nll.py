@@ -12,13 +12,15 @@ import triton.language as tl
 from torch import Tensor
 
 from .. import reference
-from ._common import acc_dtype, check_device, col_offsets, plan, tile_rows, tl_acc
+from ._common import NO_SPECIALIZE, acc_dtype, check_device, col_offsets, plan, tile_rows, tl_acc
 
 # Rows per program of the forward gather, at most.
 _FWD_BLOCK = 1024
 
 
-@triton.jit
+@triton.jit(
+    do_not_specialize=[*NO_SPECIALIZE, "stride_xo", "stride_xi", "stride_to", "stride_ti", "ignore_index"]
+)
 def _nll_fwd_kernel(
     # pointers
     x_ptr,
@@ -61,7 +63,9 @@ def _nll_fwd_kernel(
     tl.store(loss_ptr + r, loss, mask=rmask)
 
 
-@triton.jit
+@triton.jit(
+    do_not_specialize=[*NO_SPECIALIZE, "stride_go", "stride_gi", "stride_to", "stride_ti", "ignore_index"]
+)
 def _nll_bwd_kernel(
     # pointers
     grad_loss_ptr,
@@ -97,8 +101,8 @@ def _nll_bwd_kernel(
     if HAS_WEIGHT:
         g = g * tl.load(weight_ptr + safe, mask=rmask, other=0.0).to(ACC)
     # An ignored row is exactly 0 (even for a NaN upstream gradient); an out-of-bounds one is NaN.
-    value = tl.where(kept, -g, 0.0)
     fill = tl.where(kept & ~in_bounds, float("nan"), 0.0).to(ACC)
+    value = tl.where(kept & in_bounds, -g, fill)
 
     out_row = o * num_classes * inner + i
     for c0 in range(0, num_classes, BLOCK_C):

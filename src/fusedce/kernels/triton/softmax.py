@@ -12,10 +12,19 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from ._common import check_device, col_offsets, finish_lse, online_lse_step, plan, tile_rows, tl_acc
+from ._common import (
+    NO_SPECIALIZE,
+    check_device,
+    col_offsets,
+    finish_lse,
+    online_lse_step,
+    plan,
+    tile_rows,
+    tl_acc,
+)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=NO_SPECIALIZE)
 def _softmax_fwd_kernel(
     # pointers
     x_ptr,
@@ -60,7 +69,7 @@ def _softmax_fwd_kernel(
         tl.store(out_ptr + out_row[:, None] + out_offs[None, :], y.to(out_ptr.dtype.element_ty), mask=cmask)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=NO_SPECIALIZE)
 def _softmax_bwd_kernel(
     # pointers
     grad_out_ptr,

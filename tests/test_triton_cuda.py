@@ -1,0 +1,189 @@
+"""The triton backend on CUDA tensors against the reference kernels (skipped without CUDA).
+
+``test_kernels.py`` checks the triton kernels under the interpreter on CPU tensors; this file runs
+the compiled kernels. Each distinct launch configuration is one Triton compilation (about a
+second), so the grid here is a deliberate subset: every op, every dtype, the three tiling layouts
+(one row per program, many rows per program, INNER_TILE), and the cases that are CUDA-only
+(poisoned out-of-bounds targets, a Llama-3 sized vocabulary).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from fusedce.kernels import _load, reference
+
+from .helpers import TOLERANCES, assert_close_report
+from .test_kernels import _layouts, _targets
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+DTYPES = [torch.float32, torch.bfloat16, torch.float16, torch.float64]
+
+
+@pytest.fixture(scope="module")
+def backend():
+    module = _load("triton")
+    if module is None:
+        pytest.skip("the triton backend is unavailable")
+    return module
+
+
+def _copy_to(t: torch.Tensor, device: str | torch.device) -> torch.Tensor:
+    """A copy of ``t`` on ``device`` with the same strides and storage offset, even when it is not
+    dense (``Tensor.to`` would make a non-dense tensor contiguous)."""
+    storage = t.new_empty(0).set_(t.untyped_storage()).to(device, copy=True)
+    return storage.as_strided(t.shape, t.stride(), t.storage_offset())
+
+
+def _check_ops(backend, x, target, weight, ignore_index, smoothing, what):
+    """Every op of the backend on CUDA tensors against the reference on the same tensors."""
+    tol = TOLERANCES["kernel"][x.dtype]
+    outer, classes, inner = x.shape
+    loss, lse = backend.ce_forward(x, target, weight, ignore_index, smoothing)
+    ref_loss, ref_lse = reference.ce_forward(x, target, weight, ignore_index, smoothing)
+    assert_close_report(loss, ref_loss, tol, f"{what} ce loss")
+    assert_close_report(lse, ref_lse, tol, f"{what} ce lse")
+    grad_loss = torch.rand(outer, inner, dtype=ref_lse.dtype, device=x.device)
+    grad = backend.ce_backward(grad_loss, x, target, weight, lse, ignore_index, smoothing, False)
+    ref = reference.ce_backward(grad_loss, x, target, weight, ref_lse, ignore_index, smoothing, False)
+    assert grad.dtype == x.dtype and grad.is_contiguous()
+    assert_close_report(grad, ref, tol, f"{what} ce grad")
+    # The 'mean' case: a broadcast upstream gradient, written into x itself.
+    scalar = torch.tensor(0.5, dtype=ref_lse.dtype, device=x.device).expand(outer, inner)
+    x_copy = _copy_to(x, x.device)
+    assert x_copy.stride() == x.stride()
+    out = backend.ce_backward(scalar, x_copy, target, weight, lse, ignore_index, smoothing, True)
+    assert out.data_ptr() == x_copy.data_ptr()
+    ref = reference.ce_backward(scalar, x, target, weight, ref_lse, ignore_index, smoothing, False)
+    assert_close_report(x_copy, ref, tol, f"{what} ce inplace grad")
+
+    prob = torch.softmax(torch.randn(x.shape, dtype=torch.float64, device=x.device), 1).to(x.dtype)
+    loss, lse = backend.ce_prob_forward(x, prob, weight, smoothing)
+    ref_loss, ref_lse = reference.ce_prob_forward(x, prob, weight, smoothing)
+    assert_close_report(loss, ref_loss, tol, f"{what} prob loss")
+    grad = backend.ce_prob_backward(grad_loss, x, prob, weight, lse, smoothing, False)
+    ref = reference.ce_prob_backward(grad_loss, x, prob, weight, ref_lse, smoothing, False)
+    assert_close_report(grad, ref, tol, f"{what} prob grad")
+
+    loss = backend.nll_forward(x, target, weight, ignore_index)
+    assert_close_report(loss, reference.nll_forward(x, target, weight, ignore_index), tol, f"{what} nll")
+    grad = backend.nll_backward(grad_loss, target, weight, ignore_index, classes, x.dtype)
+    ref = reference.nll_backward(grad_loss, target, weight, ignore_index, classes, x.dtype)
+    assert_close_report(grad, ref, tol, f"{what} nll grad")
+
+    grad_out = torch.randn(x.shape, dtype=torch.float64, device=x.device).to(x.dtype)
+    for op in ("log_softmax", "softmax"):
+        out = getattr(backend, f"{op}_forward")(x)
+        ref = getattr(reference, f"{op}_forward")(x)
+        assert out.is_contiguous()
+        assert_close_report(out, ref, tol, f"{what} {op}")
+        grad = getattr(backend, f"{op}_backward")(grad_out, ref)
+        assert_close_report(
+            grad, getattr(reference, f"{op}_backward")(grad_out, ref), tol, f"{what} {op} grad"
+        )
+
+
+# (shape, which layouts): the multi-block row kernel, the many-rows kernel and INNER_TILE.
+SHAPES = [((5, 1500, 1), ("contiguous", "strided")), ((3, 21, 37), ("contiguous", "class_last"))]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize(("shape", "layouts"), SHAPES, ids=[str(s) for s, _ in SHAPES])
+def test_ops_match_reference(backend, dtype, shape, layouts):
+    full = dtype in (torch.float32, torch.bfloat16)  # the other dtypes: one layout, one case
+    for layout, x_cpu in _layouts(shape, dtype):
+        if layout not in layouts or (not full and layout != "contiguous"):
+            continue
+        x = _copy_to(x_cpu, "cuda")
+        assert x.stride() == x_cpu.stride()
+        cases = [(True, 2, 0.1), (False, -100, 0.0)] if full else [(True, 2, 0.1)]
+        for use_weight, ignore_index, smoothing in cases:
+            target = _targets(shape, ignore_index).cuda()
+            weight = torch.rand(shape[1], dtype=torch.float64).to(dtype).cuda() if use_weight else None
+            what = f"{layout} w={use_weight} ignore={ignore_index} eps={smoothing}"
+            _check_ops(backend, x, target, weight, ignore_index, smoothing, what)
+
+
+def test_non_finite_rows(backend):
+    x = torch.randn(5, 6, 1, device="cuda")
+    x[0] = float("-inf")
+    x[1, 2] = float("inf")
+    x[2, 3] = float("nan")
+    x[3, 4] = float("-inf")
+    target = torch.tensor([[0], [1], [2], [0], [1]], device="cuda")
+    loss, lse = backend.ce_forward(x, target, None, -100, 0.0)
+    ref_loss, ref_lse = reference.ce_forward(x, target, None, -100, 0.0)
+    torch.testing.assert_close(loss, ref_loss, equal_nan=True)
+    torch.testing.assert_close(lse, ref_lse, equal_nan=True)
+    assert loss[:3].isnan().all() and loss[3:].isfinite().all()
+    out = backend.log_softmax_forward(x)
+    assert out[:3].isnan().all() and out[3, 4].item() == float("-inf")
+
+
+def test_out_of_bounds_targets_poison_the_row(backend):
+    """On CUDA there is no host check: an out-of-range target gives a NaN loss and gradient row,
+    and the CUDA context survives (torch would raise a device-side assert)."""
+    x = torch.randn(4, 5, 1, device="cuda")
+    target = torch.tensor([[0], [7], [-100], [-3]], device="cuda")
+    loss, lse = backend.ce_forward(x, target, None, -100, 0.0)
+    assert loss[[1, 3]].isnan().all() and loss[0].isfinite().all() and loss[2].item() == 0.0
+    grad = backend.ce_backward(torch.ones(4, 1, device="cuda"), x, target, None, lse, -100, 0.0, False)
+    assert grad[[1, 3]].isnan().all() and grad[[0, 2]].isfinite().all()
+    nll = backend.nll_forward(x, target, None, -100)
+    assert nll[[1, 3]].isnan().all() and nll[[0, 2]].isfinite().all()
+    grad = backend.nll_backward(torch.ones(4, 1, device="cuda"), target, None, -100, 5, x.dtype)
+    assert grad[[1, 3]].isnan().all() and grad[[0, 2]].isfinite().all()
+    torch.cuda.synchronize()  # the context is still usable
+
+
+def test_segmentation_uint8_targets(backend):
+    """(16, 21, 128·128) with a uint8 target and the 255 void label: the INNER_TILE kernel at size."""
+    x = torch.randn(16, 21, 128 * 128, device="cuda")
+    target = torch.randint(0, 21, (16, 128 * 128), dtype=torch.uint8, device="cuda")
+    target[:, ::17] = 255
+    weight = torch.rand(21, device="cuda")
+    tol = TOLERANCES["kernel"][torch.float32]
+    loss, lse = backend.ce_forward(x, target, weight, 255, 0.0)
+    ref_loss, ref_lse = reference.ce_forward(x, target, weight, 255, 0.0)
+    assert_close_report(loss, ref_loss, tol, "seg loss")
+    grad_loss = torch.rand(16, 128 * 128, device="cuda")
+    grad = backend.ce_backward(grad_loss, x, target, weight, lse, 255, 0.0, False)
+    assert_close_report(
+        grad, reference.ce_backward(grad_loss, x, target, weight, ref_lse, 255, 0.0, False), tol, "seg grad"
+    )
+
+
+def test_llama3_vocabulary_bf16(backend):
+    """16384 × 128256 bf16 (4.2 GB of logits): forward and backward against the reference on a few
+    rows (the reference computes them in fp32), and the invariant Σ_c grad = 0 on every row."""
+    check_large_vocabulary(backend, 16384, 128256, "cuda")
+
+
+def check_large_vocabulary(backend, rows: int, classes: int, device: str) -> None:
+    gen = torch.Generator(device=device).manual_seed(0)
+    x = (torch.randn(rows, classes, 1, device=device, generator=gen) * 2).to(torch.bfloat16)
+    target = torch.randint(0, classes, (rows, 1), device=device, generator=gen)
+    target[::7] = -100
+    smoothing = 0.1
+    loss, lse = backend.ce_forward(x, target, None, -100, smoothing)
+    picked = torch.tensor([0, 1, 7, rows // 4 + 1, rows - 1], device=device)
+    ref_loss, ref_lse = reference.ce_forward(x[picked], target[picked], None, -100, smoothing)
+    assert_close_report(lse[picked], ref_lse, (1e-4, 1e-5), "lse")
+    assert_close_report(loss[picked], ref_loss, (1e-4, 1e-5), "loss")
+    assert loss.isfinite().all() and lse.isfinite().all()
+
+    count = (target != -100).sum()
+    grad_loss = (1.0 / count).float().expand(rows, 1)  # 'mean': broadcast, zero strides
+    grad = backend.ce_backward(grad_loss, x, target, None, lse, -100, smoothing, False)
+    ref = reference.ce_backward(
+        grad_loss[picked], x[picked], target[picked], None, ref_lse, -100, smoothing, False
+    )
+    assert_close_report(grad[picked].float() * count, ref.float() * count, (1e-6, 1.6e-2), "grad")
+    row_sums = grad.sum(dim=1, dtype=torch.float32) * count
+    assert row_sums.abs().max().item() < 1e-2, "Σ_c grad is not 0"
+    assert (grad[::7] == 0).all(), "ignored rows must have a zero gradient"
+
+    backend.ce_backward(grad_loss, x, target, None, lse, -100, smoothing, True)
+    assert torch.equal(x, grad), "the in-place gradient differs from the out-of-place one"
