@@ -226,6 +226,26 @@ class Softmax(Function):
         return reference.softmax_jvp(out, x_tangent)
 
 
+class FailInBackward(Function):
+    """Identity in the forward; raises in the backward (to reproduce a torch quirk)."""
+
+    @staticmethod
+    def forward(x: Tensor, message: str) -> Tensor:
+        return x.view_as(x)
+
+    @staticmethod
+    def setup_context(ctx: Any, inputs: tuple[Any, ...], output: Tensor) -> None:
+        ctx.message = inputs[1]
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None]:
+        raise RuntimeError(ctx.message)
+
+
+def fail_in_backward(x: Tensor, message: str) -> Tensor:
+    return FailInBackward.apply(x, message)
+
+
 def _without_jvp(function: type[Function]) -> type[Function]:
     """The same Function minus its jvp. Dynamo refuses to trace a Function that defines a custom
     jvp (a graph break), and forward-mode AD does not apply inside a compiled graph anyway."""

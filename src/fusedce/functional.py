@@ -98,7 +98,8 @@ def _cross_entropy_index(
     rows = canonical_rows(target, x.shape[0], x.shape[2])
     weight = _flat_weight(weight)
     loss, _ = _autograd.cross_entropy(x, rows, weight, ignore_index, smoothing, inplace_backward)
-    return _reduce_index_loss(loss, rows, weight, ignore_index, reduction, input)
+    loss = _unbatched_target_quirk(input, target, loss, smoothing)
+    return _reduce_index_loss(loss, rows, weight, ignore_index, reduction, input, smoothing)
 
 
 def _cross_entropy_prob(
@@ -170,6 +171,17 @@ def _check_inplace_backward(inplace_backward: bool, input: Tensor, x: Tensor) ->
         )
 
 
+def _unbatched_target_quirk(input: Tensor, target: Tensor, loss: Tensor, smoothing: float) -> Tensor:
+    """torch accepts a (1,) target for a (C,) input in the forward, but its backward raises
+    (and with label smoothing, so does its forward)."""
+    if input.dim() == 1 and target.dim() == 1:
+        if smoothing > 0:
+            raise RuntimeError("output with shape [] doesn't match the broadcast shape [1]")
+        message = f"size mismatch (got input: {_checks.shape_str(input)}, target: {_checks.shape_str(target)})"
+        return _autograd.fail_in_backward(loss, message)
+    return loss
+
+
 def _reduce_index_loss(
     loss: Tensor,
     rows: Tensor,
@@ -177,6 +189,7 @@ def _reduce_index_loss(
     ignore_index: int,
     reduction: Reduction,
     input: Tensor,
+    smoothing: float,
 ) -> Tensor:
     """'mean' divides by the summed target weights of the non-ignored rows (their count when
     there is no weight), so all-ignored or empty input gives 0/0 = NaN, as in torch."""
@@ -194,6 +207,10 @@ def _reduce_index_loss(
         safe = rows.long().clamp(0, max(weight.numel() - 1, 0))
         picked = weight.to(accumulation_dtype(input.dtype)).gather(0, safe.reshape(-1)).view_as(safe)
         denominator = torch.where(valid, picked, 0).sum()
+    if smoothing > 0:
+        # torch divides its NLL and smoothing terms separately; with a zero denominator the NLL
+        # term is 0/0, so the mean (and every non-ignored row's gradient) is NaN, not inf.
+        denominator = torch.where(denominator == 0, float("nan"), denominator)
     return (total / denominator).to(input.dtype)
 
 
@@ -226,7 +243,8 @@ def nll_loss(
     rows = canonical_rows(target, x.shape[0], x.shape[2])
     weight = _flat_weight(weight)
     loss = _autograd.nll_loss(x, rows, weight, ignore_index)
-    return _reduce_index_loss(loss, rows, weight, ignore_index, mode, input)
+    loss = _unbatched_target_quirk(input, target, loss, 0.0)
+    return _reduce_index_loss(loss, rows, weight, ignore_index, mode, input, 0.0)
 
 
 # --------------------------------------------------------------------------------------------

@@ -45,6 +45,8 @@ def logsumexp(x: Tensor) -> Tensor:
     row NaN, as torch's log_softmax does for it.
     """
     xf = _acc(x)
+    if x.shape[1] == 0:  # no classes: the log of an empty sum
+        return xf.new_full((x.shape[0], x.shape[2]), float("-inf"))
     row_max = xf.amax(dim=1, keepdim=True)
     return (row_max + (xf - row_max).exp().sum(dim=1, keepdim=True).log()).squeeze(1)
 
@@ -129,7 +131,7 @@ def ce_backward(
     w = _class_weights(x, weight)
     prob = (_acc(x) - lse.unsqueeze(1)).exp()
     target_coef = (1 - eps) * w_target  # weight of the one-hot part, per row
-    smooth_coef = eps / num_classes
+    smooth_coef = eps / num_classes if eps > 0 else 0.0
     prob_coef = target_coef + smooth_coef * w.sum()
     grad = prob_coef.unsqueeze(1) * prob - smooth_coef * w
     onehot = torch.zeros_like(prob).scatter_(1, safe.unsqueeze(1), 1.0)
@@ -145,10 +147,10 @@ def ce_backward(
 
 
 def smoothed_target(target: Tensor, smoothing: float) -> Tensor:
-    """``t' = t·(1-ε) + ε/C`` for ``ε > 0``; torch ignores ``ε ≤ 0`` (and NaN)."""
+    """``t' = t·(1-ε) + ε/C`` for ``ε > 0``, in the accumulation dtype."""
     if smoothing > 0:
-        return target * (1 - smoothing) + smoothing / target.shape[1]
-    return target
+        return _acc(target) * (1 - smoothing) + smoothing / target.shape[1]
+    return _acc(target)
 
 
 def ce_prob_forward(

@@ -1,0 +1,109 @@
+"""``python -m fusedce check``: the parity grid on this machine, for every backend and device."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import os
+import sys
+import time
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from . import functional, testing
+from .kernels import available_backends, unavailable_reason, use_backend
+
+# Under Triton's interpreter every program instance runs in Python: check a spread-out sample.
+INTERPRETER_SAMPLE = 40
+
+
+def add_parser(commands: Any) -> None:
+    p = commands.add_parser("check", help="compare against torch over the argument grid; exit 1 on any failure")
+    p.add_argument("--backend", action="append", help="backend(s) to check (default: every one available)")
+    p.add_argument("--device", action="append", help="device(s) to check (default: cpu, and cuda if present)")
+    p.add_argument("--op", action="append", choices=testing.OPS, help="op(s) to check (default: all)")
+    p.add_argument("--candidate", help="check your own function instead, as module:function")
+    p.add_argument("--quick", action="store_true", help="a 1-in-10 sample of the product grid, plus every special case")
+    p.add_argument("--failures", type=int, default=10, help="how many failures to show in detail")
+    p.set_defaults(run=run)
+
+
+def _load_candidate(spec: str) -> Callable[..., Any]:
+    module_name, _, attr = spec.partition(":")
+    if not attr:
+        raise SystemExit(f"--candidate wants module:function, got {spec!r}")
+    target: Any = importlib.import_module(module_name)
+    for part in attr.split("."):
+        target = getattr(target, part)
+    return target  # type: ignore[no-any-return]
+
+
+def _progress(label: str) -> Callable[[int, int], None]:
+    start = time.perf_counter()
+    step = [0]
+
+    def show(done: int, total: int) -> None:
+        percent = 100 * done // total
+        if percent != step[0] or done == total:
+            step[0] = percent
+            elapsed = time.perf_counter() - start
+            end = "\n" if done == total else ""
+            print(f"\r  {label}: {done}/{total} cases ({percent}%), {elapsed:.0f} s", end=end,
+                  file=sys.stderr, flush=True)
+
+    return show
+
+
+def _grid(ops: tuple[str, ...], quick: bool, every: int = 1) -> list[testing.Case]:
+    cases = testing.default_grid(ops)
+    if quick:
+        every = max(every, 10)
+    if every > 1:
+        cases = [c for c in testing.sample(cases, every) if not c.special] + [
+            c for c in cases if c.special or c.extra
+        ]
+    return cases
+
+
+def run(args: argparse.Namespace) -> int:
+    ops = tuple(args.op or testing.OPS)
+    devices = args.device or (["cpu", "cuda"] if torch.cuda.is_available() else ["cpu"])
+    report = testing.Report()
+    if args.candidate:
+        candidate = _load_candidate(args.candidate)
+        ops = tuple(args.op or ("cross_entropy",))
+        for device in devices:
+            cases = _grid(ops, args.quick)
+            print(f"checking {args.candidate} on {device}: {len(cases)} cases", file=sys.stderr)
+            report.extend(testing.check({op: candidate for op in ops}, cases, label=f"{args.candidate}@{device}",
+                                        device=device, progress=_progress(args.candidate)))
+    else:
+        ours = {op: getattr(functional, op) for op in ops}
+        for device in devices:
+            for backend in args.backend or available_backends(device):
+                reason = unavailable_reason(backend)
+                if reason is not None:
+                    print(f"skipping backend {backend}: {reason}", file=sys.stderr)
+                    continue
+                interpreted = backend == "triton" and device == "cpu"
+                cases = _grid(ops, args.quick, INTERPRETER_SAMPLE if interpreted else 1)
+                label = f"{backend}@{device}"
+                note = f" (Triton interpreter: 1 in {INTERPRETER_SAMPLE} of the product grid)" if interpreted else ""
+                print(f"checking {label}: {len(cases)} cases{note}", file=sys.stderr)
+                with use_backend(backend):
+                    report.extend(testing.check(ours, cases, label=label, device=device,
+                                                progress=_progress(label)))
+    print()
+    print(report.table())
+    print()
+    print(report.summary())
+    if not report.ok:
+        print()
+        print(report.details(args.failures))
+        return 1
+    env = os.environ.get("FUSEDCE_BACKEND")
+    if env:
+        print(f"(FUSEDCE_BACKEND={env} was set)")
+    return 0
