@@ -2,6 +2,8 @@
 
 import os
 
+import pytest
+
 # The Triton kernels run on CPU tensors only under Triton's interpreter, which must be chosen
 # before triton is first imported. A machine with a GPU runs them natively instead.
 if "TRITON_INTERPRET" not in os.environ:
@@ -9,3 +11,20 @@ if "TRITON_INTERPRET" not in os.environ:
 
     if not torch.cuda.is_available():
         os.environ["TRITON_INTERPRET"] = "1"
+
+
+def pytest_addoption(parser):
+    parser.addoption(
+        "--full-grid",
+        action="store_true",
+        help="run the whole parity grid on every backend (the default run samples the product grid)",
+    )
+
+
+def pytest_collection_modifyitems(config, items):
+    if config.getoption("--full-grid"):
+        return
+    skip = pytest.mark.skip(reason="exhaustive sweep: run with --full-grid")
+    for item in items:
+        if "slow" in item.keywords:
+            item.add_marker(skip)

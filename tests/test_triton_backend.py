@@ -106,7 +106,8 @@ def test_inner_tile_ragged(triton_backend, shape):
     from fusedce.kernels.triton._common import plan
 
     x = torch.randn(shape)
-    tiling = plan(*shape, (x.stride(1),), (x.stride(2),), x.element_size(), x.device)
+    outer, classes, inner = shape
+    tiling = plan(outer, classes, inner, (x.stride(1),), (x.stride(2),), x.element_size(), x.device)
     assert tiling.inner_tile == (shape[2] > 1)
     weight = torch.rand(shape[1])
     target = torch.randint(0, shape[1], (shape[0], shape[2]))

@@ -15,7 +15,28 @@ import torch
 from fusedce.kernels import _load, reference
 
 from .helpers import TOLERANCES, assert_close_report
-from .test_kernels import _layouts, _targets
+
+# Not imported from test_kernels: collecting that module loads (and compiles) the C++ CPU backend,
+# a minute of a GPU machine's time for nothing. The same three layouts and target pattern:
+
+
+def _layouts(shape: tuple[int, int, int], dtype: torch.dtype) -> list[tuple[str, torch.Tensor]]:
+    """Contiguous, classes innermost (channels-last), and every other class of a wider buffer."""
+    outer, classes, inner = shape
+    gen = torch.Generator().manual_seed(hash(shape) % 2**31)
+    base = torch.randn(outer, classes, inner, generator=gen, dtype=torch.float64) * 3
+    class_last = base.permute(0, 2, 1).contiguous().permute(0, 2, 1).to(dtype)
+    wide = torch.randn(outer, classes * 2, inner, generator=gen, dtype=torch.float64)
+    wide[:, ::2] = base
+    return [("contiguous", base.to(dtype)), ("class_last", class_last), ("strided", wide.to(dtype)[:, ::2])]
+
+
+def _targets(shape: tuple[int, int, int], ignore_index: int) -> torch.Tensor:
+    outer, classes, inner = shape
+    target = torch.randint(0, classes, (outer, inner), generator=torch.Generator().manual_seed(7))
+    target.view(-1)[::3] = ignore_index
+    return target
+
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
