@@ -77,6 +77,13 @@ def _gather_targets(
     return valid, safe, w_target
 
 
+def _onehot(index: Tensor, num_classes: int) -> Tensor:
+    """A (outer, C, inner) mask of the target classes. A comparison rather than a scatter, so
+    that it has a vmap batching rule and is differentiable-friendly."""
+    classes = torch.arange(num_classes, device=index.device).view(1, -1, 1)
+    return classes == index.unsqueeze(1)
+
+
 def _class_weights(x: Tensor, weight: Tensor | None) -> Tensor:
     """The weight as a (1, C, 1) accumulation-dtype tensor (ones when there is none)."""
     if weight is None:
@@ -134,8 +141,7 @@ def ce_backward(
     smooth_coef = eps / num_classes if eps > 0 else 0.0
     prob_coef = target_coef + smooth_coef * w.sum()
     grad = prob_coef.unsqueeze(1) * prob - smooth_coef * w
-    onehot = torch.zeros_like(prob).scatter_(1, safe.unsqueeze(1), 1.0)
-    grad = (grad - target_coef.unsqueeze(1) * onehot) * g.unsqueeze(1)
+    grad = (grad - target_coef.unsqueeze(1) * _onehot(safe, num_classes)) * g.unsqueeze(1)
     if inplace:
         return x.copy_(grad)
     return grad.to(x.dtype)
@@ -230,9 +236,7 @@ def nll_backward(
     safe = torch.where(valid, target.long(), 0)
     w_target = 1.0 if weight is None else _acc(weight)[safe]
     g = torch.where(valid, -grad_loss * w_target, 0)
-    outer, inner = target.shape
-    grad = torch.zeros(outer, num_classes, inner, dtype=g.dtype, device=target.device)
-    return grad.scatter(1, safe.unsqueeze(1), g.unsqueeze(1)).to(dtype)
+    return torch.where(_onehot(safe, num_classes), g.unsqueeze(1), 0).to(dtype)
 
 
 # --------------------------------------------------------------------------------------------

@@ -74,7 +74,11 @@ _ISA_FLAGS = {
     "avx2": ["-mavx2", "-mfma", "-mf16c", "-DCPU_CAPABILITY=AVX2", "-DCPU_CAPABILITY_AVX2"],
     "default": ["-DCPU_CAPABILITY=DEFAULT", "-DCPU_CAPABILITY_DEFAULT"],
 }
-_BASE_FLAGS = ["-O3", "-fno-math-errno"]
+# -fopenmp: at::parallel_for is a header template that runs serially unless the including file is
+# compiled with OpenMP. The extension then needs libgomp.so.1, which resolves to the copy torch has
+# already loaded (one OpenMP runtime, one thread pool, torch.set_num_threads respected).
+_BASE_FLAGS = ["-O3", "-fno-math-errno", "-fopenmp"]
+_LINK_FLAGS = ["-fopenmp"]
 
 _lock = threading.Lock()
 _ext: ModuleType | None = None
@@ -120,7 +124,7 @@ def _build_key(source_dir: Path, cflags: list[str]) -> str:
     for name in (*_SOURCES, *_HEADERS):
         digest.update(name.encode())
         digest.update((source_dir / name).read_bytes())
-    for part in (torch.__version__, sys.version, os.environ.get("CXX", "c++"), *cflags):
+    for part in (torch.__version__, sys.version, os.environ.get("CXX", "c++"), *cflags, *_LINK_FLAGS):
         digest.update(part.encode())
     return digest.hexdigest()[:16]
 
@@ -157,6 +161,7 @@ def _build() -> ModuleType:
         name=name,
         sources=[str(source_dir / s) for s in _SOURCES],
         extra_cflags=cflags,
+        extra_ldflags=_LINK_FLAGS,
         build_directory=str(build_dir),
         verbose=False,
     )
