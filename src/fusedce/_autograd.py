@@ -34,6 +34,12 @@ def _refuse_inplace_double_backward() -> None:
     )
 
 
+def _mark_overwritten(x: Tensor) -> None:
+    """Bump the logits' version counter after writing the gradient over them, so that a second
+    backward through a graph that saved them fails loudly instead of reading the gradient."""
+    torch.autograd.graph.increment_version(x)
+
+
 class CrossEntropy(Function):
     """Fused log-softmax + NLL for index targets, with weight, ignore_index and smoothing.
 
@@ -74,6 +80,7 @@ class CrossEntropy(Function):
             grad = reference.ce_backward(grad_loss, x, *args, reference.logsumexp(x), *consts, False)
         elif ctx.inplace_backward:
             ops.ce_backward_(grad_loss, x, *args, lse, *consts)
+            _mark_overwritten(x)
             grad = x
         else:
             grad = ops.ce_backward(grad_loss, x, *args, lse, *consts)
@@ -130,6 +137,7 @@ class CrossEntropyProb(Function):
                 grad_x = reference.ce_prob_backward(grad_loss, x, target, weight, lse, eps, False)
             elif ctx.inplace_backward:
                 ops.ce_prob_backward_(grad_loss, x, target, weight, lse, eps)
+                _mark_overwritten(x)
                 grad_x = x
             else:
                 grad_x = ops.ce_prob_backward(grad_loss, x, target, weight, lse, eps)
