@@ -152,7 +152,7 @@ def test_opcheck():
     t = torch.randint(0, 7, (4, 3))
     w = torch.rand(7)
     p = torch.rand(4, 7, 3)
-    loss, lse = ops.ce_forward(x, t, w, -100, 0.1)
+    _loss, lse = ops.ce_forward(x, t, w, -100, 0.1)
     _, plse = ops.ce_prob_forward(x, p, w, 0.1)
     g = torch.rand(4, 3)
     out = ops.log_softmax_forward(x)

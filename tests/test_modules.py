@@ -87,7 +87,7 @@ def test_cross_entropy_module_label_smoothing_and_probability_targets():
 
 def test_label_smoothing_is_validated_at_call_time_not_construction():
     module = fusedce.CrossEntropyLoss(label_smoothing=2.0)  # constructs, as torch's does
-    with pytest.raises(RuntimeError, match="label_smoothing must be between 0.0 and 1.0. Got: 2"):
+    with pytest.raises(RuntimeError, match=r"label_smoothing must be between 0\.0 and 1\.0\. Got: 2"):
         module(torch.randn(3, 4), torch.tensor([0, 1, 2]))
 
 

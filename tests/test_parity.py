@@ -77,7 +77,8 @@ def test_grid_covers_the_issue_axes():
     }
     assert {len(s) for s in (axes["weight"], axes["ignore_index"], axes["reduction"], axes["label_smoothing"])} == {3}
     assert axes["target"] == {"index", "prob"} and axes["layout"] == {"contiguous", "class_last", "strided"}
-    assert len(axes["dtype"]) == 4 and any(len(s) == 1 for s in axes["shape"]) and any(len(s) >= 4 for s in axes["shape"])
+    assert len(axes["dtype"]) == 4
+    assert any(len(s) == 1 for s in axes["shape"]) and any(len(s) >= 4 for s in axes["shape"])
     assert max(s[1] for s in axes["shape"] if len(s) > 1) > 2048  # above one kernel column block
     n_product = len(list(itertools.product(*axes.values())))
     assert len(ce) > n_product // 10  # every shape/dtype gets the whole argument product

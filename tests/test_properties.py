@@ -18,7 +18,7 @@ def cases(draw) -> testing.Case:
     ndim = draw(st.integers(1, 4))
     shape = tuple(draw(st.lists(st.integers(1, 6), min_size=ndim, max_size=ndim)))
     class_dim = 0 if ndim == 1 else 1
-    shape = shape[:class_dim] + (draw(st.integers(1, 40)),) + shape[class_dim + 1:]
+    shape = (*shape[:class_dim], draw(st.integers(1, 40)), *shape[class_dim + 1:])
     dtype = draw(st.sampled_from([torch.float32, torch.float64]))
     layout = draw(st.sampled_from(["contiguous", "class_last", "strided"])) if ndim >= 2 else "contiguous"
     if op in ("log_softmax", "softmax"):

@@ -19,7 +19,7 @@ from torch import Tensor
 from .kernels import backend_for
 from .kernels.reference import accumulation_dtype
 
-_lib = torch.library.Library("fusedce", "DEF")  # noqa: TOR901 - the op definitions live here
+_lib = torch.library.Library("fusedce", "DEF")
 
 # name -> schema. The trailing underscore marks the in-place backward: it writes into x.
 _SCHEMAS = {
@@ -136,11 +136,11 @@ def _vmap_by_loop(op: Callable[..., Any]) -> Callable[..., Any]:
 
     def rule(info: Any, in_dims: tuple[int | None, ...], *args: Any) -> tuple[Any, Any]:
         def pick(i: int) -> list[Any]:
-            return [a if d is None else a.select(d, i) for a, d in zip(args, in_dims)]
+            return [a if d is None else a.select(d, i) for a, d in zip(args, in_dims, strict=False)]
 
         results = [op(*pick(i)) for i in range(info.batch_size)]
         if isinstance(results[0], tuple):
-            return tuple(torch.stack(r) for r in zip(*results)), (0,) * len(results[0])
+            return tuple(torch.stack(r) for r in zip(*results, strict=False)), (0,) * len(results[0])
         return torch.stack(results), 0
 
     return rule

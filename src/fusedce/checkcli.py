@@ -37,7 +37,7 @@ def _load_candidate(spec: str) -> Callable[..., Any]:
     target: Any = importlib.import_module(module_name)
     for part in attr.split("."):
         target = getattr(target, part)
-    return target  # type: ignore[no-any-return]
+    return target
 
 
 def _progress(label: str) -> Callable[[int, int], None]:

@@ -15,8 +15,7 @@ from torch import Tensor
 from torch.nn import _reduction
 from torch.nn import functional as torch_functional
 
-from . import _checks
-from . import _autograd
+from . import _autograd, _checks
 from ._canonical import canonical, canonical_rows
 from .kernels.reference import accumulation_dtype
 
@@ -159,7 +158,7 @@ def _check_inplace_backward(inplace_backward: bool, input: Tensor, x: Tensor) ->
     """inplace_backward must write the gradient over the user's logits, or it saves nothing."""
     if not inplace_backward:
         return
-    if any(stride == 0 and size > 1 for size, stride in zip(input.shape, input.stride())):
+    if any(stride == 0 and size > 1 for size, stride in zip(input.shape, input.stride(), strict=False)):
         raise ValueError(
             "fusedce: inplace_backward=True needs logits whose elements do not overlap in memory "
             "(this input is expanded)"
@@ -259,7 +258,7 @@ def _softmax_like(
     _checks.check_tensor(kernel, "input", 0, input)
     if dim is None:
         # torch's own helper: the same deprecation warning, attributed to the same frame.
-        dim = torch_functional._get_softmax_dim(kernel, input.dim(), stacklevel + 1)
+        dim = torch_functional._get_softmax_dim(kernel, input.dim(), stacklevel + 1)  # type: ignore[attr-defined]
     dim = _checks.to_int_arg(kernel, "dim", 1, dim)
     if dtype is not None:
         input = input.to(dtype)  # cast first: int input works with a float dtype, as in torch

@@ -35,7 +35,7 @@ def _load(name: str) -> ModuleType | None:
             if probe is not None:
                 probe()
             _loaded[name] = module
-        except Exception as exc:  # noqa: BLE001 - any failure means "fall back"
+        except Exception as exc:
             _loaded[name] = None
             _unavailable_reason[name] = f"{type(exc).__name__}: {exc}"
     return _loaded[name]
@@ -52,9 +52,9 @@ def available_backends(device_type: str = "cpu") -> list[str]:
     names = ["reference"]
     if device_type == "cpu" and _load("cpu") is not None:
         names.append("cpu")
-    if device_type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1":
-        if _load("triton") is not None:
-            names.append("triton")
+    triton_can_run = device_type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1"
+    if triton_can_run and _load("triton") is not None:
+        names.append("triton")
     return names
 
 

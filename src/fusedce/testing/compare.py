@@ -69,7 +69,7 @@ def run(fn: Callable[..., Any], case: Case, inputs: Inputs) -> Outcome:
         warnings.simplefilter("always")
         try:
             out = inputs.call(fn)
-        except Exception as exc:  # noqa: BLE001 - the exception is the result being compared
+        except Exception as exc:
             outcome.error = _describe(exc)
             out = None
         differentiable = inputs.differentiable()
@@ -78,7 +78,7 @@ def run(fn: Callable[..., Any], case: Case, inputs: Inputs) -> Outcome:
                 outcome.grads = list(
                     torch.autograd.grad(out, differentiable, _upstream(case, out), allow_unused=True)
                 )
-            except Exception as exc:  # noqa: BLE001
+            except Exception as exc:
                 outcome.backward_error = _describe(exc)
     # fusedce's own notices (a backend falling back) are not part of torch's behaviour.
     outcome.warnings = [
@@ -86,7 +86,7 @@ def run(fn: Callable[..., Any], case: Case, inputs: Inputs) -> Outcome:
     ]
     outcome.value = out.detach() if isinstance(out, Tensor) else out
     outcome.mutated = any(
-        not torch.equal(b.nan_to_num(), t.detach().nan_to_num()) for b, t in zip(before, inputs.tensors())
+        not torch.equal(b.nan_to_num(), t.detach().nan_to_num()) for b, t in zip(before, inputs.tensors(), strict=False)
     )
     return outcome
 
@@ -198,7 +198,7 @@ def compare(case: Case, candidate: Callable[..., Any], reference: Callable[..., 
     if len(ours.grads) != len(theirs.grads):
         problems.append(f"{len(ours.grads)} gradients vs torch {len(theirs.grads)}")
         return problems
-    for i, (g_ours, g_theirs) in enumerate(zip(ours.grads, theirs.grads)):
+    for i, (g_ours, g_theirs) in enumerate(zip(ours.grads, theirs.grads, strict=False)):
         if (g_ours is None) != (g_theirs is None):
             problems.append(f"grad {i}: {'None' if g_ours is None else 'a tensor'} vs torch's")
             continue

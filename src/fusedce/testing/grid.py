@@ -184,7 +184,7 @@ def _scattered_neg_inf(case: Case, inputs: Inputs) -> None:
 def _row_fill(value: float) -> Callable[[Case, Inputs], None]:
     def recipe(case: Case, inputs: Inputs) -> None:
         def fill(x: Tensor) -> Tensor:
-            index = [0] * x.dim()
+            index: list[int | slice] = [0] * x.dim()
             index[case.class_dim] = slice(None)
             x[tuple(index)] = value
             return x
@@ -246,7 +246,7 @@ def _weight_of(size: Callable[[int], tuple[int, ...]], dtype: torch.dtype | None
     return recipe
 
 
-def _target_transform(fn: Callable[[Tensor], Tensor]) -> Callable[[Case, Inputs], None]:
+def _target_transform(fn: Callable[[Tensor], Any]) -> Callable[[Case, Inputs], None]:
     def recipe(case: Case, inputs: Inputs) -> None:
         inputs.target = fn(inputs.target.detach())
 
@@ -258,6 +258,12 @@ def _input_transform(fn: Callable[[Tensor], Tensor]) -> Callable[[Case, Inputs],
         inputs.input = fn(inputs.input.detach())
 
     return recipe
+
+
+def _int_input_with_float_dtype(case: Case, inputs: Inputs) -> None:
+    """An integer input is fine for the softmax family when ``dtype=`` makes it floating."""
+    inputs.input = (inputs.input.detach() * 3).long()
+    inputs.kwargs["dtype"] = torch.float32
 
 
 SPECIALS: dict[str, Callable[[Case, Inputs], None]] = {
@@ -310,10 +316,7 @@ SPECIALS: dict[str, Callable[[Case, Inputs], None]] = {
     "dim_str": _set_kwarg("dim", "C"),
     "dtype_f64": _set_kwarg("dtype", torch.float64),
     "dtype_long": _set_kwarg("dtype", torch.int64),
-    "int_input_dtype_f32": lambda case, inputs: (
-        _input_transform(lambda x: (x * 3).long())(case, inputs),
-        inputs.kwargs.update(dtype=torch.float32),
-    ),
+    "int_input_dtype_f32": _int_input_with_float_dtype,
 }
 
 
@@ -350,7 +353,8 @@ def softmax_cases(op: str, dtypes: tuple[torch.dtype, ...] = DTYPES) -> Iterator
 def special_cases(op: str) -> Iterator[Case]:
     """Degenerate and invalid inputs, each on a few shapes and dtypes."""
     if op in SOFTMAX_OPS:
-        for shape in ((7,), (4, 6), (2, 3, 4)):
+        softmax_shapes: tuple[tuple[int, ...], ...] = ((7,), (4, 6), (2, 3, 4))
+        for shape in softmax_shapes:
             for special in ("neg_inf_row", "pos_inf_logit", "nan_logit", "neg_inf_logits", "huge_logits",
                             "dim_out_of_range", "dim_str", "dtype_f64", "dtype_long", "input_int",
                             "int_input_dtype_f32"):
@@ -359,11 +363,12 @@ def special_cases(op: str) -> Iterator[Case]:
         yield Case(op, (), torch.float32, dim=None)
         yield Case(op, (4, 6), torch.float16, dim=1, extra=(("dtype", torch.float32),))
         return
-    index_specials = (
+    index_specials: tuple[str, ...] = (
         "all_ignored", "empty_batch", "zero_weight", "neg_inf_logits", "neg_inf_row", "pos_inf_logit",
         "nan_logit", "huge_logits", "target_out_of_bounds", "target_negative", "batch_mismatch",
         "target_2d_extra", "target_spatial_mismatch", "target_missing_spatial", "target_float",
-        "target_int32", "target_uint8", "target_bool", "target_unbatched_one", "target_unbatched_two", "weight_wrong_size",
+        "target_int32", "target_uint8", "target_bool", "target_unbatched_one", "target_unbatched_two",
+        "weight_wrong_size",
         "weight_2d", "weight_f64", "weight_requires_grad", "ignore_index_float", "ignore_index_bool",
         "ignore_index_tensor", "reduction_invalid", "reduction_none_object", "reduction_elementwise_mean",
         "target_list", "input_int", "input_zero_dim",
@@ -374,7 +379,8 @@ def special_cases(op: str) -> Iterator[Case]:
     prob_specials = ("empty_batch", "neg_inf_logits", "neg_inf_row", "nan_logit", "prob_target_long",
                      "prob_target_f64", "prob_target_f16", "weight_wrong_size", "weight_2d",
                      "weight_f64", "weight_requires_grad", "label_smoothing_1.5", "input_zero_dim")
-    for shape in ((7,), (6, 5), (3, 5, 4), (2, 5, 3, 4), (2, 3, 2, 2, 3)):
+    shapes: tuple[tuple[int, ...], ...] = ((7,), (6, 5), (3, 5, 4), (2, 5, 3, 4), (2, 3, 2, 2, 3))
+    for shape in shapes:
         for reduction, weight in (("none", "none"), (None, "positive"), ("sum", "some_zero")):
             base = Case(op, shape, torch.float32, reduction=reduction, weight=weight)
             for special in index_specials:
