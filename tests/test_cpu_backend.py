@@ -100,6 +100,25 @@ def test_empty(cpu, shape):
     assert cpu.log_softmax_backward(x, cpu.log_softmax_forward(x)).shape == shape
 
 
+def test_no_classes(cpu):
+    """C = 0, as reference: empty softmax outputs, a -inf lse and a 0 loss for probability
+    targets, and an error for index targets (there is no class to pick)."""
+    x = torch.randn(3, 0, 2)
+    for op in ("log_softmax", "softmax"):
+        out = getattr(cpu, f"{op}_forward")(x)
+        assert out.shape == x.shape
+        assert getattr(cpu, f"{op}_backward")(out, out).shape == x.shape
+    loss, lse = cpu.ce_prob_forward(x, torch.randn(3, 0, 2), None, 0.0)
+    ref_loss, ref_lse = reference.ce_prob_forward(x, torch.randn(3, 0, 2), None, 0.0)
+    assert torch.equal(loss, ref_loss) and torch.equal(lse, ref_lse)
+    ignored = torch.full((3, 2), -100)
+    for fn, args in (("ce_forward", (x, ignored, None, -100, 0.0)), ("nll_forward", (x, ignored, None, -100))):
+        with pytest.raises(RuntimeError):
+            getattr(reference, fn)(*args)
+        with pytest.raises(RuntimeError):
+            getattr(cpu, fn)(*args)
+
+
 @pytest.mark.parametrize("inner", [1, 4])
 def test_one_class(cpu, inner):
     x = _x((5, 1, inner))

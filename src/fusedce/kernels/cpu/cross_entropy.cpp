@@ -131,8 +131,9 @@ void ce_backward_kernel(const Tensor& grad_loss, const Tensor& x, const Tensor& 
   const acc* wp = w.data();
   const acc total_w = w.total;
   const acc eps = static_cast<acc>(smoothing);
-  const acc eps_per_class = eps / static_cast<acc>(classes);
-  const bool smooth = smoothing != 0;  // the wrapper clamps it at 0; NaN stays NaN, as in reference
+  // As reference: no smoothing term unless ε > 0 (a NaN ε still makes (1-ε)·w[t], hence g, NaN).
+  const bool smooth = smoothing > 0;
+  const acc eps_per_class = smooth ? eps / static_cast<acc>(classes) : acc(0);
 
   struct Coefs {
     int64_t t;  // the target, or 0 for an ignored row (reference's `safe`)
@@ -389,7 +390,13 @@ void ce_prob_backward_kernel(const Tensor& grad_loss, const Tensor& x, const Ten
 void check_canonical(const Tensor& x) {
   TORCH_CHECK(x.dim() == 3, "fusedce: expected the canonical (outer, C, inner) form, got ",
               x.dim(), " dims");
-  TORCH_CHECK(x.size(1) > 0, "fusedce: the class dimension is empty");
+}
+
+// Index targets need a class to pick, as reference's gather does (once every target is known to
+// be ignore_index: check_targets runs first).
+void check_has_classes(const Tensor& x) {
+  TORCH_CHECK(x.size(1) > 0 || x.size(0) * x.size(2) == 0,
+              "index 0 is out of bounds for dimension 1 with size 0");
 }
 
 }  // namespace
@@ -400,6 +407,7 @@ std::tuple<Tensor, Tensor> ce_forward(const Tensor& x, const Tensor& target,
   check_canonical(x);
   const Tensor t = long_targets(target);
   check_targets(view2<int64_t>(t), x.size(0), x.size(2), x.size(1), ignore_index);
+  check_has_classes(x);
   const auto acc_dtype = x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   Tensor loss = at::empty({x.size(0), x.size(2)}, x.options().dtype(acc_dtype));
   Tensor lse = at::empty_like(loss);
@@ -417,6 +425,7 @@ Tensor ce_backward(const Tensor& grad_loss, const Tensor& x, const Tensor& targe
   check_canonical(x);
   const Tensor t = long_targets(target);
   check_targets(view2<int64_t>(t), x.size(0), x.size(2), x.size(1), ignore_index);
+  check_has_classes(x);
   const auto acc_dtype = x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   Tensor out = inplace ? x : empty_like_canonical(x);
   AT_DISPATCH_FLOATING_TYPES_AND2(
@@ -434,6 +443,9 @@ std::tuple<Tensor, Tensor> ce_prob_forward(const Tensor& x, const Tensor& target
   const auto acc_dtype = x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   Tensor loss = at::empty({x.size(0), x.size(2)}, x.options().dtype(acc_dtype));
   Tensor lse = at::empty_like(loss);
+  if (x.size(1) == 0) {  // the log of an empty sum, and an empty loss sum (reference)
+    return {loss.fill_(0), lse.fill_(-std::numeric_limits<double>::infinity())};
+  }
   AT_DISPATCH_FLOATING_TYPES_AND2(
       at::kHalf, at::kBFloat16, x.scalar_type(), "fusedce_ce_prob_forward", [&] {
         ce_prob_forward_kernel<scalar_t>(x, target.to(x.scalar_type()), weight, smoothing, loss,
@@ -448,6 +460,9 @@ Tensor ce_prob_backward(const Tensor& grad_loss, const Tensor& x, const Tensor& 
   check_canonical(x);
   const auto acc_dtype = x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   Tensor out = inplace ? x : empty_like_canonical(x);
+  if (x.numel() == 0) {
+    return out;
+  }
   AT_DISPATCH_FLOATING_TYPES_AND2(
       at::kHalf, at::kBFloat16, x.scalar_type(), "fusedce_ce_prob_backward", [&] {
         ce_prob_backward_kernel<scalar_t>(per_row(grad_loss, acc_dtype), x,
