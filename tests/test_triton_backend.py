@@ -244,3 +244,25 @@ def test_out_of_bounds_targets_poison_without_host_check(triton_backend, monkeyp
     assert nll[[1, 3]].isnan().all() and nll[[0, 2]].isfinite().all()
     grad = triton_backend.nll_backward(torch.ones(4, 1), target, None, -100, 5, x.dtype)
     assert grad[[1, 3]].isnan().all() and grad[[0, 2]].isfinite().all()
+
+
+def test_no_classes(triton_backend):
+    """C = 0, as reference: empty softmax outputs and gradients, a -inf lse and a 0 loss for
+    probability targets, and an error for index targets (there is no class to pick)."""
+    x = torch.randn(3, 0, 2)
+    for op in ("log_softmax", "softmax"):
+        out = getattr(triton_backend, f"{op}_forward")(x)
+        assert out.shape == x.shape
+        assert getattr(triton_backend, f"{op}_backward")(out, out).shape == x.shape
+    prob = torch.randn(3, 0, 2)
+    loss, lse = triton_backend.ce_prob_forward(x, prob, None, 0.0)
+    ref_loss, ref_lse = reference.ce_prob_forward(x, prob, None, 0.0)
+    assert torch.equal(loss, ref_loss) and torch.equal(lse, ref_lse)
+    assert triton_backend.ce_prob_backward(torch.ones(3, 2), x, prob, None, lse, 0.1, False).shape == x.shape
+    ignored = torch.full((3, 2), -100)
+    assert triton_backend.ce_backward(torch.ones(3, 2), x, ignored, None, lse, -100, 0.0, False).shape == x.shape
+    for fn, args in (("ce_forward", (x, ignored, None, -100, 0.0)), ("nll_forward", (x, ignored, None, -100))):
+        with pytest.raises(RuntimeError):
+            getattr(reference, fn)(*args)
+        with pytest.raises(RuntimeError):
+            getattr(triton_backend, fn)(*args)

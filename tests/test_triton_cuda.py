@@ -101,9 +101,7 @@ def _check_ops(backend, x, target, weight, ignore_index, smoothing, what):
         assert out.is_contiguous()
         assert_close_report(out, ref, tol, f"{what} {op}")
         grad = getattr(backend, f"{op}_backward")(grad_out, ref)
-        assert_close_report(
-            grad, getattr(reference, f"{op}_backward")(grad_out, ref), tol, f"{what} {op} grad"
-        )
+        assert_close_report(grad, getattr(reference, f"{op}_backward")(grad_out, ref), tol, f"{what} {op} grad")
 
 
 # (shape, which layouts): the multi-block row kernel, the many-rows kernel and INNER_TILE.
@@ -198,9 +196,7 @@ def check_large_vocabulary(backend, rows: int, classes: int, device: str) -> Non
     count = (target != -100).sum()
     grad_loss = (1.0 / count).float().expand(rows, 1)  # 'mean': broadcast, zero strides
     grad = backend.ce_backward(grad_loss, x, target, None, lse, -100, smoothing, False)
-    ref = reference.ce_backward(
-        grad_loss[picked], x[picked], target[picked], None, ref_lse, -100, smoothing, False
-    )
+    ref = reference.ce_backward(grad_loss[picked], x[picked], target[picked], None, ref_lse, -100, smoothing, False)
     assert_close_report(grad[picked].float() * count, ref.float() * count, (1e-6, 1.6e-2), "grad")
     row_sums = grad.sum(dim=1, dtype=torch.float32) * count
     assert row_sums.abs().max().item() < 1e-2, "Σ_c grad is not 0"

@@ -59,6 +59,13 @@ def check_device(x: torch.Tensor) -> None:
         )
 
 
+def check_has_classes(x: torch.Tensor) -> None:
+    """Index targets need a class to pick: with C = 0 the reference's gather fails, and so do we
+    (a check of the shape, not of the data: no synchronisation)."""
+    if x.shape[1] == 0:
+        raise RuntimeError("index 0 is out of bounds for dimension 1 with size 0")
+
+
 def acc_dtype(dtype: torch.dtype) -> torch.dtype:
     """Half types and float32 accumulate in float32; float64 stays in float64."""
     return torch.float64 if dtype == torch.float64 else torch.float32
@@ -130,10 +137,7 @@ def plan(
         cap = GPU_MAX_BLOCK_C.get(itemsize, 2048)
     c_pow2 = triton.next_power_of_2(max(num_classes, 1))
     inner_tile = (
-        inner > 1
-        and num_classes > 1
-        and all(s == 1 for s in inner_strides)
-        and all(s != 1 for s in class_strides)
+        inner > 1 and num_classes > 1 and all(s == 1 for s in inner_strides) and all(s != 1 for s in class_strides)
     )
     if inner_tile:
         block_r = min(triton.next_power_of_2(inner), MAX_BLOCK_INNER, cap)

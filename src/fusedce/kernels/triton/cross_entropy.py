@@ -18,6 +18,7 @@ from ._common import (
     NO_SPECIALIZE,
     acc_dtype,
     check_device,
+    check_has_classes,
     col_offsets,
     finish_lse,
     online_lse_step,
@@ -54,10 +55,9 @@ def _load_index_targets(
     # An out-of-bounds target is poisoned (NaN loss and gradient) instead of asserting on device.
     bad = kept & ~in_bounds
     safe = tl.where(kept & in_bounds, t, 0)
+    w_t = tl.full(t.shape, 1.0, ACC)
     if HAS_WEIGHT:
         w_t = tl.load(weight_ptr + safe, mask=rmask, other=0.0).to(ACC)
-    else:
-        w_t = tl.full(t.shape, 1.0, ACC)
     return kept, bad, safe, w_t
 
 
@@ -141,9 +141,7 @@ def _ce_fwd_kernel(
     tl.store(lse_ptr + r, lse, mask=rmask)
 
 
-@triton.jit(
-    do_not_specialize=[*NO_SPECIALIZE, "stride_go", "stride_gi", "stride_to", "stride_ti", "ignore_index"]
-)
+@triton.jit(do_not_specialize=[*NO_SPECIALIZE, "stride_go", "stride_gi", "stride_to", "stride_ti", "ignore_index"])
 def _ce_bwd_kernel(
     # pointers (out may be x itself: the in-place backward)
     grad_loss_ptr,
@@ -238,11 +236,10 @@ def _ce_bwd_kernel(
 
 @triton.jit
 def _smoothed_target(t, keep, smooth, HAS_SMOOTHING: tl.constexpr, ACC: tl.constexpr):
-    """``t' = t·(1-ε) + ε/C``, rounded to the target's dtype after each step as torch does."""
+    """``t' = t·(1-ε) + ε/C``, in the accumulation dtype (as the reference's ``smoothed_target``)."""
     tf = t.to(ACC)
     if HAS_SMOOTHING:
-        tf = (tf * keep).to(t.dtype).to(ACC)
-        tf = (tf + smooth).to(t.dtype).to(ACC)
+        tf = tf * keep + smooth
     return tf
 
 
@@ -418,6 +415,7 @@ def ce_forward(
     if x.device.type == "cpu":
         # Free on the host (the interpreter); on CUDA the kernel poisons the row instead.
         reference.check_targets(target, num_classes, ignore_index)
+    check_has_classes(x)
     acc = acc_dtype(x.dtype)
     loss = torch.empty(outer, inner, dtype=acc, device=x.device)
     lse = torch.empty(outer, inner, dtype=acc, device=x.device)
@@ -479,9 +477,7 @@ def ce_backward(
     return out
 
 
-def ce_prob_forward(
-    x: Tensor, target: Tensor, weight: Tensor | None, smoothing: float
-) -> tuple[Tensor, Tensor]:
+def ce_prob_forward(x: Tensor, target: Tensor, weight: Tensor | None, smoothing: float) -> tuple[Tensor, Tensor]:
     check_device(x)
     outer, num_classes, inner = x.shape
     acc = acc_dtype(x.dtype)
@@ -489,6 +485,8 @@ def ce_prob_forward(
     lse = torch.empty(outer, inner, dtype=acc, device=x.device)
     if loss.numel() == 0:
         return loss, lse
+    if num_classes == 0:  # as the reference: the log of an empty sum, and an empty loss sum
+        return loss.zero_(), lse.fill_(float("-inf"))
     tiling = plan(
         outer,
         num_classes,

@@ -12,15 +12,13 @@ import triton.language as tl
 from torch import Tensor
 
 from .. import reference
-from ._common import NO_SPECIALIZE, acc_dtype, check_device, col_offsets, plan, tile_rows, tl_acc
+from ._common import NO_SPECIALIZE, acc_dtype, check_device, check_has_classes, col_offsets, plan, tile_rows, tl_acc
 
 # Rows per program of the forward gather, at most.
 _FWD_BLOCK = 1024
 
 
-@triton.jit(
-    do_not_specialize=[*NO_SPECIALIZE, "stride_xo", "stride_xi", "stride_to", "stride_ti", "ignore_index"]
-)
+@triton.jit(do_not_specialize=[*NO_SPECIALIZE, "stride_xo", "stride_xi", "stride_to", "stride_ti", "ignore_index"])
 def _nll_fwd_kernel(
     # pointers
     x_ptr,
@@ -63,9 +61,7 @@ def _nll_fwd_kernel(
     tl.store(loss_ptr + r, loss, mask=rmask)
 
 
-@triton.jit(
-    do_not_specialize=[*NO_SPECIALIZE, "stride_go", "stride_gi", "stride_to", "stride_ti", "ignore_index"]
-)
+@triton.jit(do_not_specialize=[*NO_SPECIALIZE, "stride_go", "stride_gi", "stride_to", "stride_ti", "ignore_index"])
 def _nll_bwd_kernel(
     # pointers
     grad_loss_ptr,
@@ -118,6 +114,7 @@ def nll_forward(x: Tensor, target: Tensor, weight: Tensor | None, ignore_index: 
     if x.device.type == "cpu":
         # Free on the host (the interpreter); on CUDA the kernel poisons the row instead.
         reference.check_targets(target, num_classes, ignore_index)
+    check_has_classes(x)
     loss = torch.empty(outer, inner, dtype=acc_dtype(x.dtype), device=x.device)
     rows = outer * inner
     if rows == 0:
