@@ -19,6 +19,7 @@ from __future__ import annotations
 import os
 import struct
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import triton
@@ -50,6 +51,27 @@ def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET") == "1"
 
 
+# Triton decides at import (at ``@triton.jit``) whether its kernels are interpreted.
+_INTERPRETED = interpreting()
+
+# The interpreter (3.9) truncates float32 -> bfloat16 instead of rounding to nearest even as the
+# GPU does; the kernels then round by hand (see ``to_output``). False on the GPU: no code.
+EMULATE_BF16_RTNE: tl.constexpr = tl.constexpr(_INTERPRETED)
+
+
+def launch(kernel: Any, grid: int, *args: Any, **kwargs: Any) -> None:
+    """``kernel[(grid,)](*args, **kwargs)``. Under the interpreter numpy would turn the IEEE
+    results the GPU gives silently (``inf - inf``, ``0·inf``, an overflowing ``exp``) into
+    RuntimeWarnings that torch does not raise; they are silenced there."""
+    if _INTERPRETED:
+        import numpy as np
+
+        with np.errstate(all="ignore"):
+            kernel[(grid,)](*args, **kwargs)
+    else:
+        kernel[(grid,)](*args, **kwargs)
+
+
 def check_device(x: torch.Tensor) -> None:
     """Host tensors only work under the interpreter; say so instead of crashing in the launcher."""
     if x.device.type != "cuda" and not interpreting():
@@ -60,9 +82,9 @@ def check_device(x: torch.Tensor) -> None:
 
 
 def check_has_classes(x: torch.Tensor) -> None:
-    """Index targets need a class to pick: with C = 0 the reference's gather fails, and so do we
-    (a check of the shape, not of the data: no synchronisation)."""
-    if x.shape[1] == 0:
+    """Index targets need a class to pick: with C = 0 and some rows the reference's gather fails,
+    and so do we (a check of the shape, not of the data: no synchronisation)."""
+    if x.shape[1] == 0 and x.shape[0] * x.shape[2] > 0:
         raise RuntimeError("index 0 is out of bounds for dimension 1 with size 0")
 
 
@@ -188,6 +210,18 @@ def col_offsets(c0, stride_c, BLOCK_C: tl.constexpr, COL_I64: tl.constexpr):
     cols = c0 + tl.arange(0, BLOCK_C)
     offs = cols.to(tl.int64) * stride_c if COL_I64 else cols * stride_c
     return cols, offs
+
+
+@triton.jit
+def to_output(y, dtype: tl.constexpr):
+    """``y.to(dtype)`` for a store, rounded to nearest even (by hand for bfloat16 under the
+    interpreter, which truncates: the low 16 bits of the float32 are rounded away first)."""
+    if EMULATE_BF16_RTNE and dtype == tl.bfloat16:
+        yf = y.to(tl.float32)
+        bits = yf.to(tl.uint32, bitcast=True)
+        bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
+        y = tl.where(yf != yf, yf, bits.to(tl.float32, bitcast=True))
+    return y.to(dtype)
 
 
 @triton.jit

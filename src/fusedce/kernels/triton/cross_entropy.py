@@ -21,12 +21,14 @@ from ._common import (
     check_has_classes,
     col_offsets,
     finish_lse,
+    launch,
     online_lse_step,
     plan,
     scalar,
     split_scalar,
     tile_rows,
     tl_acc,
+    to_output,
 )
 
 # --------------------------------------------------------------------------------------------
@@ -229,7 +231,7 @@ def _ce_bwd_kernel(
         grad = grad * g[:, None]
         tl.store(
             out_ptr + out_row[:, None] + out_offs[None, :],
-            grad.to(out_ptr.dtype.element_ty),
+            to_output(grad, out_ptr.dtype.element_ty),
             mask=cmask,
         )
 
@@ -384,7 +386,7 @@ def _ce_prob_bwd_kernel(
         grad = (sum_wt[:, None] * tl.exp(xf - lse[:, None]) - wt) * g[:, None]
         tl.store(
             out_ptr + out_row[:, None] + out_offs[None, :],
-            grad.to(out_ptr.dtype.element_ty),
+            to_output(grad, out_ptr.dtype.element_ty),
             mask=cmask,
         )
 
@@ -423,7 +425,8 @@ def ce_forward(
         return loss, lse
     tiling = plan(outer, num_classes, inner, (x.stride(1),), (x.stride(2),), x.element_size(), x.device)
     has_smoothing, keep_hi, keep_lo, smooth_hi, smooth_lo = _coefficients(smoothing, num_classes)
-    _ce_fwd_kernel[(tiling.grid,)](
+    launch(
+        _ce_fwd_kernel, tiling.grid,
         x, target, x if weight is None else weight, loss, lse,
         outer * inner, num_classes, inner, tiling.inner_tiles,
         x.stride(0), x.stride(1), x.stride(2),
@@ -463,7 +466,8 @@ def ce_backward(
     has_smoothing, keep_hi, keep_lo, smooth_hi, smooth_lo = _coefficients(smoothing, num_classes)
     # W = Σ_c w_c for the smoothing term: a tiny reduction in torch, no host sync.
     weight_sum = weight.to(lse.dtype).sum() if weight is not None and has_smoothing else lse
-    _ce_bwd_kernel[(tiling.grid,)](
+    launch(
+        _ce_bwd_kernel, tiling.grid,
         grad_loss, x, target, x if weight is None else weight, weight_sum, lse, out,
         outer * inner, num_classes, inner, tiling.inner_tiles,
         grad_loss.stride(0), grad_loss.stride(1),
@@ -497,7 +501,8 @@ def ce_prob_forward(x: Tensor, target: Tensor, weight: Tensor | None, smoothing:
         x.device,
     )
     has_smoothing, keep_hi, keep_lo, smooth_hi, smooth_lo = _coefficients(smoothing, num_classes)
-    _ce_prob_fwd_kernel[(tiling.grid,)](
+    launch(
+        _ce_prob_fwd_kernel, tiling.grid,
         x, target, x if weight is None else weight, loss, lse,
         outer * inner, num_classes, inner, tiling.inner_tiles,
         x.stride(0), x.stride(1), x.stride(2),
@@ -530,7 +535,8 @@ def ce_prob_backward(
         x.element_size(), x.device,
     )  # fmt: skip
     has_smoothing, keep_hi, keep_lo, smooth_hi, smooth_lo = _coefficients(smoothing, num_classes)
-    _ce_prob_bwd_kernel[(tiling.grid,)](
+    launch(
+        _ce_prob_bwd_kernel, tiling.grid,
         grad_loss, x, target, x if weight is None else weight, lse, out,
         outer * inner, num_classes, inner, tiling.inner_tiles,
         grad_loss.stride(0), grad_loss.stride(1),

@@ -12,7 +12,18 @@ import triton.language as tl
 from torch import Tensor
 
 from .. import reference
-from ._common import NO_SPECIALIZE, acc_dtype, check_device, check_has_classes, col_offsets, plan, tile_rows, tl_acc
+from ._common import (
+    NO_SPECIALIZE,
+    acc_dtype,
+    check_device,
+    check_has_classes,
+    col_offsets,
+    launch,
+    plan,
+    tile_rows,
+    tl_acc,
+    to_output,
+)
 
 # Rows per program of the forward gather, at most.
 _FWD_BLOCK = 1024
@@ -105,7 +116,7 @@ def _nll_bwd_kernel(
         cols, offs = col_offsets(c0, inner, BLOCK_C, COL_I64)
         cmask = rmask[:, None] & (cols < num_classes)[None, :]
         grad = tl.where(cols[None, :] == safe[:, None], value[:, None], fill[:, None])
-        tl.store(out_ptr + out_row[:, None] + offs[None, :], grad.to(out_ptr.dtype.element_ty), mask=cmask)
+        tl.store(out_ptr + out_row[:, None] + offs[None, :], to_output(grad, out_ptr.dtype.element_ty), mask=cmask)
 
 
 def nll_forward(x: Tensor, target: Tensor, weight: Tensor | None, ignore_index: int) -> Tensor:
@@ -120,7 +131,8 @@ def nll_forward(x: Tensor, target: Tensor, weight: Tensor | None, ignore_index: 
     if rows == 0:
         return loss
     block = min(triton.next_power_of_2(rows), _FWD_BLOCK)
-    _nll_fwd_kernel[(triton.cdiv(rows, block),)](
+    launch(
+        _nll_fwd_kernel, triton.cdiv(rows, block),
         x, target, x if weight is None else weight, loss,
         rows, num_classes, inner,
         x.stride(0), x.stride(1), x.stride(2),
@@ -147,7 +159,8 @@ def nll_backward(
         return out
     elem = out.element_size()
     tiling = plan(outer, num_classes, inner, (out.stride(1),), (out.stride(2),), elem, out.device)
-    _nll_bwd_kernel[(tiling.grid,)](
+    launch(
+        _nll_bwd_kernel, tiling.grid,
         grad_loss, target, out if weight is None else weight, out,
         outer * inner, num_classes, inner, tiling.inner_tiles,
         grad_loss.stride(0), grad_loss.stride(1),

@@ -17,10 +17,12 @@ from ._common import (
     check_device,
     col_offsets,
     finish_lse,
+    launch,
     online_lse_step,
     plan,
     tile_rows,
     tl_acc,
+    to_output,
 )
 
 
@@ -66,7 +68,7 @@ def _softmax_fwd_kernel(
         y = xf - lse[:, None]
         if not LOG:
             y = tl.exp(y)
-        tl.store(out_ptr + out_row[:, None] + out_offs[None, :], y.to(out_ptr.dtype.element_ty), mask=cmask)
+        tl.store(out_ptr + out_row[:, None] + out_offs[None, :], to_output(y, out_ptr.dtype.element_ty), mask=cmask)
 
 
 @triton.jit(do_not_specialize=NO_SPECIALIZE)
@@ -124,7 +126,7 @@ def _softmax_bwd_kernel(
         grad = g - tl.exp(y) * total[:, None] if LOG else y * (g - total[:, None])
         tl.store(
             grad_in_ptr + gi_row[:, None] + gi_offs[None, :],
-            grad.to(grad_in_ptr.dtype.element_ty),
+            to_output(grad, grad_in_ptr.dtype.element_ty),
             mask=cmask,
         )
 
@@ -139,7 +141,8 @@ def _forward(x: Tensor, log: bool) -> Tensor:
         outer, num_classes, inner, (x.stride(1), out.stride(1)), (x.stride(2), out.stride(2)),
         x.element_size(), x.device,
     )  # fmt: skip
-    _softmax_fwd_kernel[(tiling.grid,)](
+    launch(
+        _softmax_fwd_kernel, tiling.grid,
         x, out,
         outer * inner, num_classes, inner, tiling.inner_tiles,
         x.stride(0), x.stride(1), x.stride(2),
@@ -161,7 +164,8 @@ def _backward(grad_out: Tensor, out: Tensor, log: bool) -> Tensor:
         (grad_out.stride(2), out.stride(2), grad_in.stride(2)),
         out.element_size(), out.device,
     )  # fmt: skip
-    _softmax_bwd_kernel[(tiling.grid,)](
+    launch(
+        _softmax_bwd_kernel, tiling.grid,
         grad_out, out, grad_in,
         outer * inner, num_classes, inner, tiling.inner_tiles,
         grad_out.stride(0), grad_out.stride(1), grad_out.stride(2),
