@@ -522,6 +522,20 @@ inline void scatter_tile(const acc_t<scalar_t>* tile, int64_t ld, int64_t classe
   }
 }
 
+// A full tile of a float32/float64 tensor whose classes are each one contiguous run (the
+// K-dimensional contiguous case) needs no gather: the kernel can read it where it lies, with the
+// class stride as its leading dimension. Returns that tile, or null when it must be gathered
+// (half types, other strides, or a partial tile, whose padding lanes would read past the rows).
+template <typename acc, typename scalar_t>
+inline acc* direct_tile(const View3<scalar_t>& x, const TileRows& rows, int64_t ld) {
+  if constexpr (std::is_same_v<std::remove_const_t<scalar_t>, acc>) {
+    if (rows.one_outer && x.s2 == 1 && rows.n == ld) {
+      return const_cast<acc*>(x.row(rows.o[0], rows.i[0]));
+    }
+  }
+  return nullptr;
+}
+
 // Runs f(rows, scratch...) over every tile in parallel. Each task owns `buffers` scratch tiles
 // of classes*ld accumulation values.
 template <typename acc, typename F>

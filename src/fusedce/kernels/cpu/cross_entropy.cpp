@@ -89,22 +89,29 @@ void ce_forward_kernel(const Tensor& x, const Tensor& target, const std::optiona
   }
 
   for_each_tile<acc>(outer, inner, classes, 1, [&](const TileRows& rows, acc* tile, int64_t ld) {
-    gather_tile(xv, classes, rows, tile, ld);
+    // Read float32/float64 tiles in place (sld = class stride); gather the others.
+    const acc* src = direct_tile<acc>(xv, rows, ld);
+    int64_t sld = xv.s1;
+    if (src == nullptr) {
+      gather_tile(xv, classes, rows, tile, ld);
+      src = tile;
+      sld = ld;
+    }
     __at_align__ acc m[kMaxTileRows], row_lse[kMaxTileRows], shifted[kMaxTileRows];
-    tile_lse(tile, ld, classes, rows.n, m, row_lse);
+    tile_lse(src, sld, classes, rows.n, m, row_lse);
     if (smooth) {
       for (int64_t lb = 0; lb < rows.n; lb += AVec::size()) {
         const AVec vm = AVec::loadu(m + lb);
         AVec wsum(0);
         for (int64_t c = 0; c < classes; ++c) {
-          wsum += AVec(wp ? wp[c] : acc(1)) * (AVec::loadu(tile + c * ld + lb) - vm);
+          wsum += AVec(wp ? wp[c] : acc(1)) * (AVec::loadu(src + c * sld + lb) - vm);
         }
         wsum.store(shifted + lb);
       }
     }
     for (int64_t b = 0; b < rows.n; ++b) {
       const int64_t t = tv(rows.o[b], rows.i[b]);
-      const acc x_t = t == ignore_index ? acc(0) : tile[t * ld + b];
+      const acc x_t = t == ignore_index ? acc(0) : src[t * sld + b];
       lse_p[rows.r0 + b] = row_lse[b];
       loss_p[rows.r0 + b] =
           row_loss(t, row_lse[b], x_t, row_lse[b] - m[b], smooth ? shifted[b] : acc(0));
@@ -188,7 +195,17 @@ void ce_backward_kernel(const Tensor& grad_loss, const Tensor& x, const Tensor& 
   }
 
   for_each_tile<acc>(outer, inner, classes, 1, [&](const TileRows& rows, acc* tile, int64_t ld) {
-    gather_tile(xv, classes, rows, tile, ld);
+    // float32/float64 full tiles go from x straight to out (each element is read before it is
+    // written, so out may be x); the others through the scratch tile.
+    const acc* src = direct_tile<acc>(xv, rows, ld);
+    acc* dst = direct_tile<acc>(ov, rows, ld);
+    int64_t sld = xv.s1, dld = ov.s1;
+    const bool direct = src != nullptr && dst != nullptr;
+    if (!direct) {
+      gather_tile(xv, classes, rows, tile, ld);
+      src = dst = tile;
+      sld = dld = ld;
+    }
     __at_align__ acc row_lse[kMaxTileRows], coef[kMaxTileRows], sw[kMaxTileRows];
     Coefs k[kMaxTileRows];
     for (int64_t b = 0; b < ld; ++b) {
@@ -207,19 +224,20 @@ void ce_backward_kernel(const Tensor& grad_loss, const Tensor& x, const Tensor& 
         const AVec vl = AVec::loadu(row_lse + lb), vc = AVec::loadu(coef + lb);
         const AVec vsw = AVec::loadu(sw + lb);
         for (int64_t c = 0; c < classes; ++c) {
-          acc* p = tile + c * ld + lb;
-          AVec grad = vc * exp_fn(AVec::loadu(p) - vl);
+          AVec grad = vc * exp_fn(AVec::loadu(src + c * sld + lb) - vl);
           if (smooth) {
             grad = grad - vsw * AVec(wp ? wp[c] : acc(1));
           }
-          grad.store(p);
+          grad.store(dst + c * dld + lb);
         }
       }
     });
     for (int64_t b = 0; b < rows.n; ++b) {
-      tile[k[b].t * ld + b] -= k[b].tg;
+      dst[k[b].t * dld + b] -= k[b].tg;
     }
-    scatter_tile(tile, ld, classes, rows, ov);
+    if (!direct) {
+      scatter_tile(tile, ld, classes, rows, ov);
+    }
   });
 }
 
