@@ -1,15 +1,15 @@
 """One provider's peak memory on CPU, in a fresh process: ``python -m fusedce.bench.memory_probe KEY PROVIDER``.
 
-It creates the inputs and warms up once (so imports, the C++ JIT load and torch.compile's
-compilation are not counted), then runs one forward and backward and prints one JSON line: the
-resident set's peak growth over what was resident before the call (the inputs), in bytes.
+It warms up once (so imports, the C++ JIT load and torch.compile's compilation are not
+counted), then runs one forward and backward and prints one JSON line: the resident set's peak
+growth over what was resident before the call (the inputs), in bytes.
 
 The high-water mark comes from ``/proc/self/status`` (VmHWM), reset just before the measured call
-through ``/proc/self/clear_refs``; the warm-up then runs on the real shape, so the measured call
-runs exactly the code the timings run. ``getrusage(RUSAGE_SELF).ru_maxrss`` is the fallback where that
-is missing: on Linux it also carries the peak of the process that spawned this one (the kernel
-keeps it across fork and exec), so a large parent would hide the probe's own peak; the warm-up then
-runs on a small shape, lest its own peak count.
+through ``/proc/self/clear_refs``; torch.compile's warm-up then runs on the real shape, so the
+measured call runs exactly the graph the timings run. ``getrusage(RUSAGE_SELF).ru_maxrss`` is the
+fallback where that is missing: on Linux it also carries the peak of the process that spawned
+this one (the kernel keeps it across fork and exec), so a large parent would hide the probe's own
+peak; every warm-up then runs on a small shape, lest its own peak count.
 """
 
 from __future__ import annotations
@@ -57,18 +57,20 @@ def _maxrss_kib() -> int:
 def probe(key: str, name: str) -> dict[str, object]:
     (workload,) = [w for w in workloads("cpu") if w.key == key]
     resettable = _reset_high_water()
-    # Where the high-water mark can be reset, the warm-up runs on the real shape, compiled as the
-    # timings compile it (static shapes). Where it cannot, the warm-up's own peak would count, so
-    # it runs on a small shape, compiled with dynamic shapes so that its graph serves the real one.
-    (provider,) = providers(workload, "cpu", [name], dynamic_compile=not resettable)
-    if not resettable:
+    # torch.compile's warm-up runs on the real shape, compiled as the timings compile it (static
+    # shapes), where the high-water mark can be reset after it. Everything else, and compile
+    # where the mark cannot be reset, warms up on a small shape, which loads what a first call
+    # loads; compile then uses dynamic shapes, so that the small graph serves the real shape.
+    real_warmup = resettable and name == "compile"
+    (provider,) = providers(workload, "cpu", [name], dynamic_compile=not real_warmup)
+    if not real_warmup:
         warm = make_step(provider, make_inputs(workload.scaled_down(), "cpu"), "full")
         warm.setup()
         warm.run()
         del warm
-    inputs = make_inputs(workload, "cpu")
+    inputs = make_inputs(workload, "cpu", restorable=provider.overwrites_input)
     step = make_step(provider, inputs, "full")
-    if resettable:
+    if real_warmup:
         step.setup()
         step.run()
     step.setup()  # drops the warm-up's gradient

@@ -5,6 +5,7 @@ from __future__ import annotations
 import gc
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import torch
@@ -19,6 +20,7 @@ QUICK_MODES = {"cross_entropy/lm-32k/fp32": ("full", "forward"), "cross_entropy/
 QUICK_MEMORY = ("cross_entropy/lm-32k/fp32",)
 # On CPU, the resident set cannot resolve the memory of a workload much smaller than this.
 CPU_MEMORY_MIN_BYTES = 8 * 2**20
+MEMORY_PROCESSES = 2
 
 
 @dataclass
@@ -88,12 +90,25 @@ def execute(plan: Plan, env: dict[str, str]) -> Results:
         gc.collect()
         if plan.device == "cuda":
             torch.cuda.empty_cache()
-    for workload in plan.memory:
-        for provider in providers(workload, plan.device, plan.providers):
-            _progress(f"bench memory {workload.key} {provider.name} ({time.perf_counter() - started:.0f} s)")
-            results.peaks.append(memory.peak_extra(workload, provider.name, plan.device, plan.backend))
+    results.peaks = _memory(plan, started)
     _progress(f"bench: done in {time.perf_counter() - started:.0f} s")
     return results
+
+
+def _memory(plan: Plan, started: float) -> list[memory.Peak]:
+    """Every planned peak. On CPU each is its own process, mostly importing torch, and a peak is
+    per process: two run at once, which halves the wait and changes no figure."""
+    jobs = [(w, p.name) for w in plan.memory for p in providers(w, plan.device, plan.providers)]
+
+    def one(job: tuple[Workload, str]) -> memory.Peak:
+        workload, name = job
+        _progress(f"bench memory {workload.key} {name} ({time.perf_counter() - started:.0f} s)")
+        return memory.peak_extra(workload, name, plan.device, plan.backend)
+
+    if plan.device == "cuda":
+        return [one(job) for job in jobs]
+    with ThreadPoolExecutor(max_workers=MEMORY_PROCESSES) as pool:
+        return list(pool.map(one, jobs))
 
 
 def _time_one(plan: Plan, workload: Workload, inputs: Inputs, provider: Provider, mode: str) -> Timing:
@@ -101,10 +116,8 @@ def _time_one(plan: Plan, workload: Workload, inputs: Inputs, provider: Provider
                     provider.name, None, 0, minimal_bytes(workload, mode))
     try:
         step = timing.make_step(provider, inputs, mode)
-        for _ in range(plan.warmup):
-            step.setup()
-            step.run()
-        repeats = plan.repeats or timing.auto_repeats(step, plan.budget_s, plan.min_repeats, plan.max_repeats)
+        once = timing.warm_up(step, plan.warmup, plan.budget_s)
+        repeats = plan.repeats or timing.auto_repeats(once, plan.budget_s, plan.min_repeats, plan.max_repeats)
         record.ms = timing.median_ms(timing.measure(step, repeats, warmup=0))
         record.repeats = repeats
     except Exception as exc:  # report it and go on with the other providers

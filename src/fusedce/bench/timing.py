@@ -87,10 +87,20 @@ def median_ms(times: list[float]) -> float:
     return statistics.median(times) * 1e3
 
 
-def auto_repeats(step: Step, budget_s: float, lo: int, hi: int) -> int:
-    """How many repeats fit in ``budget_s``, judged from one (warm) call, within [lo, hi]."""
-    once = max(min(measure(step, 1, warmup=0)), 1e-6)
-    return max(lo, min(hi, int(budget_s / once)))
+def warm_up(step: Step, calls: int, budget_s: float) -> float:
+    """Run ``calls`` untimed calls (at least one) and return the seconds of the last, which is
+    timed again when it fits the budget: a first call that compiled would overstate a fast op."""
+    last = 0.0
+    for _ in range(max(calls, 1)):
+        (last,) = measure(step, 1, warmup=0)
+    if last < budget_s:
+        (last,) = measure(step, 1, warmup=0)
+    return last
+
+
+def auto_repeats(once_s: float, budget_s: float, lo: int, hi: int) -> int:
+    """How many calls of ``once_s`` seconds fit in ``budget_s``, within [lo, hi]."""
+    return max(lo, min(hi, int(budget_s / max(once_s, 1e-6))))
 
 
 def copy_bandwidth(device: str, nbytes: int, repeats: int) -> tuple[float, float]:

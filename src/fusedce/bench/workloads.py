@@ -97,21 +97,27 @@ class Inputs:
     """One workload's tensors. ``master`` is the pristine input: ``x`` is restored from it when a
     provider overwrites its input (``inplace_backward``)."""
 
-    master: Tensor
+    master: Tensor | None
     x: Tensor  # requires grad
     target: Tensor | None  # cross_entropy: class indices, some ignore_index
     grad_out: Tensor | None  # softmax and log_softmax: a fixed random upstream gradient
 
     def restore(self) -> None:
+        if self.master is None:
+            raise RuntimeError("these inputs were made without a master copy to restore from")
         with torch.no_grad():
             self.x.copy_(self.master)
         self.x.grad = None
 
 
-def make_inputs(workload: Workload, device: str, seed: int = 0) -> Inputs:
+def make_inputs(workload: Workload, device: str, seed: int = 0, restorable: bool = True) -> Inputs:
+    """Logits ~ N(0, 2²), drawn on the CPU so every device sees the same values. Without
+    ``restorable`` there is no master copy (for a provider that leaves its input alone)."""
     gen = torch.Generator(device="cpu").manual_seed(seed)
-    master = (torch.randn(workload.shape, generator=gen) * 2).to(device=device, dtype=workload.dtype)
-    x = master.clone().requires_grad_()
+    drawn = torch.randn(workload.shape, generator=gen).mul_(2)
+    x = drawn.to(device=device, dtype=workload.dtype)
+    master = x.clone() if restorable else None
+    x.requires_grad_()
     target = grad_out = None
     if workload.op == "cross_entropy":
         classes = workload.shape[1]
