@@ -84,28 +84,36 @@ def providers(workload: Workload, device: str, names: list[str] | None = None,
     serves the real one (the memory probe needs that: a recompile there would count the
     compiler's own memory).
     """
-    found: list[Provider] = []
-    if workload.op == "cross_entropy":
-        found += [
-            Provider("fusedce", _cross_entropy(fused.cross_entropy)),
-            Provider("fusedce-inplace", _cross_entropy(fused.cross_entropy, inplace_backward=True),
-                     overwrites_input=True, no_grad=False),
-            Provider("eager", _cross_entropy(F.cross_entropy)),
-            Provider("compile", _cross_entropy(_compiled(F.cross_entropy, dynamic_compile))),
-        ]
-        liger = _liger() if device == "cuda" and len(workload.shape) == 2 else None
-        if liger is not None:  # 2-D only; it writes the gradient into the input during forward
-            found.append(Provider("liger", _cross_entropy(liger), overwrites_input=True))
-    else:
-        ours, theirs = getattr(fused, workload.op), getattr(F, workload.op)
-        found += [
-            Provider("fusedce", _softmax(ours)),
-            Provider("eager", _softmax(theirs)),
-            Provider("compile", _softmax(_compiled(theirs, dynamic_compile))),
-        ]
     if names:
         unknown = set(names) - set(NAMES)
         if unknown:
             raise ValueError(f"unknown provider(s) {', '.join(sorted(unknown))}: expected {', '.join(NAMES)}")
-        found = [p for p in found if p.name in names]
-    return found
+    wanted = set(names or NAMES)
+    # Built only when wanted: torch.compile imports dynamo, which takes seconds.
+    makers: dict[str, Callable[[], Provider | None]]
+    if workload.op == "cross_entropy":
+        makers = {
+            "fusedce": lambda: Provider("fusedce", _cross_entropy(fused.cross_entropy)),
+            "fusedce-inplace": lambda: Provider(
+                "fusedce-inplace", _cross_entropy(fused.cross_entropy, inplace_backward=True),
+                overwrites_input=True, no_grad=False),
+            "eager": lambda: Provider("eager", _cross_entropy(F.cross_entropy)),
+            "compile": lambda: Provider("compile", _cross_entropy(_compiled(F.cross_entropy, dynamic_compile))),
+            "liger": lambda: _liger_provider(workload, device),
+        }
+    else:
+        ours, theirs = getattr(fused, workload.op), getattr(F, workload.op)
+        makers = {
+            "fusedce": lambda: Provider("fusedce", _softmax(ours)),
+            "eager": lambda: Provider("eager", _softmax(theirs)),
+            "compile": lambda: Provider("compile", _softmax(_compiled(theirs, dynamic_compile))),
+        }
+    found = [maker() for name, maker in makers.items() if name in wanted]
+    return [p for p in found if p is not None]
+
+
+def _liger_provider(workload: Workload, device: str) -> Provider | None:
+    liger = _liger() if device == "cuda" and len(workload.shape) == 2 else None
+    if liger is None:  # 2-D only; it writes the gradient into the input during forward
+        return None
+    return Provider("liger", _cross_entropy(liger), overwrites_input=True)
