@@ -180,6 +180,34 @@ def gbps(nbytes: float, ms: float) -> float:
     return nbytes / (ms * 1e-3) / 1e9
 
 
+SUMMARY_HEADER = (
+    f"{'workload':14s} {'copy GB/s':>9s} {'fwd GB/s':>8s} {'%copy':>6s} {'full GB/s':>9s} {'%copy':>6s}"
+    f" {'×eager f/full':>13s} {'×compile f/full':>15s} {'peak/logits ours/eager/compile':>31s}"
+)
+
+
+def summary_line(r: Result) -> str:
+    """One row of the summary table (also printed as each workload finishes, in case of a kill)."""
+
+    def ratio(other: str, mode: str) -> str:
+        if f"{other} {mode}" not in r.times:
+            return "  -  "
+        return f"{r.times[f'{other} {mode}'] / r.times[f'ours {mode}']:5.2f}"
+
+    def peak(who: str) -> str:
+        return f"{r.peaks[who]:.2f}" if who in r.peaks else "-"
+
+    copy_bw = gbps(2 * r.nbytes, r.times["copy"])
+    fwd_bw = gbps(r.nbytes, r.times["ours fwd"])
+    full_bw = gbps(3 * r.nbytes, r.times["ours full"])
+    peaks = f"{peak('ours')}/{peak('eager')}/{peak('compile')}"
+    return (
+        f"{r.name:14s} {copy_bw:9.0f} {fwd_bw:8.0f} {100 * fwd_bw / copy_bw:5.0f}% {full_bw:9.0f}"
+        f" {100 * full_bw / copy_bw:5.0f}% {ratio('eager', 'fwd'):>6s}/{ratio('eager', 'full'):<6s}"
+        f" {ratio('compile', 'fwd'):>7s}/{ratio('compile', 'full'):<7s} {peaks:>31s}"
+    )
+
+
 def report(results: list[Result]) -> None:
     print("\nper provider (median ms):")
     for r in results:
@@ -188,37 +216,19 @@ def report(results: list[Result]) -> None:
         print(f"  {'':14s} |loss - eager| {r.loss_diff:.2e}  max|grad - eager| {r.grad_diff:.2e}")
         for note in r.notes:
             print(f"  {'':14s} {note}")
-
-    def ratio(r: Result, other: str, mode: str) -> str:
-        if f"{other} {mode}" not in r.times:
-            return "  -  "
-        return f"{r.times[f'{other} {mode}'] / r.times[f'ours {mode}']:5.2f}"
-
-    def peak(r: Result, who: str) -> str:
-        return f"{r.peaks[who]:.2f}" if who in r.peaks else "-"
-
     print("\nsummary (fwd: logits read once; full: read twice + gradient written; % of a copy's GB/s)")
-    header = (
-        f"{'workload':14s} {'copy GB/s':>9s} {'fwd GB/s':>8s} {'%copy':>6s} {'full GB/s':>9s} {'%copy':>6s}"
-        f" {'×eager f/full':>13s} {'×compile f/full':>15s} {'peak/logits ours/eager/compile':>31s}"
-    )
-    print(header)
+    print(SUMMARY_HEADER)
     for r in results:
-        copy_bw = gbps(2 * r.nbytes, r.times["copy"])
-        fwd_bw = gbps(r.nbytes, r.times["ours fwd"])
-        full_bw = gbps(3 * r.nbytes, r.times["ours full"])
-        peaks = f"{peak(r, 'ours')}/{peak(r, 'eager')}/{peak(r, 'compile')}"
-        print(
-            f"{r.name:14s} {copy_bw:9.0f} {fwd_bw:8.0f} {100 * fwd_bw / copy_bw:5.0f}% {full_bw:9.0f}"
-            f" {100 * full_bw / copy_bw:5.0f}% {ratio(r, 'eager', 'fwd'):>6s}/{ratio(r, 'eager', 'full'):<6s}"
-            f" {ratio(r, 'compile', 'fwd'):>7s}/{ratio(r, 'compile', 'full'):<7s} {peaks:>31s}"
-        )
+        print(summary_line(r))
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--reps", type=int, default=20)
     parser.add_argument("--no-compile", action="store_true", help="skip torch.compile")
+    parser.add_argument(
+        "--budget-s", type=float, default=200.0, help="skip torch.compile for the workloads left after this long"
+    )
     parser.add_argument("--only", help="run only workloads whose name contains this")
     parser.add_argument(
         "--smoke", action="store_true", help="tiny shapes on CPU under TRITON_INTERPRET=1 (tests this script)"
@@ -241,12 +251,16 @@ def main(argv: list[str] | None = None) -> int:
     device_name = torch.cuda.get_device_name() if DEVICE == "cuda" else "cpu (smoke)"
     print(f"{device_name}  torch {torch.__version__}", flush=True)
     results = []
+    began = time.perf_counter()
     for name, shape, dtype in workloads:
         if args.only and args.only not in name:
             continue
         started = time.perf_counter()
-        results.append(bench_workload(backend, name, shape, dtype, args.reps, not args.no_compile))
-        print(f"  {name}: {time.perf_counter() - started:.1f} s", flush=True)
+        use_compile = not args.no_compile and started - began < args.budget_s
+        if not args.no_compile and not use_compile:
+            print(f"  {name}: over the {args.budget_s:.0f} s budget, torch.compile skipped", flush=True)
+        results.append(bench_workload(backend, name, shape, dtype, args.reps, use_compile))
+        print(f"  {name}: {time.perf_counter() - started:.1f} s | {summary_line(results[-1])}", flush=True)
         if DEVICE == "cuda":
             torch.cuda.empty_cache()
     report(results)
