@@ -17,9 +17,19 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .. import functional as fused
-from .workloads import IGNORE_INDEX, Inputs, Workload
+from .workloads import IGNORE_INDEX, MODES, Inputs, Workload, workloads
 
-NAMES = ("fusedce", "fusedce-inplace", "eager", "compile", "liger")
+CROSS_ENTROPY_PROVIDERS = ("fusedce", "fusedce-inplace", "eager", "compile", "liger")
+SOFTMAX_PROVIDERS = ("fusedce", "eager", "compile")
+NAMES = CROSS_ENTROPY_PROVIDERS
+# With gradients off, the in-place variant is the plain one: it sits out no-grad-forward.
+GRAD_ONLY = frozenset({"fusedce-inplace"})
+
+
+def provider_names(op: str) -> tuple[str, ...]:
+    """Every provider that can take part in ``op``'s workloads somewhere (Liger: CUDA, 2-D, when
+    importable), without building any of them."""
+    return CROSS_ENTROPY_PROVIDERS if op == "cross_entropy" else SOFTMAX_PROVIDERS
 
 
 @dataclass(frozen=True)
@@ -39,6 +49,19 @@ class Provider:
     @staticmethod
     def backward(out: Tensor, inputs: Inputs) -> None:
         out.backward(inputs.grad_out)  # None for a scalar loss
+
+
+def cases(op: str) -> list[tuple[Workload, str, str]]:
+    """(workload, mode, provider name) for every visible workload of ``op`` in the CPU table (the
+    keys are the same on CUDA), every mode and every provider that can take part in it."""
+    return [
+        (w, mode, name)
+        for w in workloads("cpu")
+        if w.op == op and not w.hidden
+        for mode in MODES
+        for name in provider_names(op)
+        if not (mode == "no-grad-forward" and name in GRAD_ONLY)
+    ]
 
 
 def _cross_entropy(impl: Callable[..., Tensor], **kwargs: Any) -> Callable[[Inputs], Tensor]:
@@ -96,7 +119,7 @@ def providers(workload: Workload, device: str, names: list[str] | None = None,
             "fusedce": lambda: Provider("fusedce", _cross_entropy(fused.cross_entropy)),
             "fusedce-inplace": lambda: Provider(
                 "fusedce-inplace", _cross_entropy(fused.cross_entropy, inplace_backward=True),
-                overwrites_input=True, no_grad=False),
+                overwrites_input=True, no_grad="fusedce-inplace" not in GRAD_ONLY),
             "eager": lambda: Provider("eager", _cross_entropy(F.cross_entropy)),
             "compile": lambda: Provider("compile", _cross_entropy(_compiled(F.cross_entropy, dynamic_compile))),
             "liger": lambda: _liger_provider(workload, device),
@@ -108,6 +131,7 @@ def providers(workload: Workload, device: str, names: list[str] | None = None,
             "eager": lambda: Provider("eager", _softmax(theirs)),
             "compile": lambda: Provider("compile", _softmax(_compiled(theirs, dynamic_compile))),
         }
+    assert tuple(makers) == provider_names(workload.op)
     found = [maker() for name, maker in makers.items() if name in wanted]
     return [p for p in found if p is not None]
 

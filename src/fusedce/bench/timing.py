@@ -15,9 +15,9 @@ import torch
 from torch import Tensor
 
 from .providers import Provider
-from .workloads import Inputs
+from .workloads import MODES, Inputs
 
-MODES = ("forward", "backward", "full", "no-grad-forward")
+__all__ = ["MODES", "Step", "auto_repeats", "copy_bandwidth", "make_step", "measure", "median_ms", "warm_up"]
 
 
 @dataclass

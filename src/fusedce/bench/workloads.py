@@ -13,6 +13,7 @@ import torch
 from torch import Tensor
 
 OPS = ("cross_entropy", "log_softmax", "softmax")
+MODES = ("forward", "backward", "full", "no-grad-forward")
 IGNORE_INDEX = -100
 # Every IGNORE_EVERY-th target is ignore_index, as padding is in a language-model batch.
 IGNORE_EVERY = 9
