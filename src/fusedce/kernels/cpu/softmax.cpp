@@ -49,24 +49,34 @@ void softmax_forward_kernel(const Tensor& x, Tensor& out) {
   }
 
   for_each_tile<acc>(outer, inner, classes, 1, [&](const TileRows& rows, acc* tile, int64_t ld) {
-    gather_tile(xv, classes, rows, tile, ld);
+    // float32/float64 full tiles go from x straight to out; the others through the scratch tile.
+    const acc* src = direct_tile<acc>(xv, rows, ld);
+    acc* dst = direct_tile<acc>(ov, rows, ld);
+    int64_t sld = xv.s1, dld = ov.s1;
+    const bool direct = src != nullptr && dst != nullptr;
+    if (!direct) {
+      gather_tile(xv, classes, rows, tile, ld);
+      src = dst = tile;
+      sld = dld = ld;
+    }
     __at_align__ acc m[kMaxTileRows], row_lse[kMaxTileRows];
-    tile_lse(tile, ld, classes, rows.n, m, row_lse);
+    tile_lse(src, sld, classes, rows.n, m, row_lse);
     dispatch_exp(all_finite(row_lse, rows.n), [&](auto exp_fn) {
       for (int64_t lb = 0; lb < rows.n; lb += AVec::size()) {
         const AVec vl = AVec::loadu(row_lse + lb);
         for (int64_t c = 0; c < classes; ++c) {
-          acc* p = tile + c * ld + lb;
-          const AVec shifted = AVec::loadu(p) - vl;
+          const AVec shifted = AVec::loadu(src + c * sld + lb) - vl;
           if constexpr (kLog) {
-            shifted.store(p);
+            shifted.store(dst + c * dld + lb);
           } else {
-            exp_fn(shifted).store(p);
+            exp_fn(shifted).store(dst + c * dld + lb);
           }
         }
       }
     });
-    scatter_tile(tile, ld, classes, rows, ov);
+    if (!direct) {
+      scatter_tile(tile, ld, classes, rows, ov);
+    }
   });
 }
 
@@ -122,13 +132,24 @@ void softmax_backward_kernel(const Tensor& grad_out, const Tensor& out, Tensor& 
   }
 
   for_each_tile<acc>(outer, inner, classes, 2, [&](const TileRows& rows, acc* tile, int64_t ld) {
-    acc* ytile = tile + classes * ld;
-    gather_tile(gv, classes, rows, tile, ld);
-    gather_tile(yv, classes, rows, ytile, ld);
+    // As in forward: full float32/float64 tiles are used where they lie.
+    const acc* gsrc = direct_tile<acc>(gv, rows, ld);
+    const acc* ysrc = direct_tile<acc>(yv, rows, ld);
+    acc* dst = direct_tile<acc>(dv, rows, ld);
+    int64_t gld = gv.s1, yld = yv.s1, dld = dv.s1;
+    const bool direct = gsrc != nullptr && ysrc != nullptr && dst != nullptr;
+    if (!direct) {
+      acc* ytile = tile + classes * ld;
+      gather_tile(gv, classes, rows, tile, ld);
+      gather_tile(yv, classes, rows, ytile, ld);
+      gsrc = dst = tile;
+      ysrc = ytile;
+      gld = yld = dld = ld;
+    }
     for (int64_t lb = 0; lb < rows.n; lb += AVec::size()) {
       AVec sum(0), max_out(-kInf<acc>);
       for (int64_t c = 0; c < classes; ++c) {
-        const AVec g = AVec::loadu(tile + c * ld + lb), y = AVec::loadu(ytile + c * ld + lb);
+        const AVec g = AVec::loadu(gsrc + c * gld + lb), y = AVec::loadu(ysrc + c * yld + lb);
         if constexpr (kLog) {
           sum += g;
           max_out = at::vec::maximum(max_out, y);  // padding lanes hold 0: harmless
@@ -138,8 +159,8 @@ void softmax_backward_kernel(const Tensor& grad_out, const Tensor& out, Tensor& 
       }
       auto body = [&](auto exp_fn) {
         for (int64_t c = 0; c < classes; ++c) {
-          acc* p = tile + c * ld + lb;
-          const AVec g = AVec::loadu(p), y = AVec::loadu(ytile + c * ld + lb);
+          const AVec g = AVec::loadu(gsrc + c * gld + lb), y = AVec::loadu(ysrc + c * yld + lb);
+          acc* p = dst + c * dld + lb;
           if constexpr (kLog) {
             (g - exp_fn(y) * sum).store(p);
           } else {
@@ -153,7 +174,9 @@ void softmax_backward_kernel(const Tensor& grad_out, const Tensor& out, Tensor& 
         body(FastExp{});  // no exponential in softmax's backward
       }
     }
-    scatter_tile(tile, ld, classes, rows, dv);
+    if (!direct) {
+      scatter_tile(tile, ld, classes, rows, dv);
+    }
   });
 }
 
