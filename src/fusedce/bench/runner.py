@@ -6,7 +6,7 @@ import gc
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
@@ -35,7 +35,6 @@ class Plan:
     max_repeats: int
     warmup: int = 1
     backend: str | None = None
-    notes: list[str] = field(default_factory=list)
 
 
 def make_plan(device: str, quick: bool, selectors: list[str] | None, modes: list[str] | None,

@@ -112,22 +112,22 @@ class Inputs:
 
 
 def make_inputs(workload: Workload, device: str, seed: int = 0, restorable: bool = True) -> Inputs:
-    """Logits ~ N(0, 2²), drawn on the CPU so every device sees the same values. Without
+    """Logits ~ N(0, 2²), drawn on the device itself (an lm-128k batch on a GPU is 8 GiB). Without
     ``restorable`` there is no master copy (for a provider that leaves its input alone)."""
-    gen = torch.Generator(device="cpu").manual_seed(seed)
-    drawn = torch.randn(workload.shape, generator=gen).mul_(2)
-    x = drawn.to(device=device, dtype=workload.dtype)
+    gen = torch.Generator(device=device).manual_seed(seed)
+    drawn = torch.randn(workload.shape, generator=gen, device=device).mul_(2)
+    x = drawn if workload.dtype == torch.float32 else drawn.to(workload.dtype)
+    del drawn
     master = x.clone() if restorable else None
     x.requires_grad_()
     target = grad_out = None
     if workload.op == "cross_entropy":
         classes = workload.shape[1]
         target_shape = (workload.shape[0], *workload.shape[2:])
-        target = torch.randint(0, classes, target_shape, generator=gen)
+        target = torch.randint(0, classes, target_shape, generator=gen, device=device)
         target.view(-1)[::IGNORE_EVERY] = IGNORE_INDEX
-        target = target.to(device)
     else:
-        grad_out = torch.randn(workload.shape, generator=gen).to(device=device, dtype=workload.dtype)
+        grad_out = torch.randn(workload.shape, generator=gen, device=device).to(workload.dtype)
     return Inputs(master, x, target, grad_out)
 
 
