@@ -71,6 +71,9 @@ def test_the_workload_table():
             "cross_entropy/tiny/fp32"} <= set(cpu)
     assert [w.key for w in select("cpu", ["lm-32k"])] == [
         "cross_entropy/lm-32k/fp32", "cross_entropy/lm-32k/bf16", "log_softmax/lm-32k/fp32", "softmax/lm-32k/fp32"]
+    assert [w.key for w in select("cpu", ["softmax"])] == ["softmax/lm-32k/fp32"]
+    assert [w.key for w in select("cpu", ["micro"])] == [
+        "cross_entropy/micro/fp32", "log_softmax/micro/fp32", "softmax/micro/fp32"]
 
 
 def test_figures_from_a_fake_timing():

@@ -46,7 +46,10 @@ class Workload:
         return self.numel * self.dtype.itemsize
 
     def matches(self, selector: str) -> bool:
-        return selector in (self.name, self.key, self.op, f"{self.op}/{self.name}")
+        """A hidden workload answers only to its own name, never to its op's."""
+        return selector in (self.name, self.key, f"{self.op}/{self.name}") or (
+            selector == self.op and not self.hidden
+        )
 
     def scaled_down(self) -> Workload:
         """The same op, dtype, rank and class count on a small shape: to warm up (imports, the JIT,
