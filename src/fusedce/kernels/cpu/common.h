@@ -34,6 +34,10 @@
 #include <type_traits>
 #include <vector>
 
+#ifdef __linux__
+#include <sys/mman.h>
+#endif
+
 namespace fusedce {
 
 using at::Tensor;
@@ -351,9 +355,31 @@ inline int64_t row_grain(int64_t classes) {
   return std::max<int64_t>(1, kGrainElements / std::max<int64_t>(classes, 1));
 }
 
-// The (outer, C, inner) contiguous output that gradients and softmax outputs are written to.
+// Large CPU allocations are fresh mmaps, and faulting them in 4 KiB page by page costs several
+// times the kernel's own pass over memory (BENCHMARKS.md: 90-570 ms for 524 MB). Asking for
+// transparent huge pages before the first touch cuts the faults 512-fold. It is a hint: a no-op
+// where THP is off, and on buffers too small to hold an aligned 2 MiB page.
+inline void advise_huge_pages(const Tensor& t) {
+#if defined(__linux__) && defined(MADV_HUGEPAGE)
+  constexpr uintptr_t kHugePage = uintptr_t(2) << 20;
+  constexpr size_t kWorthIt = size_t(32) << 20;
+  if (t.nbytes() < kWorthIt) return;
+  const auto start = reinterpret_cast<uintptr_t>(t.data_ptr());
+  const uintptr_t first = (start + kHugePage - 1) & ~(kHugePage - 1);
+  const uintptr_t last = (start + t.nbytes()) & ~(kHugePage - 1);
+  if (last > first) madvise(reinterpret_cast<void*>(first), last - first, MADV_HUGEPAGE);
+#endif
+}
+
+// A contiguous (outer, C, inner) output: what gradients and softmax outputs are written to.
+inline Tensor empty_canonical(int64_t outer, int64_t classes, int64_t inner, const at::TensorOptions& options) {
+  Tensor out = at::empty({outer, classes, inner}, options);
+  advise_huge_pages(out);
+  return out;
+}
+
 inline Tensor empty_like_canonical(const Tensor& x) {
-  return at::empty({x.size(0), x.size(1), x.size(2)}, x.options());
+  return empty_canonical(x.size(0), x.size(1), x.size(2), x.options());
 }
 
 // ---------------------------------------------------------------------------------------------

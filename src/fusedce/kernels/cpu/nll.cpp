@@ -74,7 +74,8 @@ Tensor nll_backward(const Tensor& grad_loss, const Tensor& target,
   check_targets(view2<int64_t>(t), outer, inner, num_classes, ignore_index);  // guards the scatter
   const auto acc_dtype = dtype == at::kDouble ? at::kDouble : at::kFloat;
   const Tensor g = grad_loss.scalar_type() == acc_dtype ? grad_loss : grad_loss.to(acc_dtype);
-  Tensor grad = at::zeros({outer, num_classes, inner}, grad_loss.options().dtype(dtype));
+  Tensor grad = empty_canonical(outer, num_classes, inner, grad_loss.options().dtype(dtype));
+  grad.zero_();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "fusedce_nll_backward", [&] {
     nll_backward_kernel<scalar_t>(g, view2<int64_t>(t), weight, ignore_index, grad);
   });
