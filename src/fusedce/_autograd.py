@@ -266,25 +266,62 @@ _NllLossTraced = _without_jvp(NllLoss)
 _LogSoftmaxTraced = _without_jvp(LogSoftmax)
 _SoftmaxTraced = _without_jvp(Softmax)
 
-# The entry points functional calls: the jvp-less variant while torch.compile traces. (Dynamo
-# follows a plain conditional on is_compiling, but not a lookup of the class in a dict.)
+
+def _eager_apply(function: type[Function]) -> Any:
+    """``Function.apply`` without its per-call ``inspect.signature`` binding of default
+    arguments (tens of microseconds, the largest cost of a small loss). Our callers always pass
+    every argument positionally, so there is nothing to bind; the C apply is what remains."""
+    fast = super(Function, function).apply  # type: ignore[misc]
+
+    wrapped = torch._C._functorch.is_functorch_wrapped_tensor
+
+    def apply(*args: Any) -> Any:
+        if torch._C._are_functorch_transforms_active():
+            return function.apply(*args)  # functorch needs the full path
+        for a in args:
+            if isinstance(a, Tensor) and wrapped(a):  # a tensor escaped from a finished transform
+                return function.apply(*args)
+        return fast(*args)
+
+    return apply
+
+
+_apply_cross_entropy = _eager_apply(CrossEntropy)
+_apply_cross_entropy_prob = _eager_apply(CrossEntropyProb)
+_apply_nll_loss = _eager_apply(NllLoss)
+_apply_log_softmax = _eager_apply(LogSoftmax)
+_apply_softmax = _eager_apply(Softmax)
+
+# The entry points functional calls. While torch.compile traces, the jvp-less variant goes
+# through the ordinary apply (Dynamo follows a plain conditional on is_compiling, but neither a
+# lookup of the class in a dict nor the C apply).
 
 
 def cross_entropy(*args: Any) -> tuple[Tensor, Tensor]:
-    return (_CrossEntropyTraced if torch.compiler.is_compiling() else CrossEntropy).apply(*args)
+    if torch.compiler.is_compiling():
+        return _CrossEntropyTraced.apply(*args)
+    return _apply_cross_entropy(*args)
 
 
 def cross_entropy_prob(*args: Any) -> tuple[Tensor, Tensor]:
-    return (_CrossEntropyProbTraced if torch.compiler.is_compiling() else CrossEntropyProb).apply(*args)
+    if torch.compiler.is_compiling():
+        return _CrossEntropyProbTraced.apply(*args)
+    return _apply_cross_entropy_prob(*args)
 
 
 def nll_loss(*args: Any) -> Tensor:
-    return (_NllLossTraced if torch.compiler.is_compiling() else NllLoss).apply(*args)
+    if torch.compiler.is_compiling():
+        return _NllLossTraced.apply(*args)
+    return _apply_nll_loss(*args)
 
 
 def log_softmax(x: Tensor) -> Tensor:
-    return (_LogSoftmaxTraced if torch.compiler.is_compiling() else LogSoftmax).apply(x)
+    if torch.compiler.is_compiling():
+        return _LogSoftmaxTraced.apply(x)
+    return _apply_log_softmax(x)
 
 
 def softmax(x: Tensor) -> Tensor:
-    return (_SoftmaxTraced if torch.compiler.is_compiling() else Softmax).apply(x)
+    if torch.compiler.is_compiling():
+        return _SoftmaxTraced.apply(x)
+    return _apply_softmax(x)

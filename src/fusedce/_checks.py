@@ -56,6 +56,8 @@ def check_tensor(fn: str, name: str, position: int, value: object, optional: boo
 
 def to_int_arg(fn: str, name: str, position: int, value: object) -> int:
     """An int argument: Python ints and 0-dim integer tensors pass; bool and float do not."""
+    if type(value) is int and -(2**63) <= value < 2**63:  # the common case, checked cheaply
+        return value
     if isinstance(value, Tensor) and value.dim() == 0 and not value.is_floating_point():
         value = int(value)
     if isinstance(value, bool) or not isinstance(value, numbers.Integral):
@@ -67,6 +69,8 @@ def to_int_arg(fn: str, name: str, position: int, value: object) -> int:
 
 def to_float_arg(fn: str, name: str, position: int, value: object) -> float:
     """A float argument: floats, ints, bools and 0-dim tensors pass."""
+    if type(value) is float:  # the common case, checked cheaply
+        return value
     if isinstance(value, Tensor) and value.dim() == 0:
         return float(value)
     if not isinstance(value, numbers.Real):

@@ -10,7 +10,7 @@ The Python functions at the bottom are what the autograd Functions call.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -44,28 +44,17 @@ _SCHEMAS = {
 }
 
 
-def _device_of(args: Sequence[Any]) -> torch.device:
-    return next(a.device for a in args if isinstance(a, Tensor))
-
-
 def _eager_kernel(name: str) -> Callable[..., Any]:
-    """The real kernel: look up the backend for this call's device and run its function."""
-    if name.endswith("_"):
-        backend_name = name[:-1]
-
-        def run_inplace(*args: Any) -> None:
-            getattr(backend_for(_device_of(args)), backend_name)(*args, True)
-
-        return run_inplace
-    if name in ("ce_backward", "ce_prob_backward"):
-
-        def run_backward(*args: Any) -> Any:
-            return getattr(backend_for(_device_of(args)), name)(*args, False)
-
-        return run_backward
+    """The real kernel: the backend for the call's device runs its function of the same name.
+    Every op's first argument is a tensor on that device. The backward ops take ``inplace``;
+    their trailing-underscore forms are the in-place ones, which return nothing."""
+    function = name.removesuffix("_")
+    inplace = name.endswith("_")
+    extra: tuple[bool, ...] = (inplace,) if function in ("ce_backward", "ce_prob_backward") else ()
 
     def run(*args: Any) -> Any:
-        return getattr(backend_for(_device_of(args)), name)(*args)
+        result = getattr(backend_for(args[0].device), function)(*args, *extra)
+        return None if inplace else result
 
     return run
 
@@ -155,4 +144,39 @@ for _name, _schema in _SCHEMAS.items():
             f"fusedce::{_name}", _vmap_by_loop(getattr(torch.ops.fusedce, _name)), lib=_lib
         )
 
-ops = torch.ops.fusedce
+
+
+class _Ops:
+    """The ops as the autograd Functions call them.
+
+    On plain tensors in eager mode a call goes straight to the backend: the dispatcher round
+    trip into Python costs more than a small loss's whole kernel. Anything else (torch.compile,
+    FakeTensor and other subclasses, functorch transforms, a TorchDispatchMode such as a FLOP
+    counter) goes through the registered torch.library op, which is what those mechanisms see.
+    """
+
+    def __init__(self) -> None:
+        for name in _SCHEMAS:
+            setattr(self, name, _direct_or_registered(name))
+
+
+def _direct_or_registered(name: str) -> Callable[..., Any]:
+    direct = _eager_kernel(name)
+    registered = getattr(torch.ops.fusedce, name)
+
+    def call(*args: Any) -> Any:
+        # is_compiling comes first: Dynamo cannot trace the dispatch-stack query.
+        if (
+            not torch.compiler.is_compiling()
+            and type(args[0]) is Tensor
+            and not torch._C._are_functorch_transforms_active()
+            and torch._C._len_torch_dispatch_stack() == 0
+        ):
+            return direct(*args)
+        return registered(*args)
+
+    call.__name__ = name
+    return call
+
+
+ops: Any = _Ops()

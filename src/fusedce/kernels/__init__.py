@@ -82,8 +82,20 @@ def use_backend(name: str) -> Iterator[None]:
 _warned_fallback: set[str] = set()
 
 
+_resolved: dict[tuple[str, str], ModuleType] = {}
+
+
 def backend_for(device: torch.device) -> ModuleType:
-    """The kernel module to use for tensors on ``device``."""
+    """The kernel module to use for tensors on ``device``. Called twice per loss, so the answer
+    is cached per (requested backend, device type)."""
+    key = (getattr(_override, "name", None) or os.environ.get(_ENV, "auto") or "auto", device.type)
+    module = _resolved.get(key)
+    if module is None:
+        module = _resolved[key] = _resolve(device)
+    return module
+
+
+def _resolve(device: torch.device) -> ModuleType:
     name = requested_backend()
     if name == "auto":
         name = "triton" if device.type == "cuda" else "cpu" if device.type == "cpu" else "reference"
