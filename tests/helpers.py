@@ -45,3 +45,27 @@ def assert_close_report(actual: torch.Tensor, expected: torch.Tensor, tol, what:
             f"{what}: {int(bad.sum())} of {actual.numel()} elements differ; worst at {idx}: "
             f"{actual_f[idx].item()!r} vs {expected_f[idx].item()!r} (atol={atol}, rtol={rtol})"
         )
+
+
+def layouts(shape: tuple[int, int, int], dtype: torch.dtype) -> list[tuple[str, torch.Tensor]]:
+    """The same (outer, C, inner) values in the three layouts the kernels must handle."""
+    outer, classes, inner = shape
+    gen = torch.Generator().manual_seed(hash(shape) % 2**31)
+    base = torch.randn(outer, classes, inner, generator=gen, dtype=torch.float64) * 3
+    contiguous = base.to(dtype)
+    # Classes innermost in memory: the channels-last case of a K-dimensional input.
+    class_last = base.permute(0, 2, 1).contiguous().permute(0, 2, 1).to(dtype)
+    # Every other element of a wider buffer: strided in every dim.
+    wide = torch.randn(outer, classes * 2, inner, generator=gen, dtype=torch.float64)
+    wide[:, ::2] = base
+    strided = wide.to(dtype)[:, ::2]
+    return [("contiguous", contiguous), ("class_last", class_last), ("strided", strided)]
+
+
+def targets_with_ignored(shape: tuple[int, int, int], ignore_index: int) -> torch.Tensor:
+    """(outer, inner) index targets, every third one ``ignore_index``."""
+    outer, classes, inner = shape
+    gen = torch.Generator().manual_seed(7)
+    target = torch.randint(0, classes, (outer, inner), generator=gen)
+    target.view(-1)[::3] = ignore_index
+    return target

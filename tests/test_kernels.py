@@ -11,32 +11,10 @@ import torch
 
 from fusedce.kernels import reference
 
-from .helpers import TOLERANCES, assert_close_report, kernel_backends
+from .helpers import TOLERANCES, assert_close_report, kernel_backends, layouts, targets_with_ignored
 
 SHAPES = [(1, 7, 1), (5, 123, 1), (3, 9, 7), (2, 1500, 3)]  # 1500 > one column block
 DTYPES = [torch.float32, torch.float64, torch.bfloat16, torch.float16]
-
-
-def _layouts(shape: tuple[int, int, int], dtype: torch.dtype) -> list[tuple[str, torch.Tensor]]:
-    outer, classes, inner = shape
-    gen = torch.Generator().manual_seed(hash(shape) % 2**31)
-    base = torch.randn(outer, classes, inner, generator=gen, dtype=torch.float64) * 3
-    contiguous = base.to(dtype)
-    # Classes innermost in memory: the channels-last case of a K-dimensional input.
-    class_last = base.permute(0, 2, 1).contiguous().permute(0, 2, 1).to(dtype)
-    # Every other element of a wider buffer: strided in every dim.
-    wide = torch.randn(outer, classes * 2, inner, generator=gen, dtype=torch.float64)
-    wide[:, ::2] = base
-    strided = wide.to(dtype)[:, ::2]
-    return [("contiguous", contiguous), ("class_last", class_last), ("strided", strided)]
-
-
-def _targets(shape: tuple[int, int, int], ignore_index: int) -> torch.Tensor:
-    outer, classes, inner = shape
-    gen = torch.Generator().manual_seed(7)
-    target = torch.randint(0, classes, (outer, inner), generator=gen)
-    target.view(-1)[::3] = ignore_index  # some ignored rows, when ignore_index is in play
-    return target
 
 
 CASES = [
@@ -52,8 +30,8 @@ CASES = [
 @pytest.mark.parametrize("shape", SHAPES, ids=str)
 @pytest.mark.parametrize(("use_weight", "ignore_index", "smoothing"), CASES)
 def test_ce_index(backend, dtype, shape, use_weight, ignore_index, smoothing):
-    for layout, x in _layouts(shape, dtype):
-        target = _targets(shape, ignore_index)
+    for layout, x in layouts(shape, dtype):
+        target = targets_with_ignored(shape, ignore_index)
         weight = torch.rand(shape[1], dtype=torch.float64).to(dtype) if use_weight else None
         loss, lse = backend.ce_forward(x, target, weight, ignore_index, smoothing)
         ref_loss, ref_lse = reference.ce_forward(x, target, weight, ignore_index, smoothing)
@@ -82,7 +60,7 @@ def test_ce_index(backend, dtype, shape, use_weight, ignore_index, smoothing):
 @pytest.mark.parametrize("use_weight", [False, True])
 @pytest.mark.parametrize("smoothing", [0.0, 0.2])
 def test_ce_prob(backend, dtype, shape, use_weight, smoothing):
-    for layout, x in _layouts(shape, dtype):
+    for layout, x in layouts(shape, dtype):
         target = torch.softmax(torch.randn(shape, dtype=torch.float64), 1).to(dtype)
         weight = torch.rand(shape[1], dtype=torch.float64).to(dtype) if use_weight else None
         loss, lse = backend.ce_prob_forward(x, target, weight, smoothing)
@@ -101,8 +79,8 @@ def test_ce_prob(backend, dtype, shape, use_weight, smoothing):
 @pytest.mark.parametrize("shape", SHAPES, ids=str)
 @pytest.mark.parametrize("use_weight", [False, True])
 def test_nll(backend, dtype, shape, use_weight):
-    for layout, x in _layouts(shape, dtype):
-        target = _targets(shape, 1)
+    for layout, x in layouts(shape, dtype):
+        target = targets_with_ignored(shape, 1)
         weight = torch.rand(shape[1], dtype=torch.float64).to(dtype) if use_weight else None
         loss = backend.nll_forward(x, target, weight, 1)
         tol = TOLERANCES["kernel"][dtype]
@@ -120,7 +98,7 @@ def test_nll(backend, dtype, shape, use_weight):
 @pytest.mark.parametrize("op", ["log_softmax", "softmax"])
 def test_softmax_family(backend, dtype, shape, op):
     forward, backward = f"{op}_forward", f"{op}_backward"
-    for layout, x in _layouts(shape, dtype):
+    for layout, x in layouts(shape, dtype):
         out = getattr(backend, forward)(x)
         ref = getattr(reference, forward)(x)
         tol = TOLERANCES["kernel"][dtype]

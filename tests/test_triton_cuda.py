@@ -14,29 +14,7 @@ import torch
 
 from fusedce.kernels import _load, reference
 
-from .helpers import TOLERANCES, assert_close_report
-
-# Not imported from test_kernels: collecting that module loads (and compiles) the C++ CPU backend,
-# a minute of a GPU machine's time for nothing. The same three layouts and target pattern:
-
-
-def _layouts(shape: tuple[int, int, int], dtype: torch.dtype) -> list[tuple[str, torch.Tensor]]:
-    """Contiguous, classes innermost (channels-last), and every other class of a wider buffer."""
-    outer, classes, inner = shape
-    gen = torch.Generator().manual_seed(hash(shape) % 2**31)
-    base = torch.randn(outer, classes, inner, generator=gen, dtype=torch.float64) * 3
-    class_last = base.permute(0, 2, 1).contiguous().permute(0, 2, 1).to(dtype)
-    wide = torch.randn(outer, classes * 2, inner, generator=gen, dtype=torch.float64)
-    wide[:, ::2] = base
-    return [("contiguous", base.to(dtype)), ("class_last", class_last), ("strided", wide.to(dtype)[:, ::2])]
-
-
-def _targets(shape: tuple[int, int, int], ignore_index: int) -> torch.Tensor:
-    outer, classes, inner = shape
-    target = torch.randint(0, classes, (outer, inner), generator=torch.Generator().manual_seed(7))
-    target.view(-1)[::3] = ignore_index
-    return target
-
+from .helpers import TOLERANCES, assert_close_report, layouts, targets_with_ignored
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
@@ -109,17 +87,17 @@ SHAPES = [((5, 1500, 1), ("contiguous", "strided")), ((3, 21, 37), ("contiguous"
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize(("shape", "layouts"), SHAPES, ids=[str(s) for s, _ in SHAPES])
-def test_ops_match_reference(backend, dtype, shape, layouts):
+@pytest.mark.parametrize(("shape", "wanted"), SHAPES, ids=[str(s) for s, _ in SHAPES])
+def test_ops_match_reference(backend, dtype, shape, wanted):
     full = dtype in (torch.float32, torch.bfloat16)  # the other dtypes: one layout, one case
-    for layout, x_cpu in _layouts(shape, dtype):
-        if layout not in layouts or (not full and layout != "contiguous"):
+    for layout, x_cpu in layouts(shape, dtype):
+        if layout not in wanted or (not full and layout != "contiguous"):
             continue
         x = _copy_to(x_cpu, "cuda")
         assert x.stride() == x_cpu.stride()
         cases = [(True, 2, 0.1), (False, -100, 0.0)] if full else [(True, 2, 0.1)]
         for use_weight, ignore_index, smoothing in cases:
-            target = _targets(shape, ignore_index).cuda()
+            target = targets_with_ignored(shape, ignore_index).cuda()
             weight = torch.rand(shape[1], dtype=torch.float64).to(dtype).cuda() if use_weight else None
             what = f"{layout} w={use_weight} ignore={ignore_index} eps={smoothing}"
             _check_ops(backend, x, target, weight, ignore_index, smoothing, what)
@@ -157,7 +135,7 @@ def test_out_of_bounds_targets_poison_the_row(backend):
     torch.cuda.synchronize()  # the context is still usable
 
 
-def test_segmentation_uint8_targets(backend):
+def test_segmentation_uint8targets_with_ignored(backend):
     """(16, 21, 128·128) with a uint8 target and the 255 void label: the INNER_TILE kernel at size."""
     x = torch.randn(16, 21, 128 * 128, device="cuda")
     target = torch.randint(0, 21, (16, 128 * 128), dtype=torch.uint8, device="cuda")
