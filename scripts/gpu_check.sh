@@ -1,63 +1,71 @@
 #!/usr/bin/env bash
-# One prepared check of the triton backend on a GPU machine (H100/H200 with torch and triton
+# One prepared check of the CUDA path on a GPU machine (H100/H200 with torch and triton
 # preinstalled, no network). The package is not installed: it runs from the source tree with
-# PYTHONPATH=src. Run it from anywhere: it changes to the repository root.
+# PYTHONPATH=src. Each step has its own time limit; the whole script stays under 8 minutes.
 #
 #   1. device and versions
-#   2. parity: tests/test_triton_cuda.py, the compiled kernels on CUDA tensors against the
-#      reference (every op and dtype, the three tiling layouts, poisoned out-of-range targets,
-#      16384 x 128256 bf16). About 150 Triton compilations: budget ~90 s (killed at 110 s).
-#   3. timings: scripts/bench_triton.py (ours vs torch eager vs torch.compile vs a copy, and peak
-#      memory) for lm-128k bf16, lm-32k fp32, imagenet fp32, seg fp32. Budget ~3 min: it skips
-#      torch.compile for the workloads left after 150 s, and is killed at 230 s.
+#   2. kernel parity: tests/test_triton_cuda.py, the compiled Triton kernels on CUDA tensors
+#      against the reference (every op and dtype, the three tiling layouts, poisoned out-of-range
+#      targets, 16384 x 128256 bf16)
+#   3. the benchmark: `python -m fusedce bench --device cuda`. lm-128k bf16 with every provider
+#      (fusedce, in-place, torch eager, torch.compile, liger-kernel when installed) and peak
+#      memory; then lm-32k, imagenet and seg fp32, full, against torch eager
+#   4. end-to-end parity against torch on CUDA: `python -m fusedce check --device cuda --quick`
+#      for cross_entropy (the other ops, when time is left)
 #
-# tests/test_kernels.py is not run here by default: its tensors are on the CPU, so without
-# TRITON_INTERPRET it has no triton cases on this machine, and collecting it compiles the C++ CPU
-# backend (about a minute). Set GPU_CHECK_KERNELS=1 to run it anyway (under the interpreter).
-#
-# Exit status: 0 when every step passed. Each step has its own timeout; the whole script stays
-# under 6 minutes.
+# Logs and the benchmark's JSON go to $OUT (or ./gpu_out). The bench table is printed last.
 set -u -o pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
-export PYTHONPATH="src${PYTHONPATH:+:$PYTHONPATH}"
+export PYTHONPATH="src${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 unset TRITON_INTERPRET FUSEDCE_BACKEND
+out=${OUT:-gpu_out}
+mkdir -p "$out"
 status=0
 began=$SECONDS
+step() { echo; echo "== $1 ($((SECONDS - began)) s)"; }
 
-echo "== device and versions"
+step "device and versions"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || status=1
-python - <<'EOF' || status=1
+python3 - <<'EOF' || status=1
 import platform
 
 import torch
 import triton
 
 print(f"python {platform.python_version()}  torch {torch.__version__} (CUDA {torch.version.cuda})  "
-      f"triton {triton.__version__}")
-print("device:", torch.cuda.get_device_name() if torch.cuda.is_available() else "NO CUDA DEVICE")
+      f"triton {triton.__version__}  device {torch.cuda.get_device_name()}")
 from fusedce.kernels import _load, unavailable_reason
 
 print("triton backend:", "ok" if _load("triton") is not None else unavailable_reason("triton"))
 EOF
 
-echo "== parity: the triton backend on CUDA tensors against the reference"
-start=$SECONDS
-if python -c "import pytest" 2>/dev/null; then
-    # -o addopts='' drops pyproject's --benchmark-disable, in case pytest-benchmark is missing.
-    timeout 110 python -m pytest -o addopts="" -p no:cacheprovider -q -x -rs --durations=5 \
-        tests/test_triton_cuda.py || status=1
-    if [ "${GPU_CHECK_KERNELS:-0}" = "1" ]; then
-        TRITON_INTERPRET=1 timeout 240 python -m pytest -o addopts="" -p no:cacheprovider -q -x \
-            -k triton tests/test_kernels.py || status=1
-    fi
-else
-    echo "pytest is not installed: parity tests skipped (bench_triton.py still compares with eager)"
-    status=1
-fi
-echo "parity took $((SECONDS - start)) s"
+step "kernel parity: the triton backend on CUDA tensors against the reference"
+timeout 100 python3 -m pytest -o addopts="" -p no:cacheprovider -q -rs --durations=5 \
+    tests/test_triton_cuda.py 2>&1 | tee "$out/kernel_parity.log" || status=1
 
-echo "== timings"
-start=$SECONDS
-timeout 230 python scripts/bench_triton.py --budget-s 150 || status=1
-echo "timings took $((SECONDS - start)) s; total $((SECONDS - began)) s; status $status"
+step "benchmark: lm-128k bf16 (16384 x 128256), every provider, with peak memory"
+timeout 200 python3 -m fusedce bench --device cuda --quick --workload cross_entropy/lm-128k/bf16 \
+    --mode forward --mode full --json "$out/bench_lm128k.json" 2>"$out/bench_lm128k.err" \
+    | tee "$out/bench_lm128k.txt" || status=1
+tail -3 "$out/bench_lm128k.err"
+if ! grep -q "lm-128k" "$out/bench_lm128k.txt"; then
+    echo "fusedce bench failed on CUDA: the standalone timing script instead"
+    timeout 120 python3 scripts/bench_triton.py --budget-s 90 --only "lm-128k bf16" || status=1
+fi
+
+step "benchmark: lm-32k, imagenet, seg fp32 against torch eager"
+timeout 90 python3 -m fusedce bench --device cuda --quick --no-memory --provider fusedce \
+    --provider fusedce-inplace --provider eager --workload cross_entropy/lm-32k/fp32 \
+    --workload cross_entropy/imagenet/fp32 --workload cross_entropy/seg/fp32 --mode full \
+    --json "$out/bench_fp32.json" 2>>"$out/bench_lm128k.err" | tee "$out/bench_fp32.txt" || status=1
+
+step "end-to-end parity against torch on CUDA"
+timeout 90 python3 -m fusedce check --device cuda --backend triton --quick --op cross_entropy \
+    --failures 8 2>&1 | tee "$out/check.txt" || status=1
+
+step "summary"
+echo "kernel parity: $(tail -1 "$out/kernel_parity.log")"
+echo "end-to-end parity: $(grep -E 'cases, .* passed' "$out/check.txt" || echo 'did not finish')"
+grep -hE '^(workload|lm-|imagenet|seg)' "$out/bench_lm128k.txt" "$out/bench_fp32.txt" | head -20
+echo "total $((SECONDS - began)) s; status $status"
 exit $status
