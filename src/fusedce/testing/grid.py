@@ -304,7 +304,8 @@ SPECIALS: dict[str, Callable[[Case, Inputs], None]] = {
     "label_smoothing_tensor": _set_kwarg("label_smoothing", torch.tensor(0.2)),
     "ignore_index_float": _set_kwarg("ignore_index", 1.0),
     "ignore_index_bool": _set_kwarg("ignore_index", True),
-    "ignore_index_tensor": _set_kwarg("ignore_index", torch.tensor(2)),
+    # The default -100 as a 0-dim tensor: the ignored targets stay ignored.
+    "ignore_index_tensor": _set_kwarg("ignore_index", torch.tensor(-100)),
     "reduction_invalid": _set_kwarg("reduction", "avg"),
     "reduction_none_object": _set_kwarg("reduction", None),
     "reduction_elementwise_mean": _set_kwarg("reduction", "elementwise_mean"),
