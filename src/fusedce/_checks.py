@@ -95,8 +95,10 @@ def wrap_dim(dim: int, ndim: int) -> int:
 
 def check_softmax_dtype(kernel: str, x: Tensor, dim: int) -> None:
     """torch's softmax kernels exist for floating dtypes only; the message names the kernel that
-    would run (the 'lastdim' one when the reduced dim is the innermost)."""
+    would run (on CPU the 'lastdim' one when the reduced dim is the innermost)."""
     if not x.is_floating_point():
+        if x.is_cuda:
+            raise NotImplementedError(f'"host_softmax" not implemented for \'{scalar_type_name(x.dtype)}\'')
         last = dim == x.dim() - 1 or x.dim() == 0
         name = f"{kernel}_lastdim_kernel_impl" if last else f"{kernel}_kernel_impl"
         raise NotImplementedError(f'"{name}" not implemented for \'{scalar_type_name(x.dtype)}\'')
@@ -204,13 +206,24 @@ def _check_nll_1d_2d(input: Tensor, target: Tensor, weight: Tensor | None) -> No
 
 
 def _check_nll_2d_spatial(input: Tensor, target: Tensor, weight: Tensor | None) -> None:
+    # The CUDA kernel words two of these differently (its typo included).
     if target.dim() != 3:
+        if input.is_cuda:
+            raise RuntimeError(
+                "only batches of spatial targets supported (3D tensors) but got targets of size: : "
+                f"{shape_str(target)}"
+            )
         raise RuntimeError(
             "only batches of spatial targets supported (3D tensors) but got targets of dimension: "
             f"{target.dim()}"
         )
     _check_spatial_weight(input, weight)
     if input.shape[0] != target.shape[0] or input.shape[2:] != target.shape[1:]:
+        if input.is_cuda:
+            raise RuntimeError(
+                "input and target batch or spatial sizes don't match: "
+                f"target {shape_str(target)}, input {shape_str(input)}"
+            )
         # torch's message really has a space before the comma and no closing parenthesis.
         raise RuntimeError(f"size mismatch (got input: {shape_str(input)} , target: {shape_str(target)}")
 
@@ -231,8 +244,10 @@ def check_weight_not_differentiable(input: Tensor, weight: Tensor | None) -> Non
         )
 
 
-def check_nll_dtypes(input: Tensor, target: Tensor, weight: Tensor | None) -> None:
+def check_nll_dtypes(input: Tensor, target: Tensor, weight: Tensor | None, reduction: str) -> None:
     """Target dtype, then input dtype, then weight dtype, as the kernels check them."""
+    if input.is_cuda:
+        _check_nll_dtypes_cuda(input, target, reduction)
     if target.dtype not in (torch.int64, torch.uint8):
         raise RuntimeError(
             f"expected target dtype to be Long or Byte, but got {scalar_type_name(target.dtype)}"
@@ -247,3 +262,20 @@ def check_nll_dtypes(input: Tensor, target: Tensor, weight: Tensor | None) -> No
         raise RuntimeError(
             f"expected scalar type {scalar_type_name(input.dtype)} but found {scalar_type_name(weight.dtype)}"
         )
+
+
+def _check_nll_dtypes_cuda(input: Tensor, target: Tensor, reduction: str) -> None:
+    """torch's CUDA kernels have no explicit target check: the dtype dispatch of the kernel that
+    would run refuses the target (1-D and 2-D input), or the spatial kernel's typed access does."""
+    if input.dim() >= 3:
+        if target.dtype != torch.int64:
+            raise RuntimeError(f"expected scalar type Long but found {scalar_type_name(target.dtype)}")
+        return
+    if input.dim() == 2 and reduction == "none":
+        kernel = "nll_loss_forward_no_reduce_cuda_kernel"
+    else:
+        kernel = f"nll_loss_forward_reduce_cuda_kernel_{input.dim()}d"
+    if not input.is_floating_point():
+        raise NotImplementedError(f'"{kernel}" not implemented for \'{scalar_type_name(input.dtype)}\'')
+    if target.dtype not in (torch.int64, torch.uint8):
+        raise NotImplementedError(f'"{kernel}_index" not implemented for \'{scalar_type_name(target.dtype)}\'')

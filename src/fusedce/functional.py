@@ -88,7 +88,7 @@ def _cross_entropy_index(
     _checks.check_softmax_dtype("log_softmax", input, class_dim)
     _checks.check_nll_shapes(input, target, weight)
     _checks.check_weight_not_differentiable(input, weight)
-    _checks.check_nll_dtypes(input, target, weight)
+    _checks.check_nll_dtypes(input, target, weight, reduction)
     if smoothing > 0:
         _checks.check_smoothing_quirks(input, target, weight, reduction)
 
@@ -236,7 +236,7 @@ def nll_loss(
     ignore_index = _checks.to_int_arg(fn, "ignore_index", 5, ignore_index)
     _checks.check_nll_shapes(input, target, weight)
     _checks.check_weight_not_differentiable(input, weight)
-    _checks.check_nll_dtypes(input, target, weight)
+    _checks.check_nll_dtypes(input, target, weight, mode)
 
     x = canonical(input, _class_dim(input))
     rows = canonical_rows(target, x.shape[0], x.shape[2])
