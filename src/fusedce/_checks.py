@@ -270,6 +270,9 @@ def _check_nll_dtypes_cuda(input: Tensor, target: Tensor, reduction: str) -> Non
     if input.dim() >= 3:
         if target.dtype != torch.int64:
             raise RuntimeError(f"expected scalar type Long but found {scalar_type_name(target.dtype)}")
+        if not input.is_floating_point():
+            name = scalar_type_name(input.dtype)
+            raise NotImplementedError(f'"nll_loss2d_forward_kernel" not implemented for \'{name}\'')
         return
     if input.dim() == 2 and reduction == "none":
         kernel = "nll_loss_forward_no_reduce_cuda_kernel"
