@@ -11,8 +11,8 @@ import itertools
 import pytest
 
 from fusedce import functional, testing, use_backend
-from fusedce.testing import grid
 from fusedce.kernels import available_backends
+from fusedce.testing import grid
 
 GRID = testing.default_grid()
 CANDIDATES = {op: getattr(functional, op) for op in testing.OPS}
