@@ -182,56 +182,42 @@ class NllLoss(Function):
         return None if x_tangent is None else reference.nll_jvp(target, weight, ctx.ignore_index, x_tangent)
 
 
-class LogSoftmax(Function):
-    """log_softmax over dim 1 of the canonical form; saves its output only, as torch does."""
+def _output_saving_function(name: str) -> type[Function]:
+    """The Function for log_softmax or softmax over dim 1 of the canonical form. It saves its
+    output only, as torch does: the backward and the jvp are functions of the output alone."""
+    forward_op, backward_op = getattr(ops, f"{name}_forward"), getattr(ops, f"{name}_backward")
+    differentiable_backward = getattr(reference, f"{name}_backward")
+    output_jvp = getattr(reference, f"{name}_jvp")
 
-    generate_vmap_rule = True
+    class OutputSaving(Function):
+        generate_vmap_rule = True
 
-    @staticmethod
-    def forward(x: Tensor) -> Tensor:
-        return ops.log_softmax_forward(x)
+        @staticmethod
+        def forward(x: Tensor) -> Tensor:
+            return forward_op(x)
 
-    @staticmethod
-    def setup_context(ctx: Any, inputs: tuple[Any, ...], output: Tensor) -> None:
-        ctx.save_for_backward(output)
-        ctx.save_for_forward(output)
+        @staticmethod
+        def setup_context(ctx: Any, inputs: tuple[Any, ...], output: Tensor) -> None:
+            ctx.save_for_backward(output)
+            ctx.save_for_forward(output)
 
-    @staticmethod
-    def backward(ctx: Any, grad_out: Tensor) -> Tensor:
-        (out,) = ctx.saved_tensors
-        backward = reference.log_softmax_backward if _recording_backward() else ops.log_softmax_backward
-        return backward(grad_out, out)
+        @staticmethod
+        def backward(ctx: Any, grad_out: Tensor) -> Tensor:
+            (out,) = ctx.saved_tensors
+            backward = differentiable_backward if _recording_backward() else backward_op
+            return backward(grad_out, out)
 
-    @staticmethod
-    def jvp(ctx: Any, x_tangent: Tensor) -> Tensor:
-        (out,) = ctx.saved_tensors
-        return reference.log_softmax_jvp(out, x_tangent)
+        @staticmethod
+        def jvp(ctx: Any, x_tangent: Tensor) -> Tensor:
+            (out,) = ctx.saved_tensors
+            return output_jvp(out, x_tangent)
+
+    OutputSaving.__name__ = OutputSaving.__qualname__ = "".join(p.title() for p in name.split("_"))
+    return OutputSaving
 
 
-class Softmax(Function):
-    """softmax over dim 1 of the canonical form; saves its output only, as torch does."""
-
-    generate_vmap_rule = True
-
-    @staticmethod
-    def forward(x: Tensor) -> Tensor:
-        return ops.softmax_forward(x)
-
-    @staticmethod
-    def setup_context(ctx: Any, inputs: tuple[Any, ...], output: Tensor) -> None:
-        ctx.save_for_backward(output)
-        ctx.save_for_forward(output)
-
-    @staticmethod
-    def backward(ctx: Any, grad_out: Tensor) -> Tensor:
-        (out,) = ctx.saved_tensors
-        backward = reference.softmax_backward if _recording_backward() else ops.softmax_backward
-        return backward(grad_out, out)
-
-    @staticmethod
-    def jvp(ctx: Any, x_tangent: Tensor) -> Tensor:
-        (out,) = ctx.saved_tensors
-        return reference.softmax_jvp(out, x_tangent)
+LogSoftmax = _output_saving_function("log_softmax")
+Softmax = _output_saving_function("softmax")
 
 
 class FailInBackward(Function):
