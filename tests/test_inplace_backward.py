@@ -89,3 +89,12 @@ def test_default_never_mutates_the_logits():
     before = logits.detach().clone()
     fusedce.cross_entropy(logits, torch.randint(0, 11, (8,))).backward()
     assert torch.equal(logits.detach(), before)
+
+
+def test_torch_compile_fullgraph_says_why_it_cannot_trace_it():
+    _, logits = _logits()
+    target = torch.randint(0, 11, (8,))
+    compiled = torch.compile(lambda x: fusedce.cross_entropy(x, target, inplace_backward=True),
+                             fullgraph=True, backend="aot_eager")
+    with pytest.raises(Exception, match="inplace_backward=True cannot run inside torch.compile"):
+        compiled(logits)

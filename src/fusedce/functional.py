@@ -158,6 +158,11 @@ def _check_inplace_backward(inplace_backward: bool, input: Tensor, x: Tensor) ->
     """inplace_backward must write the gradient over the user's logits, or it saves nothing."""
     if not inplace_backward:
         return
+    if torch.compiler.is_compiling():
+        raise RuntimeError(
+            "fusedce: inplace_backward=True cannot run inside torch.compile (its backward overwrites "
+            "a graph input); compile without it, or compute the loss outside the compiled region"
+        )
     if any(stride == 0 and size > 1 for size, stride in zip(input.shape, input.stride(), strict=False)):
         raise ValueError(
             "fusedce: inplace_backward=True needs logits whose elements do not overlap in memory "
