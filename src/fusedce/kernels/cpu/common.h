@@ -465,9 +465,17 @@ struct TileRows {
   void set(int64_t first, int64_t count, int64_t inner) {
     r0 = first;
     n = count;
+    // One division per tile, then a counter: a division per row was a large share of a
+    // small-C tile's time.
+    int64_t oo = inner > 0 ? first / inner : 0;
+    int64_t ii = first - oo * inner;
     for (int64_t b = 0; b < n; ++b) {
-      o[b] = (first + b) / inner;
-      i[b] = (first + b) - o[b] * inner;
+      o[b] = oo;
+      i[b] = ii;
+      if (++ii == inner) {
+        ii = 0;
+        ++oo;
+      }
     }
     one_outer = n > 0 && o[n - 1] == o[0];
   }
@@ -602,10 +610,10 @@ inline void tile_lse(const acc* tile, int64_t ld, int64_t classes, int64_t n, ac
       s += (AVec::loadu(tile + c * ld + lb) - m).exp_u20();
     }
     m.store(max_out + lb);
-    s.store(lse + lb);
-  }
-  for (int64_t b = 0; b < n; ++b) {
-    lse[b] = lse_from(max_out[b], lse[b]);
+    // lse_from, a vector at a time (a scalar log per row was most of a small-C tile's time):
+    // max - max is 0 for a finite max and NaN otherwise, so a row that is all -inf, or holds
+    // +inf or NaN, gets a NaN lse.
+    (m + s.log() + (m - m)).store(lse + lb);
   }
 }
 
