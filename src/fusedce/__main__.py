@@ -5,19 +5,14 @@ from __future__ import annotations
 import argparse
 import sys
 
-from . import checkcli
+from . import bench, checkcli
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m fusedce", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
     checkcli.add_parser(commands)
-    try:
-        from . import bench
-    except ImportError:  # pragma: no cover - the bench module ships with the package
-        bench = None  # type: ignore[assignment]
-    if bench is not None:
-        bench.add_parser(commands)
+    bench.add_parser(commands)
     args = parser.parse_args(argv)
     return int(args.run(args))
 
