@@ -173,3 +173,16 @@ def test_opcheck():
     ]
     for op, args in samples:
         torch.library.opcheck(op, args, test_utils=("test_schema", "test_faketensor", "test_autograd_registration"))
+
+
+@pytest.mark.parametrize("name", CALLS)
+def test_meta_tensors_give_torch_shapes_and_dtypes(name):
+    """On the meta device the registered ops' fake kernels run, forward and backward."""
+    x, t, p, w = (a.detach().to("meta") for a in _inputs())
+    x.requires_grad_()
+    args, fn = CALLS[name](x, t, p, w)
+    ours = fn(*args)
+    theirs = TORCH_CALLS[name](x, t, p, w)
+    assert (ours.shape, ours.dtype, ours.device) == (theirs.shape, theirs.dtype, theirs.device)
+    (grad,) = torch.autograd.grad(ours.sum(), x)
+    assert grad.shape == x.shape and grad.is_meta

@@ -151,8 +151,9 @@ class _Ops:
 
     On plain tensors in eager mode a call goes straight to the backend: the dispatcher round
     trip into Python costs more than a small loss's whole kernel. Anything else (torch.compile,
-    FakeTensor and other subclasses, functorch transforms, a TorchDispatchMode such as a FLOP
-    counter) goes through the registered torch.library op, which is what those mechanisms see.
+    FakeTensor and other subclasses, meta tensors, functorch transforms, a TorchDispatchMode such
+    as a FLOP counter) goes through the registered torch.library op, which is what those
+    mechanisms see (meta tensors get the fake kernel).
     """
 
     def __init__(self) -> None:
@@ -169,6 +170,7 @@ def _direct_or_registered(name: str) -> Callable[..., Any]:
         if (
             not torch.compiler.is_compiling()
             and type(args[0]) is Tensor
+            and not args[0].is_meta
             and not torch._C._are_functorch_transforms_active()
             and torch._C._len_torch_dispatch_stack() == 0
         ):
