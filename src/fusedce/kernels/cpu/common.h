@@ -575,6 +575,41 @@ inline acc* direct_tile(const View3<scalar_t>& x, const TileRows& rows, int64_t 
   return nullptr;
 }
 
+// One tile that is read from x and written to out. Full float32/float64 tiles are used where
+// they lie (every element is read before it is written, so out may be x); the others are
+// gathered into the scratch tile here, and finish() scatters the scratch back to out.
+template <typename acc, typename scalar_t>
+struct InOutTile {
+  const acc* src;
+  acc* dst;
+  int64_t sld, dld;  // leading dimensions: the class strides, or the scratch's ld
+
+  InOutTile(const View3<const scalar_t>& x, const View3<scalar_t>& out, int64_t classes,
+            const TileRows& rows, acc* scratch, int64_t ld)
+      : src(direct_tile<acc>(x, rows, ld)), dst(direct_tile<acc>(out, rows, ld)), sld(x.s1),
+        dld(out.s1), out_(out), rows_(rows), scratch_(scratch), classes_(classes), ld_(ld) {
+    direct_ = src != nullptr && dst != nullptr;
+    if (!direct_) {
+      gather_tile(x, classes, rows, scratch, ld);
+      src = dst = scratch;
+      sld = dld = ld;
+    }
+  }
+
+  void finish() const {
+    if (!direct_) {
+      scatter_tile(scratch_, ld_, classes_, rows_, out_);
+    }
+  }
+
+ private:
+  const View3<scalar_t>& out_;
+  const TileRows& rows_;
+  acc* scratch_;
+  int64_t classes_, ld_;
+  bool direct_ = false;
+};
+
 // Runs f(rows, scratch...) over every tile in parallel. Each task owns `buffers` scratch tiles
 // of classes*ld accumulation values.
 template <typename acc, typename F>

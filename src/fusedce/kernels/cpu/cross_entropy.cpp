@@ -195,17 +195,10 @@ void ce_backward_kernel(const Tensor& grad_loss, const Tensor& x, const Tensor& 
   }
 
   for_each_tile<acc>(outer, inner, classes, 1, [&](const TileRows& rows, acc* tile, int64_t ld) {
-    // float32/float64 full tiles go from x straight to out (each element is read before it is
-    // written, so out may be x); the others through the scratch tile.
-    const acc* src = direct_tile<acc>(xv, rows, ld);
-    acc* dst = direct_tile<acc>(ov, rows, ld);
-    int64_t sld = xv.s1, dld = ov.s1;
-    const bool direct = src != nullptr && dst != nullptr;
-    if (!direct) {
-      gather_tile(xv, classes, rows, tile, ld);
-      src = dst = tile;
-      sld = dld = ld;
-    }
+    InOutTile<acc, scalar_t> io(xv, ov, classes, rows, tile, ld);
+    const acc* src = io.src;
+    acc* dst = io.dst;
+    const int64_t sld = io.sld, dld = io.dld;
     __at_align__ acc row_lse[kMaxTileRows], coef[kMaxTileRows], sw[kMaxTileRows];
     Coefs k[kMaxTileRows];
     for (int64_t b = 0; b < ld; ++b) {
@@ -235,9 +228,7 @@ void ce_backward_kernel(const Tensor& grad_loss, const Tensor& x, const Tensor& 
     for (int64_t b = 0; b < rows.n; ++b) {
       dst[k[b].t * dld + b] -= k[b].tg;
     }
-    if (!direct) {
-      scatter_tile(tile, ld, classes, rows, ov);
-    }
+    io.finish();
   });
 }
 

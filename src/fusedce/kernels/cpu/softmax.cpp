@@ -49,16 +49,10 @@ void softmax_forward_kernel(const Tensor& x, Tensor& out) {
   }
 
   for_each_tile<acc>(outer, inner, classes, 1, [&](const TileRows& rows, acc* tile, int64_t ld) {
-    // float32/float64 full tiles go from x straight to out; the others through the scratch tile.
-    const acc* src = direct_tile<acc>(xv, rows, ld);
-    acc* dst = direct_tile<acc>(ov, rows, ld);
-    int64_t sld = xv.s1, dld = ov.s1;
-    const bool direct = src != nullptr && dst != nullptr;
-    if (!direct) {
-      gather_tile(xv, classes, rows, tile, ld);
-      src = dst = tile;
-      sld = dld = ld;
-    }
+    InOutTile<acc, scalar_t> io(xv, ov, classes, rows, tile, ld);
+    const acc* src = io.src;
+    acc* dst = io.dst;
+    const int64_t sld = io.sld, dld = io.dld;
     __at_align__ acc m[kMaxTileRows], row_lse[kMaxTileRows];
     tile_lse(src, sld, classes, rows.n, m, row_lse);
     dispatch_exp(all_finite(row_lse, rows.n), [&](auto exp_fn) {
@@ -74,9 +68,7 @@ void softmax_forward_kernel(const Tensor& x, Tensor& out) {
         }
       }
     });
-    if (!direct) {
-      scatter_tile(tile, ld, classes, rows, ov);
-    }
+    io.finish();
   });
 }
 
