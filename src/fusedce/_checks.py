@@ -67,6 +67,14 @@ def to_int_arg(fn: str, name: str, position: int, value: object) -> int:
     return int(value)
 
 
+def loss_arguments(fn: str, input: object, target: object, weight: object, ignore_index: object) -> int:
+    """The argument types both losses' C++ bindings check, in their order; returns ignore_index."""
+    check_tensor(fn, "input", 1, input)
+    check_tensor(fn, "target", 2, target)
+    check_tensor(fn, "weight", 3, weight, optional=True)
+    return to_int_arg(fn, "ignore_index", 5, ignore_index)
+
+
 def to_float_arg(fn: str, name: str, position: int, value: object) -> float:
     """A float argument: floats, ints, bools and 0-dim tensors pass."""
     if type(value) is float:  # the common case, checked cheaply
@@ -282,3 +290,10 @@ def _check_nll_dtypes_cuda(input: Tensor, target: Tensor, reduction: str) -> Non
         raise NotImplementedError(f'"{kernel}" not implemented for \'{scalar_type_name(input.dtype)}\'')
     if target.dtype not in (torch.int64, torch.uint8):
         raise NotImplementedError(f'"{kernel}_index" not implemented for \'{scalar_type_name(target.dtype)}\'')
+
+
+def check_nll(input: Tensor, target: Tensor, weight: Tensor | None, reduction: str) -> None:
+    """Every check of nll_loss (and of cross_entropy's index path after its log_softmax)."""
+    check_nll_shapes(input, target, weight)
+    check_weight_not_differentiable(input, weight)
+    check_nll_dtypes(input, target, weight, reduction)

@@ -58,12 +58,8 @@ def cross_entropy(
     LM-head case), and never with ``create_graph=True``.
     """
     mode = _resolve_reduction(size_average, reduce, reduction)
-    fn = "cross_entropy_loss"
-    _checks.check_tensor(fn, "input", 1, input)
-    _checks.check_tensor(fn, "target", 2, target)
-    _checks.check_tensor(fn, "weight", 3, weight, optional=True)
-    ignore_index = _checks.to_int_arg(fn, "ignore_index", 5, ignore_index)
-    smoothing = _checks.to_float_arg(fn, "label_smoothing", 6, label_smoothing)
+    ignore_index = _checks.loss_arguments("cross_entropy_loss", input, target, weight, ignore_index)
+    smoothing = _checks.to_float_arg("cross_entropy_loss", "label_smoothing", 6, label_smoothing)
     if _checks.is_probability_target(input, target):
         return _cross_entropy_prob(input, target, weight, ignore_index, smoothing, mode, inplace_backward)
     return _cross_entropy_index(input, target, weight, ignore_index, smoothing, mode, inplace_backward)
@@ -86,9 +82,7 @@ def _cross_entropy_index(
     smoothing = _checks.check_label_smoothing(smoothing)
     class_dim = _checks.wrap_dim(_class_dim(input), input.dim())
     _checks.check_softmax_dtype("log_softmax", input, class_dim)
-    _checks.check_nll_shapes(input, target, weight)
-    _checks.check_weight_not_differentiable(input, weight)
-    _checks.check_nll_dtypes(input, target, weight, reduction)
+    _checks.check_nll(input, target, weight, reduction)
     if smoothing > 0:
         _checks.check_smoothing_quirks(input, target, weight, reduction)
 
@@ -234,14 +228,8 @@ def nll_loss(
 ) -> Tensor:
     """``torch.nn.functional.nll_loss``."""
     mode = _resolve_reduction(size_average, reduce, reduction)
-    fn = "nll_loss_nd"
-    _checks.check_tensor(fn, "input", 1, input)
-    _checks.check_tensor(fn, "target", 2, target)
-    _checks.check_tensor(fn, "weight", 3, weight, optional=True)
-    ignore_index = _checks.to_int_arg(fn, "ignore_index", 5, ignore_index)
-    _checks.check_nll_shapes(input, target, weight)
-    _checks.check_weight_not_differentiable(input, weight)
-    _checks.check_nll_dtypes(input, target, weight, mode)
+    ignore_index = _checks.loss_arguments("nll_loss_nd", input, target, weight, ignore_index)
+    _checks.check_nll(input, target, weight, mode)
 
     x = canonical(input, _class_dim(input))
     rows = canonical_rows(target, x.shape[0], x.shape[2])
