@@ -246,68 +246,37 @@ def _without_jvp(function: type[Function]) -> type[Function]:
     return type(function.__name__, (function,), {"jvp": Function.jvp})
 
 
-_CrossEntropyTraced = _without_jvp(CrossEntropy)
-_CrossEntropyProbTraced = _without_jvp(CrossEntropyProb)
-_NllLossTraced = _without_jvp(NllLoss)
-_LogSoftmaxTraced = _without_jvp(LogSoftmax)
-_SoftmaxTraced = _without_jvp(Softmax)
+def _entry_point(function: type[Function]) -> Any:
+    """How functional applies ``function``.
 
+    In eager mode: ``Function.apply`` without its per-call ``inspect.signature`` binding of
+    default arguments (tens of microseconds, the largest cost of a small loss). Our callers pass
+    every argument positionally, so there is nothing to bind; the C apply is what remains.
+    functorch transforms, and tensors that escaped one, take the full apply.
 
-def _eager_apply(function: type[Function]) -> Any:
-    """``Function.apply`` without its per-call ``inspect.signature`` binding of default
-    arguments (tens of microseconds, the largest cost of a small loss). Our callers always pass
-    every argument positionally, so there is nothing to bind; the C apply is what remains."""
+    While torch.compile traces: the jvp-less variant through the ordinary apply (Dynamo follows
+    a plain conditional on is_compiling, but not the C apply).
+    """
+    traced = _without_jvp(function)
     fast = super(Function, function).apply  # type: ignore[misc]
-
     wrapped = torch._C._functorch.is_functorch_wrapped_tensor
 
     def apply(*args: Any) -> Any:
+        if torch.compiler.is_compiling():
+            return traced.apply(*args)
         if torch._C._are_functorch_transforms_active():
-            return function.apply(*args)  # functorch needs the full path
+            return function.apply(*args)
         for a in args:
-            if isinstance(a, Tensor) and wrapped(a):  # a tensor escaped from a finished transform
+            if isinstance(a, Tensor) and wrapped(a):
                 return function.apply(*args)
         return fast(*args)
 
     return apply
 
 
-_apply_cross_entropy = _eager_apply(CrossEntropy)
-_apply_cross_entropy_prob = _eager_apply(CrossEntropyProb)
-_apply_nll_loss = _eager_apply(NllLoss)
-_apply_log_softmax = _eager_apply(LogSoftmax)
-_apply_softmax = _eager_apply(Softmax)
-
-# The entry points functional calls. While torch.compile traces, the jvp-less variant goes
-# through the ordinary apply (Dynamo follows a plain conditional on is_compiling, but neither a
-# lookup of the class in a dict nor the C apply).
-
-
-def cross_entropy(*args: Any) -> tuple[Tensor, Tensor]:
-    if torch.compiler.is_compiling():
-        return _CrossEntropyTraced.apply(*args)
-    return _apply_cross_entropy(*args)
-
-
-def cross_entropy_prob(*args: Any) -> tuple[Tensor, Tensor]:
-    if torch.compiler.is_compiling():
-        return _CrossEntropyProbTraced.apply(*args)
-    return _apply_cross_entropy_prob(*args)
-
-
-def nll_loss(*args: Any) -> Tensor:
-    if torch.compiler.is_compiling():
-        return _NllLossTraced.apply(*args)
-    return _apply_nll_loss(*args)
-
-
-def log_softmax(x: Tensor) -> Tensor:
-    if torch.compiler.is_compiling():
-        return _LogSoftmaxTraced.apply(x)
-    return _apply_log_softmax(x)
-
-
-def softmax(x: Tensor) -> Tensor:
-    if torch.compiler.is_compiling():
-        return _SoftmaxTraced.apply(x)
-    return _apply_softmax(x)
+# The entry points functional calls.
+cross_entropy = _entry_point(CrossEntropy)
+cross_entropy_prob = _entry_point(CrossEntropyProb)
+nll_loss = _entry_point(NllLoss)
+log_softmax = _entry_point(LogSoftmax)
+softmax = _entry_point(Softmax)
