@@ -339,13 +339,6 @@ inline void prefetch(const scalar_t* next, int64_t j) {
   }
 }
 
-// lse from a row's max m and its Σ exp(x - m): NaN unless m is finite (a row that is all -inf, or
-// holds +inf or NaN), exactly as reference.logsumexp.
-template <typename acc>
-inline acc lse_from(acc m, acc sum) {
-  return std::isfinite(m) ? m + std::log(sum) : kNaN<acc>;
-}
-
 // Below this many classes a row fills less than two vectors, and the row path spends its time
 // on partial loads and per-row scalar work (about 80 ns a row at C = 10); the tile path, with its
 // lanes across rows, does the same rows several times faster.
@@ -638,16 +631,16 @@ inline void tile_lse(const acc* tile, int64_t ld, int64_t classes, int64_t n, ac
     for (int64_t c = 0; c < classes; ++c) {
       m = at::vec::maximum(m, AVec::loadu(tile + c * ld + lb));
     }
-    // Lanes whose max is not finite come out NaN from lse_from; what exp_u20 makes of them in
-    // between does not matter.
+    // Lanes whose max is not finite come out NaN below; what exp_u20 makes of them in between
+    // does not matter.
     AVec s(0);
     for (int64_t c = 0; c < classes; ++c) {
       s += (AVec::loadu(tile + c * ld + lb) - m).exp_u20();
     }
     m.store(max_out + lb);
-    // lse_from, a vector at a time (a scalar log per row was most of a small-C tile's time):
-    // max - max is 0 for a finite max and NaN otherwise, so a row that is all -inf, or holds
-    // +inf or NaN, gets a NaN lse.
+    // lse = max + log(sum), a vector at a time (a scalar log per row was most of a small-C
+    // tile's time). max - max is 0 for a finite max and NaN otherwise, so a row that is all
+    // -inf, or holds +inf or NaN, gets a NaN lse, as in reference.logsumexp.
     (m + s.log() + (m - m)).store(lse + lb);
   }
 }
