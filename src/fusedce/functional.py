@@ -7,6 +7,7 @@ over the per-row losses the kernels return. That keeps 'none' free, and there is
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Callable
 from typing import Literal
 
@@ -57,12 +58,23 @@ def cross_entropy(
     overwrites the logits: use it only when nothing else reads them after the loss (the usual
     LM-head case), and never with ``create_graph=True``.
     """
+    if type(input) is not Tensor and _is_dtensor(input):  # tensor parallelism: fusedce.distributed
+        from .distributed import dtensor
+
+        args = (size_average, ignore_index, reduce, reduction, label_smoothing, inplace_backward)
+        return dtensor.cross_entropy(input, target, weight, *args)
     mode = _resolve_reduction(size_average, reduce, reduction)
     ignore_index = _checks.loss_arguments("cross_entropy_loss", input, target, weight, ignore_index)
     smoothing = _checks.to_float_arg("cross_entropy_loss", "label_smoothing", 6, label_smoothing)
     if _checks.is_probability_target(input, target):
         return _cross_entropy_prob(input, target, weight, ignore_index, smoothing, mode, inplace_backward)
     return _cross_entropy_index(input, target, weight, ignore_index, smoothing, mode, inplace_backward)
+
+
+def _is_dtensor(x: object) -> bool:
+    """A DTensor, checked without importing torch.distributed.tensor: none exists until it is."""
+    module = sys.modules.get("torch.distributed.tensor")
+    return module is not None and isinstance(x, module.DTensor)
 
 
 def _class_dim(input: Tensor) -> int:

@@ -1,0 +1,182 @@
+"""The per-rank arithmetic on the local slice of the classes: torch ops, in row chunks.
+
+Each function walks the rows in chunks of about ``_CHUNK_ELEMENTS`` logits, so that the chunk's
+temporaries stay in cache: from memory's point of view each function reads the local logits once
+(and the backward writes the gradient once), although torch runs several elementwise passes over
+each chunk. No temporary of the local logits' full size is ever allocated.
+
+Every shift is by the *global* row max ``M`` (all-reduced before these run), so the quantities
+are torch's shift-invariant ``(x - M) - log S``, never ``x - lse`` with a rounded ``lse``.
+
+After the kernel change that makes ``ops.ce_forward`` return per-row ``[max, log Σ exp(x - max)]``
+the forward sums here can come from the fused kernel instead (see ``row_max``); the formulas
+stay the same.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import torch
+from torch import Tensor
+
+from ..kernels.reference import accumulation_dtype
+
+# About 512 KiB of float32 per chunk: small enough for a core's L2, large enough that the
+# per-chunk Python overhead (a few microseconds per torch call) stays small.
+_CHUNK_ELEMENTS = 1 << 17
+
+
+def _chunks(x: Tensor) -> Iterator[slice]:
+    """Slices of the outer dim of a canonical ``(outer, C, inner)`` tensor."""
+    per_outer = max(x.shape[1] * x.shape[2], 1)
+    step = max(1, _CHUNK_ELEMENTS // per_outer)
+    for start in range(0, x.shape[0], step):
+        yield slice(start, min(start + step, x.shape[0]))
+
+
+def row_max(x: Tensor) -> Tensor:
+    """The ``(outer, inner)`` max over the local classes, in the accumulation dtype.
+
+    ``-inf`` for a rank that holds no class (an empty shard), so that it never wins the MAX.
+    Non-floating input gives zeros: the caller's dtype check raises torch's error after the
+    collective, on every rank alike.
+    """
+    acc = accumulation_dtype(x.dtype)
+    rows = (x.shape[0], x.shape[2])
+    if x.shape[1] == 0:
+        return torch.full(rows, float("-inf"), dtype=acc, device=x.device)
+    if not x.is_floating_point():
+        return torch.zeros(rows, dtype=acc, device=x.device)
+    return x.amax(dim=1).to(acc)
+
+
+def _shifted(x: Tensor, global_max: Tensor, rows: slice) -> Tensor:
+    """``x - M`` for a chunk of rows, in the accumulation dtype (a chunk-sized temporary)."""
+    acc = accumulation_dtype(x.dtype)
+    return torch.sub(x[rows].to(acc), global_max[rows].unsqueeze(1))
+
+
+def index_sums(x: Tensor, global_max: Tensor, weight: Tensor | None, smoothing: bool, out: Tensor) -> None:
+    """Write ``Σ_c exp(x_c - M)`` into ``out[0]`` and, with smoothing, ``Σ_c w_c·(M - x_c)``
+    into ``out[2]``: this rank's share of each row's sums (``out`` is ``(k, outer, inner)``).
+
+    Each smoothing term is non-negative (for non-negative weights), so the global sum has no
+    cancellation, unlike ``W·M - Σ w·x``.
+    """
+    for rows in _chunks(x):
+        d = _shifted(x, global_max, rows)
+        if smoothing:
+            gaps = d.sum(1) if weight is None else torch.einsum("ocr,c->or", d, weight)
+            out[2, rows] = gaps.neg_()
+        out[0, rows] = d.exp_().sum(1)
+
+
+def prob_sums(
+    x: Tensor, target: Tensor, global_max: Tensor, weight: Tensor | None, smoothing: bool, out: Tensor
+) -> None:
+    """This rank's share of the probability path's row sums, into ``out`` ``(k, outer, inner)``:
+    ``[Σ exp(x - M), Σ w·t, Σ w·t·(M - x)]`` and, with smoothing, ``Σ w·(M - x)``."""
+    for rows in _chunks(x):
+        d = _shifted(x, global_max, rows)
+        t = target[rows].to(d.dtype)
+        wt = t if weight is None else t * weight.view(1, -1, 1)
+        out[1, rows] = wt.sum(1)
+        out[2, rows] = (wt * d).sum(1).neg_()
+        if smoothing:
+            gaps = d.sum(1) if weight is None else torch.einsum("ocr,c->or", d, weight)
+            out[3, rows] = gaps.neg_()
+        out[0, rows] = d.exp_().sum(1)
+
+
+def _probabilities(x: Tensor, global_max: Tensor, log_sum: Tensor, rows: slice) -> Tensor:
+    """``p = exp((x - M) - log S)`` for a chunk, in the accumulation dtype."""
+    d = _shifted(x, global_max, rows)
+    return d.sub_(log_sum[rows].unsqueeze(1)).exp_()
+
+
+def index_grad(
+    x: Tensor,
+    global_max: Tensor,
+    log_sum: Tensor,
+    prob_coef: Tensor,
+    smooth_coef: Tensor | None,
+    weight: Tensor | None,
+    target_coef: Tensor,
+    local_target: Tensor,
+    out: Tensor,
+) -> None:
+    """``grad_c = prob_coef·p_c - smooth_coef·w_c - target_coef·[c == t]`` into ``out``.
+
+    The coefficients are per row: ``target_coef`` is zero where this rank does not hold the
+    row's target, and ``local_target`` is the target's index in this rank's slice (0 there).
+    ``smooth_coef`` is None without label smoothing; ``weight`` None means all ones.
+    """
+    for rows in _chunks(x):
+        grad = _probabilities(x, global_max, log_sum, rows).mul_(prob_coef[rows].unsqueeze(1))
+        if smooth_coef is not None:
+            coef = smooth_coef[rows].unsqueeze(1)
+            if weight is None:
+                grad.sub_(coef)
+            else:
+                grad.addcmul_(coef, weight.view(1, -1, 1), value=-1)
+        grad.scatter_add_(1, local_target[rows].unsqueeze(1), target_coef[rows].neg().unsqueeze(1))
+        out[rows] = grad
+
+
+def prob_grad(
+    x: Tensor,
+    target: Tensor,
+    global_max: Tensor,
+    log_sum: Tensor,
+    grad_loss: Tensor,
+    target_sum: Tensor,
+    weight: Tensor | None,
+    smoothing: float,
+    num_classes: int,
+    out: Tensor,
+) -> None:
+    """``grad_c = g·(A·p_c - w_c·t'_c)`` into ``out``, with ``A = Σ_k w_k·t'_k`` (global, per row)."""
+    for rows in _chunks(x):
+        grad = _probabilities(x, global_max, log_sum, rows).mul_((grad_loss[rows] * target_sum[rows]).unsqueeze(1))
+        wt = smoothed(target[rows].to(grad.dtype), smoothing, num_classes)
+        if weight is not None:
+            wt = wt * weight.view(1, -1, 1)
+        grad.sub_(wt.mul_(grad_loss[rows].unsqueeze(1)))
+        out[rows] = grad
+
+
+def smoothed(t: Tensor, smoothing: float, num_classes: int) -> Tensor:
+    """``t' = t·(1-ε) + ε/C`` with the global ``C``."""
+    return t * (1 - smoothing) + smoothing / num_classes if smoothing > 0 else t
+
+
+def neg_log_probs(x: Tensor, global_max: Tensor, log_sum: Tensor, rows: slice) -> Tensor:
+    """``-log p = log S - (x - M)`` for a chunk, in the accumulation dtype."""
+    return _shifted(x, global_max, rows).neg_().add_(log_sum[rows].unsqueeze(1))
+
+
+def prob_target_grad(
+    x: Tensor, global_max: Tensor, log_sum: Tensor, grad_loss: Tensor, weight: Tensor | None,
+    smoothing: float, out: Tensor,
+) -> None:
+    """``∂loss/∂t_c = g·(1-ε)·w_c·(log S - (x_c - M))`` into ``out`` (this rank's classes)."""
+    scale = 1 - smoothing if smoothing > 0 else 1.0
+    for rows in _chunks(x):
+        grad = neg_log_probs(x, global_max, log_sum, rows).mul_((scale * grad_loss[rows]).unsqueeze(1))
+        if weight is not None:
+            grad.mul_(weight.view(1, -1, 1))
+        out[rows] = grad
+
+
+def prob_weight_grad(
+    x: Tensor, target: Tensor, global_max: Tensor, log_sum: Tensor, grad_loss: Tensor,
+    smoothing: float, num_classes: int,
+) -> Tensor:
+    """``∂loss/∂w_c = Σ_rows g·t'_c·(log S - (x_c - M))`` for this rank's classes."""
+    total = torch.zeros(x.shape[1], dtype=accumulation_dtype(x.dtype), device=x.device)
+    for rows in _chunks(x):
+        nlp = neg_log_probs(x, global_max, log_sum, rows)
+        t = smoothed(target[rows].to(nlp.dtype), smoothing, num_classes)
+        total += torch.einsum("ocr,ocr,or->c", t, nlp, grad_loss[rows].to(nlp.dtype))
+    return total
