@@ -5,7 +5,7 @@ the log-probabilities are never materialised: the same values, gradients, dtypes
 errors as torch, in less time and memory.
 """
 
-from . import functional
+from . import distributed, functional
 from .functional import cross_entropy, log_softmax, nll_loss, softmax
 from .kernels import available_backends, use_backend
 from .modules import CrossEntropyLoss, LogSoftmax, NLLLoss, Softmax
@@ -20,6 +20,7 @@ __all__ = [
     "Softmax",
     "available_backends",
     "cross_entropy",
+    "distributed",
     "functional",
     "log_softmax",
     "nll_loss",
