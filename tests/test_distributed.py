@@ -115,13 +115,14 @@ class Case:
 
     def __init__(self, seed: int, shape: tuple[int, ...], kind: str, *, weight: bool = False, ignore: int = -100,
                  smoothing: float = 0.0, reduction: str = "mean", dtype: torch.dtype = torch.float64,
-                 targets: str = "random", split: str = "uneven", legacy: dict[str, Any] | None = None) -> None:
+                 targets: str = "random", split: str = "uneven", legacy: dict[str, Any] | None = None,
+                 shift: float = 0.0) -> None:
         self.label = (f"#{seed} {shape} {kind} w={weight} ignore={ignore} eps={smoothing} {reduction} "
-                      f"{dtype} targets={targets} split={split} legacy={legacy}")
+                      f"{dtype} targets={targets} split={split} legacy={legacy} shift={shift}")
         gen = torch.Generator().manual_seed(seed)
         self.class_dim = 0 if len(shape) == 1 else 1
         classes = shape[self.class_dim]
-        self.logits = (torch.randn(shape, generator=gen, dtype=torch.float64) * 3).to(dtype)
+        self.logits = (torch.randn(shape, generator=gen, dtype=torch.float64) * 3 + shift).to(dtype)
         rows = shape[:self.class_dim] + shape[self.class_dim + 1:]
         if kind == "prob":
             self.target = torch.randn(shape, generator=gen, dtype=torch.float64).softmax(self.class_dim).to(dtype)
@@ -207,6 +208,10 @@ def _grid() -> list[Case]:
             cases.append(Case(next(seed), (4, 9), kind, weight=True, smoothing=smoothing, split="empty"))
             cases.append(Case(next(seed), (8, 11), kind, weight=True, smoothing=smoothing, dtype=torch.float32))
             cases.append(Case(next(seed), (2, 7, 2, 3), kind, weight=True, smoothing=smoothing))
+            # Shift invariance: logits near 60000 in float32, where x - lse with a rounded lse
+            # would be off by ulp(60000) = 0.004.
+            cases.append(Case(next(seed), (6, 9), kind, smoothing=smoothing, dtype=torch.float32, shift=6e4,
+                              reduction="none"))
     cases.append(Case(next(seed), (4, 7), "index", legacy={"size_average": False}))
     cases.append(Case(next(seed), (4, 7), "index", weight=True, legacy={"reduce": False}))
     cases.append(Case(next(seed), (0, 7), "index", reduction="mean"))

@@ -73,20 +73,20 @@ class VocabParallelCrossEntropy(Function):
             loss = (1 - smoothing) * loss + (smoothing / num_classes) * smooth
 
         ctx.smoothing, ctx.num_classes, ctx.total_weight = smoothing, num_classes, total_weight
-        ctx.save_for_backward(x, global_max, log_sum, w_target, local_target, owned, valid, w_local)
+        ctx.save_for_backward(x, global_max, packed[0], w_target, local_target, owned, valid, w_local)
         return torch.where(valid, loss, 0)
 
     @staticmethod
     @once_differentiable
     def backward(ctx: Any, grad_loss: Tensor) -> tuple[Tensor | None, ...]:
-        x, global_max, log_sum, w_target, local_target, owned, valid, w_local = ctx.saved_tensors
+        x, global_max, sum_exp, w_target, local_target, owned, valid, w_local = ctx.saved_tensors
         nones = (None,) * 8
         if not ctx.needs_input_grad[0]:
             return (None, *nones)
         eps, num_classes = ctx.smoothing, ctx.num_classes
         # g multiplies the bracket rather than replacing it, so an ignored NaN row keeps its NaN
         # gradient, as in torch; an all-ignored 'mean' (g = 1/0 everywhere) gives zeros.
-        g = torch.where(valid, grad_loss.to(log_sum.dtype), 0)
+        g = torch.where(valid, grad_loss.to(sum_exp.dtype), 0)
         target_coef = (1 - eps) * g * w_target if eps > 0 else g * w_target
         smooth_coef = g * (eps / num_classes) if eps > 0 else None
         prob_coef = target_coef + smooth_coef * ctx.total_weight if smooth_coef is not None else target_coef
@@ -94,7 +94,7 @@ class VocabParallelCrossEntropy(Function):
         grad = torch.empty(x.shape, dtype=x.dtype, device=x.device)
         if x.shape[1]:
             _local.index_grad(
-                x, global_max, log_sum, prob_coef, smooth_coef, w_local, target_coef, local_target, grad
+                x, global_max, sum_exp, prob_coef, smooth_coef, w_local, target_coef, local_target, grad
             )
         return (grad, *nones)
 
@@ -135,19 +135,19 @@ class VocabParallelCrossEntropyProb(Function):
             gaps = (1 - smoothing) * gaps + share * packed[3]
         ctx.smoothing, ctx.num_classes, ctx.offset, ctx.group = smoothing, num_classes, offset, group
         ctx.weight_dtype = None if weight is None else weight.dtype
-        ctx.save_for_backward(x, target, w_local, global_max, log_sum, target_sum)
+        ctx.save_for_backward(x, target, w_local, global_max, packed[0], log_sum, target_sum)
         return target_sum * log_sum + gaps
 
     @staticmethod
     @once_differentiable
     def backward(ctx: Any, grad_loss: Tensor) -> tuple[Tensor | None, ...]:
-        x, target, w_local, global_max, log_sum, target_sum = ctx.saved_tensors
+        x, target, w_local, global_max, sum_exp, log_sum, target_sum = ctx.saved_tensors
         eps, num_classes = ctx.smoothing, ctx.num_classes
         g = grad_loss.to(log_sum.dtype)
         grad_x = grad_target = grad_weight = None
         if ctx.needs_input_grad[0]:
             grad_x = torch.empty(x.shape, dtype=x.dtype, device=x.device)
-            _local.prob_grad(x, target, global_max, log_sum, g, target_sum, w_local, eps, num_classes, grad_x)
+            _local.prob_grad(x, target, global_max, sum_exp, g, target_sum, w_local, eps, num_classes, grad_x)
         if ctx.needs_input_grad[1]:
             grad_target = torch.empty(target.shape, dtype=target.dtype, device=target.device)
             _local.prob_target_grad(x, global_max, log_sum, g, w_local, eps, grad_target)

@@ -89,16 +89,21 @@ def prob_sums(
         out[0, rows] = d.exp_().sum(1)
 
 
-def _probabilities(x: Tensor, global_max: Tensor, log_sum: Tensor, rows: slice) -> Tensor:
-    """``p = exp((x - M) - log S)`` for a chunk, in the accumulation dtype."""
-    d = _shifted(x, global_max, rows)
-    return d.sub_(log_sum[rows].unsqueeze(1)).exp_()
+def _scaled_probabilities(x: Tensor, global_max: Tensor, scale: Tensor, rows: slice, out: Tensor) -> Tensor:
+    """``scale·exp(x - M)`` for a chunk, in the accumulation dtype: with ``scale = c / S`` this
+    is ``c·p``, exact to a few ulp and shift-invariant (no ``x - lse`` with a rounded lse).
+    Computed in place in ``out[rows]`` when ``out`` has the accumulation dtype (no temporary)."""
+    acc = accumulation_dtype(x.dtype)
+    shifted = x[rows].to(acc) - global_max[rows].unsqueeze(1) if out.dtype != acc else torch.sub(
+        x[rows], global_max[rows].unsqueeze(1), out=out[rows]
+    )
+    return shifted.exp_().mul_(scale[rows].unsqueeze(1))
 
 
 def index_grad(
     x: Tensor,
     global_max: Tensor,
-    log_sum: Tensor,
+    sum_exp: Tensor,
     prob_coef: Tensor,
     smooth_coef: Tensor | None,
     weight: Tensor | None,
@@ -112,8 +117,9 @@ def index_grad(
     row's target, and ``local_target`` is the target's index in this rank's slice (0 there).
     ``smooth_coef`` is None without label smoothing; ``weight`` None means all ones.
     """
+    scale = prob_coef / sum_exp
     for rows in _chunks(x):
-        grad = _probabilities(x, global_max, log_sum, rows).mul_(prob_coef[rows].unsqueeze(1))
+        grad = _scaled_probabilities(x, global_max, scale, rows, out)
         if smooth_coef is not None:
             coef = smooth_coef[rows].unsqueeze(1)
             if weight is None:
@@ -121,14 +127,15 @@ def index_grad(
             else:
                 grad.addcmul_(coef, weight.view(1, -1, 1), value=-1)
         grad.scatter_add_(1, local_target[rows].unsqueeze(1), target_coef[rows].neg().unsqueeze(1))
-        out[rows] = grad
+        if grad.dtype != out.dtype:
+            out[rows] = grad
 
 
 def prob_grad(
     x: Tensor,
     target: Tensor,
     global_max: Tensor,
-    log_sum: Tensor,
+    sum_exp: Tensor,
     grad_loss: Tensor,
     target_sum: Tensor,
     weight: Tensor | None,
@@ -137,13 +144,15 @@ def prob_grad(
     out: Tensor,
 ) -> None:
     """``grad_c = g·(A·p_c - w_c·t'_c)`` into ``out``, with ``A = Σ_k w_k·t'_k`` (global, per row)."""
+    scale = grad_loss * target_sum / sum_exp
     for rows in _chunks(x):
-        grad = _probabilities(x, global_max, log_sum, rows).mul_((grad_loss[rows] * target_sum[rows]).unsqueeze(1))
+        grad = _scaled_probabilities(x, global_max, scale, rows, out)
         wt = smoothed(target[rows].to(grad.dtype), smoothing, num_classes)
         if weight is not None:
             wt = wt * weight.view(1, -1, 1)
         grad.sub_(wt.mul_(grad_loss[rows].unsqueeze(1)))
-        out[rows] = grad
+        if grad.dtype != out.dtype:
+            out[rows] = grad
 
 
 def smoothed(t: Tensor, smoothing: float, num_classes: int) -> Tensor:
