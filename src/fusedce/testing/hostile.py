@@ -53,13 +53,16 @@ def _neg_inf_mask(case: Case, inputs: Inputs) -> None:
 
 
 def _nan_logits(case: Case, inputs: Inputs) -> None:
-    """A NaN in every seventh logit, so some rows have one and others none."""
+    """A NaN in the first row and one in the last: their whole results are NaN, the rows in
+    between must stay untouched."""
 
     def poke(x: Tensor) -> Tensor:
-        x.view(-1)[3::7] = math.nan
+        rows = x.movedim(case.class_dim, -1)  # a view, classes last
+        rows[(0,) * (x.dim() - 1)][min(3, rows.shape[-1] - 1)] = math.nan
+        rows[(-1,) * x.dim()] = math.nan
         return x
 
-    _modified_input(inputs, lambda x: poke(x.contiguous()))
+    _modified_input(inputs, poke)
 
 
 def _uint8_wrapping_target(case: Case, inputs: Inputs) -> None:
@@ -104,7 +107,10 @@ HOSTILE_SPECIALS: dict[str, Callable[[Case, Inputs], None]] = {
 SPECIALS.update(HOSTILE_SPECIALS)
 
 # One row spanning several kernel column blocks, and K-dimensional rows.
-_SHAPES = ((3, 2500), (2, 5, 3, 4))
+_SHAPES: tuple[tuple[int, ...], ...] = ((3, 2500), (2, 5, 3, 4))
+# torch takes uint8 targets for 1-D and 2-D input only; K-dimensional ones for an empty batch.
+_UINT8_SHAPES: tuple[tuple[int, ...], ...] = ((200,), (6, 200))
+_EMPTY_KDIM_SHAPES: tuple[tuple[int, ...], ...] = ((3, 10, 3), (3, 5, 2, 2))
 
 
 def _loss_cases(op: str, dtype: torch.dtype) -> Iterator[Case]:
@@ -118,10 +124,10 @@ def _loss_cases(op: str, dtype: torch.dtype) -> Iterator[Case]:
                     yield replace(base, special=special)
     for reduction in ("none", None, "sum"):
         for ignore_index in (None, 368):
-            for shape in ((200,), (6, 200)):  # torch takes uint8 targets for 1-D and 2-D input
+            for shape in _UINT8_SHAPES:
                 yield Case(op, shape, dtype, ignore_index=ignore_index, reduction=reduction,
                            weight="positive" if reduction is None else "none", special="uint8_wrapping_target")
-        for shape in ((3, 10, 3), (3, 5, 2, 2)):
+        for shape in _EMPTY_KDIM_SHAPES:
             yield Case(op, shape, dtype, reduction=reduction, special="uint8_empty_batch")
         if op == "cross_entropy":
             yield Case(op, (4, 50), dtype, target="prob", reduction=reduction, special="confident_prob_target")
