@@ -270,7 +270,8 @@ def specs(draw: st.DrawFn, ops: tuple[str, ...] = OPS) -> Spec:
         target, smoothing = "index", None
     classes = shape[class_dim]
     if target == "index":
-        target_dtype = draw(st.sampled_from((torch.int64, torch.int64, torch.uint8)))
+        # int64 and uint8 are accepted (uint8 for 1-D and 2-D input only); int32 is refused.
+        target_dtype = draw(st.sampled_from((torch.int64, torch.int64, torch.uint8, torch.uint8, torch.int32)))
         colliding = st.integers(0, classes - 1) if classes else st.just(0)
         ignore_index = draw(st.one_of(st.none(), colliding, st.sampled_from(IGNORE_INDICES)))
     else:

@@ -6,9 +6,14 @@ NaN), a target of any dtype torch accepts with a colliding or out-of-range ignor
 with zeros, a reduction and label smoothing. Values, gradients, dtypes, warnings and exceptions
 must match torch under the rule in ``fuzz_compare``.
 
-The default run is deterministic (``derandomize``) and short. ``--fuzz-examples N`` runs N random
-examples per backend instead; a failure prints the spec (the whole reproducer, see
-``fuzz_spec``), and hypothesis prints the ``@reproduce_failure`` blob and the seed.
+The default run is deterministic (``derandomize``, no example database) and short: about 400
+examples, under a minute when nothing fails. ``--fuzz-examples N`` runs N random examples per
+backend and op family instead (``--hypothesis-seed S`` pins them), e.g.
+
+    python -m pytest tests/test_fuzz.py --fuzz-examples 5000 -k "reference or cpu"
+
+A failure prints the spec (the whole reproducer, see ``fuzz_spec``), a one-line ``reproduce:``
+call, and hypothesis' ``@reproduce_failure`` blob.
 """
 
 from __future__ import annotations
@@ -23,7 +28,7 @@ from .fuzz_spec import LOSS_OPS, MAX_ELEMENTS, SOFTMAX_OPS, Spec, specs
 
 BACKENDS = available_backends("cpu")
 # Examples per backend and op family in the default run; the Triton interpreter is slow.
-DEFAULT_EXAMPLES = {"reference": 40, "cpu": 40, "triton": 15}
+DEFAULT_EXAMPLES = {"reference": 80, "cpu": 80, "triton": 20}
 
 
 def _settings(request: pytest.FixtureRequest, backend: str) -> settings:
