@@ -60,7 +60,7 @@ class Spec:
     nan: bool = False  # one NaN logit
     # loss ops
     target: str = "index"  # "index", "prob" (a softmax), "confident" (near one-hot, logit agrees), "raw"
-    target_dtype: torch.dtype = torch.int64
+    target_dtype: torch.dtype = torch.int64  # a float dtype for probability targets
     ignore_index: int | None = None  # None: not passed (torch's -100)
     weight: str = "none"  # "none", "positive", "some_zero"
     reduction: str | None = None  # None: not passed ('mean')
@@ -193,7 +193,7 @@ def build(spec: Spec) -> Call:
         if spec.target == "index":
             target = _index_target(spec, gen)
         else:
-            target = _layout(_prob_target(spec, values, gen).to(spec.dtype), spec, gen)
+            target = _layout(_prob_target(spec, values, gen).to(spec.target_dtype), spec, gen)
             target = target.detach().requires_grad_(True)
         if spec.weight != "none":
             weight = torch.rand(spec.shape[spec.class_dim], generator=gen, dtype=torch.float64) + 0.5
@@ -275,8 +275,11 @@ def specs(draw: st.DrawFn, ops: tuple[str, ...] = OPS) -> Spec:
         colliding = st.integers(0, classes - 1) if classes else st.just(0)
         ignore_index = draw(st.one_of(st.none(), colliding, st.sampled_from(IGNORE_INDICES)))
     else:
-        # torch refuses ignore_index >= 0 with a probability target; any negative one is allowed.
-        target_dtype, ignore_index = dtype, draw(st.one_of(st.none(), st.sampled_from((-1, -100))))
+        # A float64 target promotes the loss to float64 (torch computes the log-softmax in the
+        # input's dtype all the same). torch refuses ignore_index >= 0 with a probability target;
+        # any negative one is allowed.
+        target_dtype = draw(st.sampled_from((dtype, dtype, torch.float64)))
+        ignore_index = draw(st.one_of(st.none(), st.sampled_from((-1, -100))))
     return Spec(
         **common,
         target=target,
