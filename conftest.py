@@ -19,6 +19,13 @@ def pytest_addoption(parser):
         action="store_true",
         help="run the whole parity grid on every backend (the default run samples the product grid)",
     )
+    parser.addoption(
+        "--fuzz-examples",
+        type=int,
+        default=0,
+        help="tests/test_fuzz.py: run N random examples per backend and op family "
+        "(default: a short deterministic run)",
+    )
 
 
 def pytest_collection_modifyitems(config, items):

@@ -186,7 +186,15 @@ def _output_saving_function(name: str) -> type[Function]:
     """The Function for log_softmax or softmax over dim 1 of the canonical form. It saves its
     output only, as torch does: the backward and the jvp are functions of the output alone."""
     forward_op, backward_op = getattr(ops, f"{name}_forward"), getattr(ops, f"{name}_backward")
-    differentiable_backward = getattr(reference, f"{name}_backward")
+    # Double backward differentiates torch's own backward op, so it uses torch's derivative
+    # formulas, evaluated in the output's dtype where torch evaluates them. Differentiating the
+    # float32 reference formula instead rounds the half-precision intermediates elsewhere, and
+    # gives a different result (by about an ulp of float16) for dtype=torch.float16.
+    aten_backward = getattr(torch, f"_{name}_backward_data")
+
+    def differentiable_backward(grad_out: Tensor, out: Tensor) -> Tensor:
+        return aten_backward(grad_out, out, 1, out.dtype)
+
     output_jvp = getattr(reference, f"{name}_jvp")
 
     class OutputSaving(Function):

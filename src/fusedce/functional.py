@@ -143,9 +143,12 @@ def _cross_entropy_prob(
     total = loss.sum()
     if reduction == "sum":
         return total.to(dtype)
-    # torch divides by the number of rows, and gives NaN when the input is empty (C = 0 too).
-    rows = loss.numel() if input.numel() else 0
-    return (total / rows).to(dtype)
+    if not input.numel():
+        # torch fills the sum of an empty input (C = 0 too) with NaN rather than dividing 0 by 0,
+        # so the value is NaN while its forward-mode tangent stays 0.
+        return (total * 0 + float("nan")).to(dtype)
+    # torch divides by the number of rows.
+    return (total / loss.numel()).to(dtype)
 
 
 def _rows_shape(input: Tensor) -> tuple[int, ...]:

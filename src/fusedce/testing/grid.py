@@ -411,8 +411,11 @@ def special_cases(op: str) -> Iterator[Case]:
 
 def default_grid(ops: tuple[str, ...] = OPS, dtypes: tuple[torch.dtype, ...] = DTYPES) -> list[Case]:
     """The full grid: the whole argument product for each op, then its special cases."""
+    from .hostile import hostile_cases  # registers its recipes in SPECIALS (it imports this module)
+
     cases: list[Case] = []
     for op in ops:
+        cases.extend(hostile_cases(op, dtypes))
         cases.extend(loss_cases(op, dtypes) if op in LOSS_OPS else softmax_cases(op, dtypes))
         cases.extend(special_cases(op))
     return cases

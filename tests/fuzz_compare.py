@@ -1,0 +1,208 @@
+"""Run one fuzz spec through fusedce, torch and a float64 truth, and list the differences.
+
+The rule, per element of the value and of every gradient (the parity checker's, see
+``fusedce.testing.compare``):
+
+* NaN exactly where torch has NaN; an infinity exactly where torch has the same one, except where
+  torch overflowed a half-precision sum that is finite in the dtype (README, "Where fusedce
+  knowingly differs"): there ours must be finite and close to the truth.
+* In float64, ``|ours - torch| <= k·ulp(torch) + c·eps·S``.
+* Otherwise ``|ours - truth| <= |torch - truth| + k·ulp_dtype(truth) + c·eps_compute·S``: no
+  worse than torch against the float64 truth, plus a few ulp of the element's magnitude in the
+  dtype the op computes in, plus a floor of a few rounding errors of the tensor's largest
+  magnitude ``S`` in the precision a fused kernel computes in (float32 for the half types).
+
+Exceptions (type and first line), warnings, output dtype and shape must match torch's.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from fusedce import functional, use_backend
+
+from .fuzz_spec import Call, Spec, build, upstream
+
+# (k in ulps of the computation dtype, c in eps of the compute precision, the compute precision)
+MARGINS = {
+    torch.float64: (4, 16, torch.float64),
+    torch.float32: (4, 16, torch.float32),
+    torch.bfloat16: (1, 16, torch.float32),
+    torch.float16: (1, 16, torch.float32),
+}
+
+# torch's backward refuses this layout (nll_loss2d on a channels-last input); README documents
+# that fusedce returns the gradient, which is then compared with torch's for a contiguous input.
+TORCH_LAYOUT_BUGS = ("RuntimeError: grad_input must be contiguous",)
+
+
+@dataclass
+class Outcome:
+    value: Tensor | None = None
+    grads: list[Tensor | None] = field(default_factory=list)
+    error: str | None = None
+    backward_error: str | None = None
+    warnings: list[str] = field(default_factory=list)
+
+
+def _describe(exc: BaseException) -> str:
+    lines = str(exc).splitlines()
+    return f"{type(exc).__name__}: {lines[0] if lines else ''}"
+
+
+def _torch_visible(w: warnings.WarningMessage) -> bool:
+    """Whether a warning is part of the behaviour compared with torch: not fusedce's own notices
+    (a backend falling back), and not the numpy warnings of Triton's CPU interpreter (a NaN
+    row's max), which a GPU never raises."""
+    interpreter = f"triton{os.sep}runtime{os.sep}interpreter.py"
+    return not str(w.message).startswith("fusedce:") and not w.filename.endswith(interpreter)
+
+
+def run(fn: Callable[..., Any], spec: Spec, call: Call) -> Outcome:
+    """Call ``fn``, then take every gradient with the spec's random upstream gradient."""
+    outcome = Outcome()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        try:
+            out = call.invoke(fn)
+        except Exception as exc:
+            outcome.error = _describe(exc)
+            return outcome
+        outcome.value = out.detach()
+        leaves = call.leaves()
+        if out.requires_grad and leaves:
+            try:
+                grads = torch.autograd.grad(out, leaves, upstream(spec, out), allow_unused=True)
+                outcome.grads = list(grads)
+            except Exception as exc:
+                outcome.backward_error = _describe(exc)
+    outcome.warnings = [f"{w.category.__name__}: {w.message}" for w in caught if _torch_visible(w)]
+    return outcome
+
+
+def _float64(call: Call) -> Call:
+    """The same values, dense, every floating tensor (and a dtype= argument) in float64."""
+
+    def up(t: Any) -> Any:
+        if isinstance(t, Tensor) and t.is_floating_point():
+            return t.detach().double().contiguous().requires_grad_(t.requires_grad)
+        return t.contiguous() if isinstance(t, Tensor) else t
+
+    kwargs = {k: up(v) for k, v in call.kwargs.items()}
+    x = call.input
+    if kwargs.get("dtype") is not None:
+        # dtype= casts the input before the op: the truth starts from the cast values.
+        x = x.detach().to(kwargs["dtype"]).requires_grad_(x.requires_grad)
+        kwargs["dtype"] = torch.float64
+    return Call(up(x), up(call.target), kwargs)
+
+
+def _dense(call: Call) -> Call:
+    def dense(t: Any) -> Any:
+        if isinstance(t, Tensor):
+            return t.detach().contiguous().requires_grad_(t.requires_grad)
+        return t
+
+    return Call(dense(call.input), dense(call.target), {k: dense(v) for k, v in call.kwargs.items()})
+
+
+def ulp(values: Tensor, dtype: torch.dtype) -> Tensor:
+    """The spacing of ``dtype``'s numbers at each ``|value|`` (subnormal spacing below tiny)."""
+    info = torch.finfo(dtype)
+    magnitude = values.abs().clamp(min=info.tiny).nan_to_num(posinf=info.max)
+    _, exponent = torch.frexp(magnitude)
+    return torch.ldexp(torch.full_like(magnitude, info.eps), exponent - 1)
+
+
+def _at(t: Tensor, mask: Tensor) -> tuple[tuple[int, ...], float]:
+    idx = tuple(int(i) for i in mask.nonzero()[0]) if mask.dim() else ()
+    return idx, float(t[idx])
+
+
+def compare_tensor(what: str, ours: Tensor, theirs: Tensor, truth: Tensor | None,
+                   precision: torch.dtype, row_dim: int | None = None) -> str | None:
+    """None when ``ours`` passes the module's rule against torch and the truth, else why not.
+
+    ``row_dim`` (gradients in a half type): the class dim, whose rows widen the margin (below).
+    """
+    if ours.shape != theirs.shape or ours.dtype != theirs.dtype:
+        return f"{what}: {ours.dtype}{tuple(ours.shape)} vs torch {theirs.dtype}{tuple(theirs.shape)}"
+    k, c, compute = MARGINS[precision]
+    a, b = ours.detach().double(), theirs.detach().double()
+    t = b if truth is None else truth.detach().double()
+    if (a.isnan() != b.isnan()).any():
+        idx, value = _at(a, a.isnan() != b.isnan())
+        return f"{what}: NaN mismatch at {idx}: ours {value!r}, torch {float(b[idx])!r}"
+    representable = t.isfinite() & (t.abs() <= torch.finfo(precision).max)
+    torch_overflowed = b.isinf() & representable & a.isfinite()
+    inf_mismatch = (a.isinf() | b.isinf()) & (a != b) & ~torch_overflowed
+    if inf_mismatch.any():
+        idx, value = _at(a, inf_mismatch)
+        return f"{what}: infinity mismatch at {idx}: ours {value!r}, torch {float(b[idx])!r}"
+    # Where the truth itself is not finite but torch is, torch is the reference.
+    reference = torch.where(t.isfinite(), t, b)
+    judged = (b.isfinite() | torch_overflowed) & reference.isfinite()
+    if not judged.any():
+        return None
+    err_torch = (b - reference).abs().where(b.isfinite() & t.isfinite(), 0)
+    scale = reference.abs().where(judged, 0).max()
+    margin = k * ulp(reference, precision) + c * torch.finfo(compute).eps * scale
+    if row_dim is not None and precision in (torch.float16, torch.bfloat16) and a.dim() and a.numel():
+        # A half-precision gradient is computed from the forward's output (or lse) rounded to
+        # the dtype. Two correct roundings (ours and torch's) may differ by an ulp, and that ulp
+        # moves every gradient element of the row by up to an ulp of the row's largest gradient:
+        # a correct implementation computing in float32 (torch's op on float32, rounded) lands
+        # outside the per-element margin in about 1 example in 10 without this term.
+        row = reference.abs().where(judged, 0).amax(dim=row_dim, keepdim=True)
+        margin = margin + 2 * torch.finfo(precision).eps * row
+    excess = ((a - reference).abs() - err_torch - margin).where(judged, -1)
+    if (excess > 0).any():
+        idx, value = _at(a, excess == excess.max())
+        return (f"{what}: {int((excess > 0).sum())} of {a.numel()} elements out of bounds; worst at {idx}: "
+                f"ours {value!r}, torch {float(b[idx])!r}, float64 truth {float(t[idx])!r} "
+                f"(allowed error {float(err_torch[idx] + margin[idx]):.3g})")
+    return None
+
+
+TORCH = {"cross_entropy": F.cross_entropy, "nll_loss": F.nll_loss, "log_softmax": F.log_softmax,
+         "softmax": F.softmax}
+
+
+def differences(spec: Spec, backend: str) -> list[str]:
+    """Every way fusedce on ``backend`` differs from torch on this spec (empty when it passes)."""
+    with use_backend(backend):
+        ours = run(getattr(functional, spec.op), spec, build(spec))
+    theirs = run(TORCH[spec.op], spec, build(spec))
+    if theirs.backward_error in TORCH_LAYOUT_BUGS and ours.backward_error is None:
+        theirs = run(TORCH[spec.op], spec, _dense(build(spec)))
+    problems = []
+    for what in ("error", "backward_error", "warnings"):
+        if getattr(ours, what) != getattr(theirs, what):
+            problems.append(f"{what}: {getattr(ours, what)} vs torch {getattr(theirs, what)}")
+    if problems or ours.value is None or theirs.value is None:
+        return problems
+    truth = None if spec.precision == torch.float64 else run(TORCH[spec.op], spec, _float64(build(spec)))
+    if truth is not None and truth.error is not None:
+        return [f"the float64 truth raised {truth.error}"]
+    pairs = [("value", ours.value, theirs.value, truth.value if truth else None)]
+    if len(ours.grads) != len(theirs.grads):
+        return [f"{len(ours.grads)} gradients vs torch {len(theirs.grads)}"]
+    for i, (g_ours, g_theirs) in enumerate(zip(ours.grads, theirs.grads, strict=True)):
+        if (g_ours is None) != (g_theirs is None):
+            problems.append(f"grad {i}: {g_ours is None and 'None'} vs torch {g_theirs is None and 'None'}")
+        elif g_ours is not None and g_theirs is not None:
+            pairs.append((f"grad {i}", g_ours, g_theirs, truth.grads[i] if truth else None))
+    for what, a, b, t in pairs:
+        row_dim = None if what == "value" else spec.class_dim
+        problem = compare_tensor(what, a, b, t, spec.precision, row_dim)
+        if problem:
+            problems.append(problem)
+    return problems
