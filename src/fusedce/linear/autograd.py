@@ -1,0 +1,165 @@
+"""The autograd Function of linear + cross-entropy: what to save, and which pass to run.
+
+* Forward runs the block loop once. For a scalar reduction ('sum', 'mean') it also computes the
+  wanted gradients in that same pass, for a unit upstream gradient, and keeps them on ctx; the
+  backward then only scales them by the upstream gradient, in place. A second backward through
+  the same graph (``retain_graph=True``) finds them gone and recomputes, so it stays correct.
+* ``reduction='none'``, a second backward, the gradients of a probability target or of the
+  class weights, and anything under torch.compile recompute the logits block by block in
+  backward.
+* When autograd records the backward (``create_graph=True``, ``torch.func.grad``), the backward
+  is written with the differentiable reference formulas instead, so double backward works; that
+  path materialises the logits, as the plain losses' double backward does.
+* ``jvp`` gives forward-mode AD, a block at a time.
+
+Saved: the inputs, the target and weights, the mean's denominator and the per-row stats. Never
+anything of size N×C.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor
+from torch.autograd import Function
+
+from ..kernels import reference
+from . import chunked, ops
+from .chunked import LossSpec
+
+
+def _grad_rows(grad_out: Tensor, mode: str, denominator: Tensor | None, rows: tuple[int, int]) -> Tensor:
+    """The upstream gradient of each row's loss, ``(N, D)``, from that of the result."""
+    if mode == "none":
+        return grad_out
+    if mode == "mean":
+        grad_out = grad_out / denominator
+    return grad_out.expand(rows)
+
+
+def _reduce(loss: Tensor, mode: str, denominator: Tensor | None) -> Tensor:
+    if mode == "none":
+        return loss
+    total = loss.sum()
+    return total if mode == "sum" else total / denominator
+
+
+class LinearCrossEntropy(Function):
+    """``reduce(cross_entropy(x2 @ w2.T + b1))`` over the rows, computed a block at a time.
+
+    Returns the result (per-row losses ``(N, D)`` for 'none', a 0-dim tensor otherwise, in the
+    accumulation dtype) and the per-row stats.
+    """
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx: Any,
+        x2: Tensor,
+        w2: Tensor,
+        b1: Tensor | None,
+        target: Tensor,
+        weight: Tensor | None,
+        denominator: Tensor | None,
+        spec: LossSpec,
+        mode: str,
+        precompute: tuple[bool, bool, bool],
+    ) -> tuple[Tensor, Tensor]:
+        rows = (x2.shape[0], spec.inner)
+        grad_rows = None
+        if any(precompute):
+            grad_rows = _grad_rows(torch.ones((), dtype=reference.accumulation_dtype(spec.dtype), device=x2.device),
+                                   mode, denominator, rows)
+        loss, stats, gx, gw, gb = ops.forward(x2, w2, b1, target, weight, spec, grad_rows, precompute)
+        ctx.spec, ctx.mode, ctx.rows = spec, mode, rows
+        ctx.precomputed = [gx, gw, gb] if grad_rows is not None else None
+        ctx.mark_non_differentiable(stats)
+        ctx.save_for_backward(x2, w2, b1, target, weight, denominator, stats)
+        ctx.save_for_forward(x2, w2, b1, target, weight, denominator, stats)
+        return _reduce(loss, mode, denominator), stats
+
+    @staticmethod
+    def backward(ctx: Any, grad_out: Tensor, _grad_stats: Tensor | None) -> tuple[Tensor | None, ...]:
+        x2, w2, b1, target, weight, denominator, stats = ctx.saved_tensors
+        needs = ctx.needs_input_grad
+        wanted = (needs[0], needs[1], needs[2] and b1 is not None, needs[3] and ctx.spec.prob,
+                  needs[4] and ctx.spec.prob and weight is not None)
+        grad_rows = _grad_rows(grad_out, ctx.mode, denominator, ctx.rows)
+        if torch.is_grad_enabled():
+            grads = _differentiable_backward(grad_rows, x2, w2, b1, target, weight, ctx.spec, wanted)
+        else:
+            grads = _backward(ctx, grad_out, grad_rows, x2, w2, b1, target, weight, stats, wanted)
+        return (*grads, None, None, None, None)
+
+    @staticmethod
+    def jvp(ctx: Any, *tangents: Any) -> tuple[Tensor, None]:
+        x2, w2, b1, target, weight, denominator, stats = ctx.saved_tensors
+        rows = chunked.loss_tangent(x2, w2, b1, target, weight, stats, ctx.spec, tangents[:5])
+        return _reduce(rows, ctx.mode, denominator), None
+
+
+def _backward(ctx: Any, grad_out: Tensor, grad_rows: Tensor, x2: Tensor, w2: Tensor, b1: Tensor | None,
+              target: Tensor, weight: Tensor | None, stats: Tensor,
+              wanted: tuple[bool, ...]) -> list[Tensor | None]:
+    """First-order backward: scale what forward precomputed (once), recompute the rest."""
+    grads: list[Tensor | None] = [None] * 5
+    precomputed, ctx.precomputed = ctx.precomputed, None
+    missing = list(wanted)
+    if precomputed is not None:
+        for i in range(3):
+            if wanted[i] and precomputed[i] is not None:
+                grads[i] = precomputed[i].mul_(grad_out)
+                missing[i] = False
+    if any(missing):
+        recomputed = ops.backward(grad_rows, x2, w2, b1, target, weight, stats, ctx.spec, tuple(missing))
+        for i, g in enumerate(recomputed):
+            if missing[i]:
+                grads[i] = g
+    # The weight and bias gradients were accumulated in float32 for half-precision weights.
+    if grads[1] is not None:
+        grads[1] = grads[1].to(w2.dtype)
+    if grads[2] is not None and b1 is not None:
+        grads[2] = grads[2].to(b1.dtype)
+    if grads[4] is not None and weight is not None:
+        grads[4] = grads[4].to(weight.dtype)
+    return grads
+
+
+def _differentiable_backward(grad_rows: Tensor, x2: Tensor, w2: Tensor, b1: Tensor | None, target: Tensor,
+                             weight: Tensor | None, spec: LossSpec, wanted: tuple[bool, ...]) -> list[Tensor | None]:
+    """The backward as differentiable torch ops (for double backward). Materialises the logits."""
+    logits = torch.nn.functional.linear(x2, w2, b1).view(x2.shape[0], spec.num_classes, spec.inner)
+    x = logits.to(spec.dtype)
+    lse = reference.logsumexp(x)
+    grads: list[Tensor | None] = [None] * 5
+    if spec.prob:
+        g = reference.ce_prob_backward(grad_rows, x, target, weight, lse, spec.smoothing, False)
+        if wanted[3]:
+            grads[3] = reference.ce_prob_target_grad(grad_rows, x, weight, lse, spec.smoothing)
+        if wanted[4]:
+            grads[4] = reference.ce_prob_weight_grad(grad_rows, x, target, lse, spec.smoothing)
+    else:
+        g = reference.ce_backward(grad_rows, x, target, weight, lse, spec.ignore_index, spec.smoothing, False)
+    flat = g.to(w2.dtype).reshape(x2.shape[0], -1)
+    if wanted[0]:
+        grads[0] = flat @ w2
+    if wanted[1]:
+        grads[1] = flat.t() @ x2
+    if wanted[2]:
+        grads[2] = flat.sum(0)
+    return grads
+
+
+def _without_jvp() -> type[Function]:
+    """Dynamo refuses to trace a Function with a custom jvp (see ``fusedce._autograd``)."""
+    return type("LinearCrossEntropy", (LinearCrossEntropy,), {"jvp": Function.jvp})
+
+
+_Traced = _without_jvp()
+
+
+def linear_cross_entropy(*args: Any) -> tuple[Tensor, Tensor]:
+    """Apply the Function (its jvp-less variant while torch.compile traces)."""
+    if torch.compiler.is_compiling():
+        return _Traced.apply(*args)
+    return LinearCrossEntropy.apply(*args)
