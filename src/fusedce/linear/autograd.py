@@ -34,6 +34,7 @@ def _grad_rows(grad_out: Tensor, mode: str, denominator: Tensor | None, rows: tu
     if mode == "none":
         return grad_out
     if mode == "mean":
+        assert denominator is not None
         grad_out = grad_out / denominator
     return grad_out.expand(rows)
 
@@ -42,19 +43,21 @@ def _reduce(loss: Tensor, mode: str, denominator: Tensor | None) -> Tensor:
     if mode == "none":
         return loss
     total = loss.sum()
-    return total if mode == "sum" else total / denominator
+    if mode == "sum":
+        return total
+    assert denominator is not None
+    return total / denominator
 
 
 class LinearCrossEntropy(Function):
     """``reduce(cross_entropy(x2 @ w2.T + b1))`` over the rows, computed a block at a time.
 
     Returns the result (per-row losses ``(N, D)`` for 'none', a 0-dim tensor otherwise, in the
-    accumulation dtype) and the per-row stats.
+    accumulation dtype), the per-row stats, and the gradients forward precomputed (or None).
     """
 
     @staticmethod
-    def forward(  # type: ignore[override]
-        ctx: Any,
+    def forward(
         x2: Tensor,
         w2: Tensor,
         b1: Tensor | None,
@@ -64,22 +67,26 @@ class LinearCrossEntropy(Function):
         spec: LossSpec,
         mode: str,
         precompute: tuple[bool, bool, bool],
-    ) -> tuple[Tensor, Tensor]:
-        rows = (x2.shape[0], spec.inner)
+    ) -> tuple[Tensor | None, ...]:
         grad_rows = None
         if any(precompute):
-            grad_rows = _grad_rows(torch.ones((), dtype=reference.accumulation_dtype(spec.dtype), device=x2.device),
-                                   mode, denominator, rows)
-        loss, stats, gx, gw, gb = ops.forward(x2, w2, b1, target, weight, spec, grad_rows, precompute)
-        ctx.spec, ctx.mode, ctx.rows = spec, mode, rows
-        ctx.precomputed = [gx, gw, gb] if grad_rows is not None else None
-        ctx.mark_non_differentiable(stats)
-        ctx.save_for_backward(x2, w2, b1, target, weight, denominator, stats)
-        ctx.save_for_forward(x2, w2, b1, target, weight, denominator, stats)
-        return _reduce(loss, mode, denominator), stats
+            one = torch.ones((), dtype=reference.accumulation_dtype(spec.dtype), device=x2.device)
+            grad_rows = _grad_rows(one, mode, denominator, (x2.shape[0], spec.inner))
+        loss, stats, *grads = ops.forward(x2, w2, b1, target, weight, spec, grad_rows, precompute)
+        # The precomputed gradients are outputs only so that setup_context can keep them.
+        return (_reduce(loss, mode, denominator), stats, *grads)
 
     @staticmethod
-    def backward(ctx: Any, grad_out: Tensor, _grad_stats: Tensor | None) -> tuple[Tensor | None, ...]:
+    def setup_context(ctx: Any, inputs: tuple[Any, ...], output: tuple[Tensor | None, ...]) -> None:
+        x2, w2, b1, target, weight, denominator, spec, mode, _ = inputs
+        ctx.spec, ctx.mode, ctx.rows = spec, mode, (x2.shape[0], spec.inner)
+        ctx.mark_non_differentiable(*(t for t in output[1:] if t is not None))
+        ctx.precomputed = list(output[2:]) if any(t is not None for t in output[2:]) else None
+        ctx.save_for_backward(x2, w2, b1, target, weight, denominator, output[1])
+        ctx.save_for_forward(x2, w2, b1, target, weight, denominator, output[1])
+
+    @staticmethod
+    def backward(ctx: Any, grad_out: Tensor, *_unused: Tensor | None) -> tuple[Tensor | None, ...]:
         x2, w2, b1, target, weight, denominator, stats = ctx.saved_tensors
         needs = ctx.needs_input_grad
         wanted = (needs[0], needs[1], needs[2] and b1 is not None, needs[3] and ctx.spec.prob,
@@ -92,10 +99,10 @@ class LinearCrossEntropy(Function):
         return (*grads, None, None, None, None)
 
     @staticmethod
-    def jvp(ctx: Any, *tangents: Any) -> tuple[Tensor, None]:
+    def jvp(ctx: Any, *tangents: Any) -> tuple[Tensor | None, ...]:
         x2, w2, b1, target, weight, denominator, stats = ctx.saved_tensors
         rows = chunked.loss_tangent(x2, w2, b1, target, weight, stats, ctx.spec, tangents[:5])
-        return _reduce(rows, ctx.mode, denominator), None
+        return _reduce(rows, ctx.mode, denominator), None, None, None, None
 
 
 def _backward(ctx: Any, grad_out: Tensor, grad_rows: Tensor, x2: Tensor, w2: Tensor, b1: Tensor | None,
@@ -111,7 +118,8 @@ def _backward(ctx: Any, grad_out: Tensor, grad_rows: Tensor, x2: Tensor, w2: Ten
                 grads[i] = precomputed[i].mul_(grad_out)
                 missing[i] = False
     if any(missing):
-        recomputed = ops.backward(grad_rows, x2, w2, b1, target, weight, stats, ctx.spec, tuple(missing))
+        recomputed = ops.backward(grad_rows, x2, w2, b1, target, weight, stats, ctx.spec,
+                                  (missing[0], missing[1], missing[2], missing[3], missing[4]))
         for i, g in enumerate(recomputed):
             if missing[i]:
                 grads[i] = g
@@ -158,8 +166,7 @@ def _without_jvp() -> type[Function]:
 _Traced = _without_jvp()
 
 
-def linear_cross_entropy(*args: Any) -> tuple[Tensor, Tensor]:
-    """Apply the Function (its jvp-less variant while torch.compile traces)."""
-    if torch.compiler.is_compiling():
-        return _Traced.apply(*args)
-    return LinearCrossEntropy.apply(*args)
+def linear_cross_entropy(*args: Any) -> Tensor:
+    """Apply the Function (its jvp-less variant while torch.compile traces); the result only."""
+    function = _Traced if torch.compiler.is_compiling() else LinearCrossEntropy
+    return function.apply(*args)[0]

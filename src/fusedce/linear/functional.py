@@ -89,13 +89,12 @@ def linear_cross_entropy(
 
 
 def _stand_in_logits(input: Tensor, w2: Tensor, b1: Tensor | None, shape: tuple[int, ...]) -> Tensor:
-    """A tensor with the logits' shape, dtype, device and requires_grad, and no storage.
+    """A tensor with the logits' shape, dtype and device, and no storage (no check reads more).
 
     ``linear`` on the first row and first class raises whatever torch's ``linear`` would raise
     for these arguments (dtype and device mismatches), at the cost of one dot product."""
     probe = torch.nn.functional.linear(input[:1] if input.dim() == 2 else input, w2[:1], None if b1 is None else b1[:1])
-    stand_in = probe.detach().new_empty(()).expand(shape)
-    return stand_in.requires_grad_() if probe.requires_grad else stand_in
+    return probe.detach().new_empty(()).expand(shape)
 
 
 def _loss(
@@ -150,7 +149,7 @@ def _loss(
 
     spec = LossSpec(num_classes, inner, prob, ignore_index, smoothing, dtype,
                     block_rows(rows, w2.shape[0], dtype, input.device, chunk_request))
-    result, _ = autograd.linear_cross_entropy(x2, w2, b1, t, w, denominator, spec, mode,
+    result = autograd.linear_cross_entropy(x2, w2, b1, t, w, denominator, spec, mode,
                                               _precompute(mode, input, w2, b1))
     if not prob:
         result = _ce._unbatched_target_quirk(logits, target, result, smoothing)

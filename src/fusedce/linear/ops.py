@@ -11,6 +11,7 @@ empty tensor; ``forward`` and ``backward`` below turn those into ``None``.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -104,8 +105,10 @@ def _fake_backward(grad_rows: Tensor, x2: Tensor, w2: Tensor, b1: Tensor | None,
     return tuple(_fake_gradients(x2, w2, b1, target, weight, spec, wanted))
 
 
-_KERNELS = {"linear_ce_forward": (_forward_kernel, _fake_forward),
-            "linear_ce_backward": (_backward_kernel, _fake_backward)}
+_KERNELS: dict[str, tuple[Callable[..., Any], Callable[..., Any]]] = {
+    "linear_ce_forward": (_forward_kernel, _fake_forward),
+    "linear_ce_backward": (_backward_kernel, _fake_backward),
+}
 
 for _name, _schema in _SCHEMAS.items():
     _lib.define(_name + _schema)

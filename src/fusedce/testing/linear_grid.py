@@ -190,7 +190,8 @@ def product_cases(dtypes: tuple[torch.dtype, ...] = DTYPES) -> Iterator[Case]:
         ignore_index = (None, 1)[(i // 12) % 2] if target == "index" else None
         if (i // 6) % 2:
             layout += "+bias"
-        yield Case(OP, shape, dtype, layout, target, _WEIGHTS[i % 3], ignore_index, reduction, (None, 0.1)[(i // 3) % 2])
+        smoothing = (None, 0.1)[(i // 3) % 2]
+        yield Case(OP, shape, dtype, layout, target, _WEIGHTS[i % 3], ignore_index, reduction, smoothing)
 
 
 def special_cases() -> Iterator[Case]:
