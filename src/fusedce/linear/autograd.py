@@ -123,7 +123,7 @@ def _backward(ctx: Any, grad_out: Tensor, grad_rows: Tensor, x2: Tensor, w2: Ten
         for i, g in enumerate(recomputed):
             if missing[i]:
                 grads[i] = g
-    # The weight and bias gradients were accumulated in float32 for half-precision weights.
+    # The weight and bias gradients may have been accumulated in float32 (chunked.weight_grad_dtype).
     if grads[1] is not None:
         grads[1] = grads[1].to(w2.dtype)
     if grads[2] is not None and b1 is not None:

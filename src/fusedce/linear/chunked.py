@@ -96,16 +96,24 @@ class _Block:
         return flat
 
 
-class _Gradients:
-    """Accumulators for the gradients of the hidden state, the weight and the bias.
+def weight_grad_dtype(w2: Tensor) -> torch.dtype:
+    """The dtype the weight and bias gradients accumulate in over the blocks.
 
-    The weight and bias gradients sum over every block, so for half-precision weights they
-    accumulate in float32 (a bf16 running sum would round once per block; torch rounds once).
+    On CPU, float32 for half-precision weights: a bf16 running sum would round once per block,
+    where torch rounds once. On CUDA, the weight's own dtype, as torch's chunked path does: each
+    ``addmm_`` adds in float32 inside cuBLAS, and a float32 copy of an LM head's weight gradient
+    would cost more memory than the blocks save.
     """
+    return accumulation_dtype(w2.dtype) if w2.device.type == "cpu" else w2.dtype
+
+
+class _Gradients:
+    """Accumulators for the gradients of the hidden state, the weight and the bias (the latter
+    two in ``weight_grad_dtype``)."""
 
     def __init__(self, x2: Tensor, w2: Tensor, b1: Tensor | None, wanted: tuple[bool, bool, bool]) -> None:
         want_x, want_w, want_b = wanted
-        acc = accumulation_dtype(w2.dtype)
+        acc = weight_grad_dtype(w2)
         self.x = torch.empty(x2.shape, dtype=x2.dtype, device=x2.device) if want_x else None
         self.w = torch.zeros(w2.shape, dtype=acc, device=w2.device) if want_w else None
         self.b = torch.zeros(w2.shape[0], dtype=acc, device=w2.device) if want_b and b1 is not None else None
@@ -152,7 +160,7 @@ def forward(
 ) -> tuple[Tensor, Tensor, Tensor | None, Tensor | None, Tensor | None]:
     """Per-row losses ``(N, D)`` and stats; with ``grad_rows`` (the upstream gradient of each
     row's loss, ``(N, D)``), also the ``wanted`` gradients of (x2, w2, b1), from the same pass.
-    The weight and bias gradients come back in the accumulation dtype."""
+    The weight and bias gradients come back in ``weight_grad_dtype``."""
     block = _Block(x2, w2, spec)
     grads = _Gradients(x2, w2, b1, wanted if grad_rows is not None else (False, False, False))
     losses, stats = [], []
@@ -184,8 +192,9 @@ def backward(
     wanted: tuple[bool, bool, bool, bool, bool],
 ) -> tuple[Tensor | None, ...]:
     """Recompute each block's logits and return the ``wanted`` gradients of (x2, w2, b1, the
-    probability target, the class weights). The weight and bias gradients are in the
-    accumulation dtype; the target's and class weights' in the loss dtype."""
+    probability target, the class weights). The weight and bias gradients are in
+    ``weight_grad_dtype``; the target's in the loss dtype, the class weights' in its accumulation
+    dtype."""
     block = _Block(x2, w2, spec)
     grads = _Gradients(x2, w2, b1, wanted[:3])
     want_target, want_weight = wanted[3], wanted[4] and spec.prob

@@ -67,7 +67,7 @@ def _backward_kernel(grad_rows: Tensor, x2: Tensor, w2: Tensor, b1: Tensor | Non
 
 def _fake_gradients(x2: Tensor, w2: Tensor, b1: Tensor | None, target: Tensor, weight: Tensor | None,
                     spec: LossSpec, wanted: tuple[bool, ...]) -> list[Tensor]:
-    acc = chunked.accumulation_dtype(w2.dtype)
+    acc = chunked.weight_grad_dtype(w2)
     shapes = [
         (x2.shape, x2.dtype),
         (w2.shape, acc),
