@@ -81,12 +81,16 @@ class LinearCrossEntropy(Function):
         x2, w2, b1, target, weight, denominator, spec, mode, _ = inputs
         ctx.spec, ctx.mode, ctx.rows = spec, mode, (x2.shape[0], spec.inner)
         ctx.mark_non_differentiable(*(t for t in output[1:] if t is not None))
+        # Otherwise autograd hands backward zeros the size of each precomputed gradient output.
+        ctx.set_materialize_grads(False)
         ctx.precomputed = list(output[2:]) if any(t is not None for t in output[2:]) else None
         ctx.save_for_backward(x2, w2, b1, target, weight, denominator, output[1])
         ctx.save_for_forward(x2, w2, b1, target, weight, denominator, output[1])
 
     @staticmethod
-    def backward(ctx: Any, grad_out: Tensor, *_unused: Tensor | None) -> tuple[Tensor | None, ...]:
+    def backward(ctx: Any, grad_out: Tensor | None, *_unused: Tensor | None) -> tuple[Tensor | None, ...]:
+        if grad_out is None:  # only the non-differentiable outputs were used
+            return (None,) * 9
         x2, w2, b1, target, weight, denominator, stats = ctx.saved_tensors
         needs = ctx.needs_input_grad
         wanted = (needs[0], needs[1], needs[2] and b1 is not None, needs[3] and ctx.spec.prob,
