@@ -53,13 +53,18 @@ def isa_line() -> str:
     return f"ATen {torch.backends.cpu.get_cpu_capability()}; fusedce's kernels {ours}{forced}"
 
 
-def thp_line() -> str:
-    """The kernel's transparent-huge-page policy, and whether torch's allocator asks for them."""
+def thp_policy() -> str:
+    """The kernel's transparent-huge-page policy: 'madvise' honours THP_MEM_ALLOC_ENABLE (and
+    fusedce's own madvise); 'never' ignores both."""
     try:
-        policy = THP_SETTING.read_text().strip()
+        return f"system policy {THP_SETTING.read_text().strip()}"
     except OSError:
-        policy = "unknown"
-    return f"system {policy}; THP_MEM_ALLOC_ENABLE={os.environ.get('THP_MEM_ALLOC_ENABLE', 'unset')}"
+        return "system policy unknown"
+
+
+def thp_line() -> str:
+    """The policy, and whether torch's allocator asks for huge pages in this process."""
+    return f"{thp_policy()}; THP_MEM_ALLOC_ENABLE={os.environ.get('THP_MEM_ALLOC_ENABLE', 'unset')}"
 
 
 def gpu_line() -> str:
