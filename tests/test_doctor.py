@@ -111,3 +111,12 @@ def test_the_declared_minimum_is_the_one_enforced():
     floor = re.search(r'"torch>=(\d+)\.(\d+)"', pyproject.read_text())
     assert floor is not None
     assert (int(floor.group(1)), int(floor.group(2))) == _torch_version.MINIMUM_TORCH
+
+
+def test_importing_fusedce_on_an_old_torch_fails_clearly():
+    import subprocess
+
+    script = "import torch\ntorch.__version__ = '2.10.0+cpu'\nimport fusedce\n"
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert done.returncode != 0
+    assert "ImportError: fusedce needs torch >= 2.11, but torch 2.10.0+cpu is installed" in done.stderr
