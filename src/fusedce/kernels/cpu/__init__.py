@@ -160,7 +160,7 @@ def _os_family() -> str:
     return ""
 
 
-# The one command that installs each missing piece, per platform. (Root shells need no sudo.)
+# The one command that installs each missing piece, per platform (shown without sudo; add it where needed).
 _INSTALL = {
     "compiler": {"debian": "apt-get install g++", "ubuntu": "apt-get install g++", "fedora": "dnf install gcc-c++",
                  "rhel": "dnf install gcc-c++", "centos": "dnf install gcc-c++", "alpine": "apk add g++",
