@@ -37,7 +37,7 @@ PY
 
 step "install the wheel into a fresh venv, no extras"
 "$python" -m venv "$work/venv"
-# --no-compile: byte-compiling all of torch is a third of the install time, and nothing here needs it.
+# --no-compile: byte-compiling every file of torch costs install time, and nothing here needs it.
 "$work/venv/bin/python" -m pip install -q --no-compile -c "$repo/.ci/constraints.txt" "$wheel" >"$work/pip.log" 2>&1 \
     || { cat "$work/pip.log"; exit 1; }
 
