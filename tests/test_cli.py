@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import torch
+
 from fusedce.__main__ import main
 
 
@@ -9,6 +11,7 @@ def test_check_passes_and_prints_the_table(capsys):
     assert main(["check", "--op", "softmax", "--backend", "reference", "--quick"]) == 0
     out = capsys.readouterr().out
     assert "softmax" in out and "reference@cpu" in out and "0 failed" in out
+    assert f"reference: torch {torch.__version__}, the torch running this check" in out
 
 
 def test_check_a_candidate_that_is_wrong_fails_with_details(capsys):

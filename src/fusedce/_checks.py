@@ -2,7 +2,7 @@
 
 The functions are called by ``functional`` in the order torch performs the same checks, so that
 an input with several problems reports the same one as torch. The messages are torch 2.13's,
-verbatim (including its typos); SEMANTICS.md section 5 lists them.
+verbatim (including its typos); docs/semantics.md section 5 lists them.
 """
 
 from __future__ import annotations

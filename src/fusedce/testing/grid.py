@@ -165,7 +165,7 @@ def _build_target(case: Case, gen: torch.Generator, device: str | torch.device) 
 
 
 # --------------------------------------------------------------------------------------------
-# Special recipes: degenerate values and every invalid input SEMANTICS.md section 5 lists.
+# Special recipes: degenerate values and every invalid input docs/semantics.md section 5 lists.
 # Each mutates the freshly built inputs.
 # --------------------------------------------------------------------------------------------
 

@@ -354,7 +354,7 @@ inline int64_t row_grain(int64_t classes) {
 }
 
 // Large CPU allocations are fresh mmaps, and faulting them in 4 KiB page by page costs several
-// times the kernel's own pass over memory (BENCHMARKS.md: 90-570 ms for 524 MB). Asking for
+// times the kernel's own pass over memory (docs/benchmarks.md: 90-570 ms for 524 MB). Asking for
 // transparent huge pages before the first touch cuts the faults 512-fold. It is a hint: a no-op
 // where THP is off, and on buffers too small to hold an aligned 2 MiB page.
 inline void advise_huge_pages(const Tensor& t) {
