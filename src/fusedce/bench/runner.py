@@ -10,6 +10,7 @@ from dataclasses import dataclass
 
 import torch
 
+from .._progress import Progress, note
 from . import memory, timing
 from .providers import Provider, providers
 from .report import Results, Timing
@@ -58,7 +59,7 @@ def make_plan(device: str, quick: bool, selectors: list[str] | None, modes: list
 
 
 def _progress(message: str) -> None:
-    print(message, file=sys.stderr, flush=True)
+    note(message, sys.stderr)  # clears the live line on a terminal, and draws it again underneath
 
 
 def _copy_bytes(plan: Plan) -> int:
@@ -73,6 +74,7 @@ def execute(plan: Plan, env: dict[str, str]) -> Results:
     results = Results(env, copy_ms, copy_gbps, _copy_bytes(plan))
     total = sum(len(m) for _, m in plan.workloads)
     done = 0
+    bar = Progress("bench", total, unit="steps")
     for workload, modes in plan.workloads:
         chosen = providers(workload, plan.device, plan.providers)
         if any(p.name == "compile" for p in chosen):
@@ -83,13 +85,13 @@ def execute(plan: Plan, env: dict[str, str]) -> Results:
             for provider in chosen:
                 if mode == "no-grad-forward" and not provider.no_grad:
                     continue
-                _progress(f"bench [{done}/{total}] {workload.key} {mode} {provider.name} "
-                          f"({time.perf_counter() - started:.0f} s)")
+                bar.update(done - 1, total, f"{workload.key} {mode} {provider.name}")
                 results.timings.append(_time_one(plan, workload, inputs, provider, mode))
         del inputs
         gc.collect()
         if plan.device == "cuda":
             torch.cuda.empty_cache()
+    bar.update(total, total)
     results.peaks = _memory(plan, started)
     _progress(f"bench: done in {time.perf_counter() - started:.0f} s")
     return results
