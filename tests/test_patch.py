@@ -330,3 +330,18 @@ def test_a_function_compiled_inside_the_block_uses_fusedce():
     assert "torch.ops.fusedce.ce_forward" in graphs[0] and "torch.ops.fusedce.softmax_forward" in graphs[0]
     assert "torch.nn.functional.cross_entropy" in graphs[1]
     torch.testing.assert_close(inside, outside)
+
+
+def test_backward_and_double_backward_inside_the_block(fused_calls):
+    def second_order(x):
+        loss = F.cross_entropy(x, TARGET, label_smoothing=0.1) + x.log_softmax(1).pow(2).sum()
+        (grad,) = torch.autograd.grad(loss, x, create_graph=True)
+        (grad2,) = torch.autograd.grad(grad.pow(2).sum(), x)
+        return loss, grad, grad2
+
+    expected = second_order(_logits(torch.float64))
+    with fusedce.patch():
+        actual = second_order(_logits(torch.float64))
+    assert fused_calls["cross_entropy"] == 1 and fused_calls["log_softmax"] == 1
+    for a, e in zip(actual, expected, strict=True):
+        torch.testing.assert_close(a, e, atol=1e-10, rtol=1e-10)
