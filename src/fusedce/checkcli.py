@@ -6,13 +6,13 @@ import argparse
 import importlib
 import os
 import sys
-import time
 from collections.abc import Callable
 from typing import Any
 
 import torch
 
 from . import functional, testing
+from ._progress import Progress
 from .kernels import available_backends, unavailable_reason, use_backend
 
 # Under Triton's interpreter every program instance runs in Python: check a spread-out sample.
@@ -55,24 +55,8 @@ def _load_candidate(spec: str) -> Callable[..., Any]:
 
 
 def _progress(label: str) -> Callable[[int, int], None]:
-    """One updating line on a terminal; a line per 10% in a log."""
-    start = time.perf_counter()
-    interactive = sys.stderr.isatty()
-    granularity = 1 if interactive else 10
-    last = [-1]
-
-    def show(done: int, total: int) -> None:
-        percent = 100 * done // total // granularity * granularity
-        if percent == last[0]:
-            return
-        last[0] = percent
-        line = f"  {label}: {done}/{total} cases ({percent}%), {time.perf_counter() - start:.0f} s"
-        if interactive:
-            print("\r" + line, end="\n" if done == total else "", file=sys.stderr, flush=True)
-        else:
-            print(line, file=sys.stderr, flush=True)
-
-    return show
+    """One live line on a terminal; a line per 10% in a log."""
+    return Progress(label, unit="cases", every_percent=10).update
 
 
 def _grid(ops: tuple[str, ...], quick: bool, every: int = 1, device: str = "cpu", thin: int = 1) -> list[testing.Case]:

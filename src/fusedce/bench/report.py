@@ -222,28 +222,9 @@ def legend(results: Results) -> str:
 
 def plot(results: Results, path: str) -> None:
     """Speed-up over torch eager per provider, one panel per mode. Needs matplotlib."""
-    plt = require_matplotlib()
-    rows = results.rows()
-    modes = list(dict.fromkeys(r["mode"] for r in rows))
-    fig, axes = plt.subplots(len(modes), 1, figsize=(10, 3.2 * len(modes)), squeeze=False)
-    for ax, mode in zip(axes[:, 0], modes, strict=True):
-        mode_rows = [r for r in rows if r["mode"] == mode]
-        providers = [p for p in COLUMNS if any(r["ms"].get(p) for r in mode_rows)]
-        width = 0.8 / max(len(providers), 1)
-        for i, provider in enumerate(providers):
-            heights = [speedup(r["ms"].get(provider), r["ms"].get("eager")) or float("nan") for r in mode_rows]
-            ax.bar([j + i * width for j in range(len(mode_rows))], heights, width, label=provider)
-        ax.set_xticks([j + 0.4 - width / 2 for j in range(len(mode_rows))])
-        ax.set_xticklabels([f"{r['name']}\n{r['dtype']}" for r in mode_rows], fontsize=8)
-        ax.axhline(1.0, color="grey", linewidth=0.8)
-        ax.set_yscale("log")  # the speed-ups span orders of magnitude, from tiny to lm-128k
-        ax.set_ylabel("speed-up over eager")
-        ax.set_title(mode)
-        ax.legend(fontsize=8)
-    fig.suptitle(f"fusedce on {results.env.get('device', '?')}")
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
+    from . import plot as figure  # matplotlib only when a figure is asked for
+
+    figure.plot(results, path)
 
 
 def require_matplotlib() -> Any:

@@ -22,6 +22,7 @@ from typing import Any
 
 import torch
 
+from .._progress import Progress, note
 from . import memory, timing
 from .environment import ENVIRONMENT_LABELS, TORCH_ENVIRONMENTS, environment
 from .providers import Provider, providers
@@ -71,7 +72,7 @@ def make_plan(device: str, quick: bool, selectors: list[str] | None, modes: list
 
 
 def _progress(message: str) -> None:
-    print(message, file=sys.stderr, flush=True)
+    note(message, sys.stderr)  # clears the live line on a terminal, and draws it again underneath
 
 
 def _copy_bytes(plan: Plan) -> int:
@@ -86,6 +87,7 @@ def execute(plan: Plan, env: dict[str, str]) -> Results:
     results = Results(env, copy_ms, copy_gbps, _copy_bytes(plan))
     total = sum(len(m) for _, m in plan.workloads)
     done = 0
+    bar = Progress("bench", total, unit="steps")
     for workload, modes in plan.workloads:
         chosen = providers(workload, plan.device, plan.providers)
         if any(p.name == "compile" for p in chosen):
@@ -96,13 +98,13 @@ def execute(plan: Plan, env: dict[str, str]) -> Results:
             for provider in chosen:
                 if mode == "no-grad-forward" and not provider.no_grad:
                     continue
-                _progress(f"bench [{done}/{total}] {workload.key} {mode} {provider.name} "
-                          f"({time.perf_counter() - started:.0f} s)")
+                bar.update(done - 1, total, f"{workload.key} {mode} {provider.name}")
                 results.timings.append(_time_one(plan, workload, inputs, provider, mode))
         del inputs
         gc.collect()
         if plan.device == "cuda":
             torch.cuda.empty_cache()
+    bar.update(total, total)
     results.peaks = _memory(plan, started)
     _progress(f"bench: done in {time.perf_counter() - started:.0f} s")
     return results
