@@ -104,8 +104,35 @@ def test_every_spelling_goes_to_fusedce_once_with_torchs_result(spelling, dtype,
 def test_the_table_names_every_spelling():
     """torch.special.softmax and torch.softmax are distinct objects, as are the Tensor methods."""
     expected = {F.cross_entropy, F.nll_loss, F.log_softmax, F.softmax, torch.log_softmax, torch.softmax,
-                torch.special.log_softmax, torch.special.softmax, torch.Tensor.log_softmax, torch.Tensor.softmax}
+                torch.special.log_softmax, torch.special.softmax, torch.Tensor.log_softmax, torch.Tensor.softmax,
+                F.linear_cross_entropy}
     assert set(_ROUTES) == expected
+
+
+@pytest.mark.parametrize("spelling", ["F.linear_cross_entropy", "nn.LinearCrossEntropyLoss"])
+def test_linear_cross_entropy_goes_to_fusedce(spelling):
+    """torch's own path ends in NllLossBackward0 (it materialises the logits); fusedce's in its
+    fused Function. Values and gradients are torch's."""
+    gen = torch.Generator().manual_seed(2)
+    hidden = torch.randn(6, 8, dtype=torch.float64, generator=gen)
+    module = nn.LinearCrossEntropyLoss(8, 5, bias=True, label_smoothing=0.1, dtype=torch.float64)
+    target = TARGET.clone()
+    target[1] = -100
+
+    def call():
+        if spelling == "nn.LinearCrossEntropyLoss":
+            return module(hidden, target)
+        return F.linear_cross_entropy(hidden, module.linear.weight, target, linear_bias=module.linear.bias)
+
+    expected = call()
+    grads_expected = torch.autograd.grad(expected, list(module.parameters()))
+    with fusedce.patch():
+        actual = call()
+    assert "NllLoss" not in type(actual.grad_fn).__name__ and "LinearCrossEntropy" in type(actual.grad_fn).__name__
+    grads_actual = torch.autograd.grad(actual, list(module.parameters()))
+    torch.testing.assert_close(actual, expected, atol=1e-12, rtol=1e-12)
+    for ours, theirs in zip(grads_actual, grads_expected, strict=True):
+        torch.testing.assert_close(ours, theirs, atol=1e-12, rtol=1e-12)
 
 
 def _implicit_dim_warnings(call):

@@ -50,13 +50,15 @@ def _covered(input: Any, dtype: Any, args: tuple[Any, ...], kwargs: dict[str, An
     return True
 
 
-def _loss(fused: Callable[..., Any]) -> Route:
+def _loss(fused: Callable[..., Any], takes_dtensor: bool = False) -> Route:
     """``F.cross_entropy``-like functions: fusedce's signature is torch's (Python has bound the
-    arguments to it before the mode is called), so they pass through as they are."""
+    arguments to it before the mode is called), so they pass through as they are.
+    ``takes_dtensor``: fusedce handles a DTensor input itself (vocabulary-parallel
+    cross-entropy, ``fusedce.distributed``), so that subclass is routed too."""
 
     def route(func: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         input = args[0] if args else kwargs.get("input")
-        if _covered(input, None, args, kwargs):
+        if _covered(input, None, args, kwargs) or (takes_dtensor and functional._is_dtensor(input)):
             return fused(*args, **kwargs)
         return func(*args, **kwargs)
 
@@ -107,7 +109,8 @@ def _aten_softmax(fused: Callable[..., Any]) -> Route:
 
 # torch's callable -> its route. Adding a function is one line here.
 _ROUTES: dict[Callable[..., Any], Route] = {
-    torch_functional.cross_entropy: _loss(functional.cross_entropy),
+    torch_functional.cross_entropy: _loss(functional.cross_entropy, takes_dtensor=True),
+    torch_functional.linear_cross_entropy: _loss(functional.linear_cross_entropy),
     torch_functional.nll_loss: _loss(functional.nll_loss),
     torch_functional.log_softmax: _functional_softmax(functional.log_softmax),
     torch_functional.softmax: _functional_softmax(functional.softmax),
@@ -153,12 +156,15 @@ def patch() -> Iterator[None]:
       any name (``from torch.nn.functional import cross_entropy`` done before the block included);
     - ``torch.log_softmax``, ``torch.softmax``, ``torch.special.log_softmax``,
       ``torch.special.softmax``, ``Tensor.log_softmax`` and ``Tensor.softmax``;
+    - ``torch.nn.functional.linear_cross_entropy`` and ``nn.LinearCrossEntropyLoss`` instances;
     - ``nn.CrossEntropyLoss``, ``nn.NLLLoss``, ``nn.LogSoftmax`` and ``nn.Softmax`` instances,
-      whenever they were built (their ``forward`` calls the functions above).
+      whenever they were built (their ``forward`` calls the functions above);
+    - ``F.cross_entropy`` on a DTensor sharded on the class dim (vocabulary-parallel, see
+      ``fusedce.distributed``), which torch only accepts inside ``loss_parallel()``.
 
     Calls fusedce does not cover go to torch unchanged: an input whose dtype (after ``dtype=``) is
-    not float16, bfloat16, float32 or float64; any tensor argument of a subclass (``DTensor``,
-    ``FakeTensor``, jagged or masked tensors), or with a sparse or nested layout; ``out=``; a
+    not float16, bfloat16, float32 or float64; any tensor argument of a subclass (``DTensor``
+    outside ``cross_entropy``, ``FakeTensor``, jagged or masked tensors), or with a sparse or nested layout; ``out=``; a
     named dimension. Everything else in torch passes through the mode untouched, at the cost of a
     Python call and a dict look-up per torch call in the block.
 
