@@ -66,11 +66,15 @@ def _small_probabilities_zeroed(fn: Callable[..., Any]) -> Callable[..., Any]:
 
 
 def _nan_inputs_overwritten(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """Torch's result, after which the caller's NaN logits are zeroed in place: only the input
+    check can see it."""
+
     def mutant(input: Any, *args: Any, **kwargs: Any) -> Any:
+        out = fn(input, *args, **kwargs)
         if isinstance(input, torch.Tensor) and input.is_floating_point():
             with torch.no_grad():
-                input.masked_fill_(input.isnan(), 0.0)  # the caller's tensor, in place
-        return fn(input, *args, **kwargs)
+                input.masked_fill_(input.isnan(), 0.0)
+        return out
 
     return mutant
 
@@ -142,11 +146,19 @@ def _differs(x: Any, y: Any) -> bool:
     return (x is None) != (y is None) or type(x) is not type(y)
 
 
+def _bits(t: torch.Tensor) -> tuple[Any, ...]:
+    return (t.dtype, tuple(t.shape), t.contiguous().reshape(-1).view(torch.uint8).tolist())
+
+
 def visibly_changes(mutant: Callable[..., Any], case: testing.Case) -> bool:
     """Whether the mutant's observable behaviour on this case differs from torch's at all."""
-    ours: Outcome = run(mutant, case, testing.build_inputs(case))
+    inputs = testing.build_inputs(case)
+    before = [t.detach().clone() for t in inputs.tensors()]
+    ours: Outcome = run(mutant, case, inputs)
     theirs: Outcome = run(testing.TORCH_FUNCTIONS[case.op], case, testing.build_inputs(case))
-    if ours.mutated or (ours.error, ours.backward_error, ours.warnings) != (
+    # The checker's own input check is under test, so this one is separate: bit for bit.
+    modified = any(_bits(b) != _bits(t.detach()) for b, t in zip(before, inputs.tensors(), strict=True))
+    if modified or (ours.error, ours.backward_error, ours.warnings) != (
         theirs.error, theirs.backward_error, theirs.warnings
     ):
         return True
@@ -201,3 +213,29 @@ def test_torch_itself_passes():
 def test_torch_itself_passes_full_grid():
     report = testing.check(testing.TORCH_FUNCTIONS, _torch_cases(full=True), label="torch")
     assert report.ok, f"{report.summary()}\n{report.details()}"
+
+
+def _warning(message: str, category: type[Warning]) -> Callable[..., Any]:
+    def candidate(*args: Any, **kwargs: Any) -> Any:
+        warnings.warn(message, category, stacklevel=2)
+        return testing.TORCH_FUNCTIONS["softmax"](*args, **kwargs)
+
+    return candidate
+
+
+def test_only_the_backend_fallback_notice_is_ignored():
+    case = testing.Case("softmax", (4, 6), torch.float32, dim=1)
+    fallback = "fusedce: the cpu backend is unavailable (RuntimeError: no compiler); using the slower reference backend"
+    assert testing.check_case(_warning(fallback, RuntimeWarning), case) == []
+    assert testing.check_case(_warning("fusedce: something else", RuntimeWarning), case)
+    assert testing.check_case(_warning(fallback, UserWarning), case)
+
+
+def test_a_non_finite_truth_where_torch_is_finite_fails():
+    from fusedce.testing.compare import _compare_tensor
+
+    torch_value = torch.tensor([1.0, 2.0])
+    problem = _compare_tensor("value", torch_value, torch_value, torch.tensor([1.0, float("nan")]), torch.float32)
+    assert problem is not None and "cannot be judged" in problem
+    problem = _compare_tensor("value", torch_value, torch_value, torch.tensor([float("inf"), 2.0]), torch.float32)
+    assert problem is not None and "cannot be judged" in problem

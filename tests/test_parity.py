@@ -58,7 +58,7 @@ def test_argument_product_full(backend, group):
 
 
 # The default run takes every float32 special case and 1 in this many of the other dtypes'.
-SPECIAL_SAMPLE_EVERY = 4
+SPECIAL_SAMPLE_EVERY = 6
 
 
 def _specials(op: str, full: bool) -> list[testing.Case]:
