@@ -112,10 +112,10 @@ def _may_warn(case: testing.Case) -> bool:
 # name: (how to plant the bug in one of torch's functions, the ops it applies to, which cases
 # of the grid it is tried on, 1 in N of them in the default run)
 MUTANTS: dict[str, tuple[Callable[..., Any], tuple[str, ...], Callable[[testing.Case], bool], int]] = {
-    "half_grad_x0.9": (_scaled_half_grad, testing.OPS, lambda c: c.dtype in HALF, 60),
-    "bf16_value_x1.03": (_scaled_value(torch.bfloat16, 1.03), testing.OPS, lambda c: c.dtype == torch.bfloat16, 30),
+    "half_grad_x0.9": (_scaled_half_grad, testing.OPS, lambda c: c.dtype in HALF, 120),
+    "bf16_value_x1.03": (_scaled_value(torch.bfloat16, 1.03), testing.OPS, lambda c: c.dtype == torch.bfloat16, 60),
     "f32_value_x(1+1e-5)": (_scaled_value(torch.float32, 1 + 1e-5), testing.OPS,
-                            lambda c: c.dtype == torch.float32, 30),
+                            lambda c: c.dtype == torch.float32, 60),
     "small_probabilities_zeroed": (_small_probabilities_zeroed, ("softmax",), lambda c: True, 4),
     "nan_inputs_overwritten": (_nan_inputs_overwritten, testing.OPS, lambda c: c.special == "nan_logit", 2),
     "wrong_dtype": (_wrong_dtype, testing.OPS, lambda c: True, 120),

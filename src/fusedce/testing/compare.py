@@ -30,6 +30,8 @@ classes taken in another order than torch's differs by about ``sqrt(2500) * eps 
 terms: ``c = 64``. For the half types the floor is 512 (float16) and 4096 (bfloat16) times finer
 than their own ulp at ``S``, so it does not hide a lost term: a bfloat16 probability of 1e-3 set
 to zero fails. The only absolute allowance is the dtype's subnormal spacing, the ulp at zero.
+For a loss reduced to a scalar, ``S`` is the value times ``sum |l_i| / |sum l_i|`` over the
+unreduced losses: a sum is only as exact as its terms are large (``_sum_condition``).
 
 The gradient of softmax and log_softmax is, in torch as here, a function of the saved output, and
 magnifies that output's rounding: where it fails against the truth it is judged again against
@@ -231,12 +233,14 @@ def _torch_overflowed(a: Tensor, b: Tensor, t: Tensor, dtype: torch.dtype) -> Te
 
 
 def _compare_tensor(
-    what: str, ours: Tensor, theirs: Tensor, truth: Tensor | None, dtype: torch.dtype, credit_torch: bool = True
+    what: str, ours: Tensor, theirs: Tensor, truth: Tensor | None, dtype: torch.dtype, credit_torch: bool = True,
+    condition: float = 1.0,
 ) -> str | None:
     """None when ours passes the rule of this module's docstring, else why not.
 
     ``dtype`` is the precision the op computes in; ``truth`` is None when that is float64.
-    Without ``credit_torch``, torch's own error earns ours no allowance.
+    Without ``credit_torch``, torch's own error earns ours no allowance. ``condition`` scales
+    ``S`` (see ``_sum_condition``).
     """
     if ours.shape != theirs.shape:
         return f"{what}: shape {tuple(ours.shape)} vs torch {tuple(theirs.shape)}"
@@ -264,7 +268,7 @@ def _compare_tensor(
         err_torch = (b - t).abs().where(b.isfinite() & credit_torch, 0)
     if not judged.any():
         return None
-    scale = reference.abs().where(judged, 0).max()
+    scale = reference.abs().where(judged, 0).max() * condition
     margin = tol.ulps * ulp(reference, dtype) + tol.scale_ulps * torch.finfo(tol.compute).eps * scale
     err_ours = (a - reference).abs()
     excess = (err_ours - err_torch - margin).where(judged, -1)
@@ -309,7 +313,9 @@ def compare(case: Case, candidate: Callable[..., Any], reference: Callable[..., 
     truth = None
     if dtype != torch.float64:
         truth = run(reference, case, _as_float64(_contiguous(build_inputs(case, device))))
-    problem = _compare_tensor("value", ours.value, theirs.value, truth.value if truth else None, dtype)
+    condition = _sum_condition(case, reference, device, truth is not None) if theirs.value.dim() == 0 else 1.0
+    problem = _compare_tensor("value", ours.value, theirs.value, truth.value if truth else None, dtype,
+                              condition=condition)
     if problem:
         problems.append(problem)
     if len(ours.grads) != len(theirs.grads):
@@ -335,7 +341,35 @@ def compare(case: Case, candidate: Callable[..., Any], reference: Callable[..., 
     return problems
 
 
-_OUTPUT_BACKWARDS = {
+def _sum_condition(case: Case, reference: Callable[..., Any], device: str | torch.device, in_float64: bool) -> float:
+    """For a loss reduced to a scalar: ``sum |l_i| / |sum l_i|`` over the unreduced losses.
+
+    A sum's rounding error is a few eps of the sum of its terms' magnitudes, not of the sum: where
+    the terms cancel (negative logits under a weight, a log-probability target) a candidate that
+    adds them in another order than torch's differs by that much. 1 for everything else.
+    """
+    if case.op not in ("cross_entropy", "nll_loss"):
+        return 1.0
+    inputs = build_inputs(case, device)
+    if in_float64:
+        inputs = _as_float64(inputs)
+    for legacy in ("size_average", "reduce"):
+        inputs.kwargs.pop(legacy, None)
+    inputs.kwargs["reduction"] = "none"
+    try:
+        with torch.no_grad(), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            terms = inputs.call(reference).double()
+    except Exception:
+        return 1.0
+    terms = terms[terms.isfinite()]
+    total = terms.sum().abs()
+    if terms.numel() == 0 or total == 0:
+        return 1.0
+    return max(1.0, float(terms.abs().sum() / total))
+
+
+_OUTPUT_BACKWARDS: dict[str, Callable[[Tensor, Tensor, int, torch.dtype], Tensor]] = {
     "softmax": torch._softmax_backward_data,
     "log_softmax": torch._log_softmax_backward_data,
 }

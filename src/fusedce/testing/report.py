@@ -46,17 +46,19 @@ class Report:
         labels = sorted({label for _, label in total})
         ops = sorted({op for op, _ in total})
         width = max(14, *(len(op) for op in ops))
-        lines = [f"{'op':<{width}}" + "".join(f"{label:>22}" for label in labels)]
+        # Wide enough for "12345/12345 passed, 12345 FAILED" and the longest label, plus a gap.
+        cell = 2 + max(32, *(len(label) for label in labels))
+        lines = [f"{'op':<{width}}" + "".join(f"{label:>{cell}}" for label in labels)]
         for op in ops:
             cells = []
             for label in labels:
                 t = total[(op, label)]
                 if not t:
-                    cells.append(f"{'-':>22}")
+                    cells.append(f"{'-':>{cell}}")
                     continue
                 failed = t - passed[(op, label)]
                 text = f"{passed[(op, label)]}/{t} passed" + (f", {failed} FAILED" if failed else "")
-                cells.append(f"{text:>22}")
+                cells.append(f"{text:>{cell}}")
             lines.append(f"{op:<{width}}" + "".join(cells))
         return "\n".join(lines)
 
