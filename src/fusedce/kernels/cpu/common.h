@@ -100,9 +100,12 @@ inline auto dispatch_bool(bool flag, F&& f) {
   return flag ? f(std::true_type{}) : f(std::false_type{});
 }
 
-// exp_u20 is exact enough (tests allow 2e-5 in float32) and several times cheaper than Sleef's
-// exp, but it maps NaN and +inf to finite values. Use it only where the argument is finite or
-// -inf (it gives 0 there).
+// exp_u20 is several times cheaper than Sleef's exp, but its error (about 16 ulp measured) shows
+// in every result that is a sum of exponentials: the log-sum of a row, hence its losses and
+// log-probabilities, and softmax's outputs, where torch (Sleef's 1-ulp exp) is exact to an ulp or
+// two. Those use Vectorized::exp; exp_u20 serves the gradients, whose elements it moves by a
+// fraction of the gradient's scale. It maps NaN and +inf to finite values: use it only where the
+// argument is finite or -inf (it gives 0 there).
 struct FastExp {
   template <typename V>
   V operator()(const V& v) const {
@@ -621,27 +624,32 @@ inline void for_each_tile(int64_t outer, int64_t inner, int64_t classes, int buf
   });
 }
 
-// Lane-wise max and Σ exp(x - max) over the classes of a tile; lse per lane into `lse`.
+// Lane-wise row stats of a tile: the max into `max_out`, and log Σ exp(x - max) into `logsum`.
+// The two are kept apart (see reference.row_stats): a rounded max + log Σ loses digits when the
+// logits share a large offset. `inv_sum`, when given, receives 1 / Σ exp(x - max) (NaN where
+// the log-sum is), for softmax.
 template <typename acc>
-inline void tile_lse(const acc* tile, int64_t ld, int64_t classes, int64_t n, acc* max_out,
-                     acc* lse) {
+inline void tile_stats(const acc* tile, int64_t ld, int64_t classes, int64_t n, acc* max_out,
+                       acc* logsum, acc* inv_sum = nullptr) {
   using AVec = Vectorized<acc>;
   for (int64_t lb = 0; lb < n; lb += AVec::size()) {
     AVec m(-kInf<acc>);
     for (int64_t c = 0; c < classes; ++c) {
       m = at::vec::maximum(m, AVec::loadu(tile + c * ld + lb));
     }
-    // Lanes whose max is not finite come out NaN below; what exp_u20 makes of them in between
-    // does not matter.
+    // Lanes whose max is not finite come out NaN below. Sleef's exp, not exp_u20: see FastExp.
     AVec s(0);
     for (int64_t c = 0; c < classes; ++c) {
-      s += (AVec::loadu(tile + c * ld + lb) - m).exp_u20();
+      s += (AVec::loadu(tile + c * ld + lb) - m).exp();
     }
     m.store(max_out + lb);
-    // lse = max + log(sum), a vector at a time (a scalar log per row was most of a small-C
-    // tile's time). max - max is 0 for a finite max and NaN otherwise, so a row that is all
-    // -inf, or holds +inf or NaN, gets a NaN lse, as in reference.logsumexp.
-    (m + s.log() + (m - m)).store(lse + lb);
+    // log Σ, a vector at a time (a scalar log per row was most of a small-C tile's time).
+    // max - max is 0 for a finite max and NaN otherwise, so a row that is all -inf, or holds
+    // +inf or NaN, gets a NaN log-sum, as in reference.row_stats.
+    (s.log() + (m - m)).store(logsum + lb);
+    if (inv_sum != nullptr) {
+      (s.reciprocal() + (m - m)).store(inv_sum + lb);
+    }
   }
 }
 
