@@ -624,6 +624,23 @@ inline void for_each_tile(int64_t outer, int64_t inner, int64_t classes, int buf
   });
 }
 
+// A compensated (Kahan) lane-wise sum, for the tile path, which adds a row's classes one after
+// another in one lane: plain, its rounding error grows with C (7 ulp at C = 300), where torch's
+// vectorised reductions stay within an ulp or two. A carry that is not a number (an infinite
+// term, which the sum keeps) is dropped, so that it cannot turn the sum into NaN.
+template <typename acc>
+struct KahanSum {
+  Vectorized<acc> sum{acc(0)}, carry{acc(0)};
+
+  void add(const Vectorized<acc>& v) {
+    const Vectorized<acc> y = v - carry;
+    const Vectorized<acc> t = sum + y;
+    carry = (t - sum) - y;
+    carry = carry & (carry == carry);
+    sum = t;
+  }
+};
+
 // Lane-wise row stats of a tile: the max into `max_out`, and log Σ exp(x - max) into `logsum`.
 // The two are kept apart (see reference.row_stats): a rounded max + log Σ loses digits when the
 // logits share a large offset. `inv_sum`, when given, receives 1 / Σ exp(x - max) (NaN where
@@ -638,10 +655,11 @@ inline void tile_stats(const acc* tile, int64_t ld, int64_t classes, int64_t n, 
       m = at::vec::maximum(m, AVec::loadu(tile + c * ld + lb));
     }
     // Lanes whose max is not finite come out NaN below. Sleef's exp, not exp_u20: see FastExp.
-    AVec s(0);
+    KahanSum<acc> sum;
     for (int64_t c = 0; c < classes; ++c) {
-      s += (AVec::loadu(tile + c * ld + lb) - m).exp();
+      sum.add((AVec::loadu(tile + c * ld + lb) - m).exp());
     }
+    const AVec s = sum.sum;
     m.store(max_out + lb);
     // log Σ, a vector at a time (a scalar log per row was most of a small-C tile's time).
     // max - max is 0 for a finite max and NaN otherwise, so a row that is all -inf, or holds

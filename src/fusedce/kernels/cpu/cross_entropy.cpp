@@ -111,11 +111,11 @@ void ce_forward_kernel(const Tensor& x, const Tensor& target, const std::optiona
     if (smooth) {
       for (int64_t lb = 0; lb < rows.n; lb += AVec::size()) {
         const AVec vm = AVec::loadu(m + lb);
-        AVec wsum(0);
+        KahanSum<acc> wsum;
         for (int64_t c = 0; c < classes; ++c) {
-          wsum += AVec(wp ? wp[c] : acc(1)) * (AVec::loadu(src + c * sld + lb) - vm);
+          wsum.add(AVec(wp ? wp[c] : acc(1)) * (AVec::loadu(src + c * sld + lb) - vm));
         }
-        wsum.store(shifted + lb);
+        wsum.sum.store(shifted + lb);
       }
     }
     for (int64_t b = 0; b < rows.n; ++b) {
@@ -322,12 +322,12 @@ void ce_prob_forward_kernel(const Tensor& x, const Tensor& target,
     tile_stats(tile, ld, classes, rows.n, m, ls);
     for (int64_t lb = 0; lb < rows.n; lb += AVec::size()) {
       const AVec vm = AVec::loadu(m + lb), vl = AVec::loadu(ls + lb);
-      AVec l(0);
+      KahanSum<acc> l;
       for (int64_t c = 0; c < classes; ++c) {
         const AVec t = smoothed(AVec::loadu(ttile + c * ld + lb));
-        l += AVec(wp ? wp[c] : acc(1)) * t * ((vm - AVec::loadu(tile + c * ld + lb)) + vl);
+        l.add(AVec(wp ? wp[c] : acc(1)) * t * ((vm - AVec::loadu(tile + c * ld + lb)) + vl));
       }
-      l.store(l_out + lb);
+      l.sum.store(l_out + lb);
     }
     for (int64_t b = 0; b < rows.n; ++b) {
       store_stats(stats_p, rows.r0 + b, m[b], ls[b]);
@@ -394,12 +394,12 @@ void ce_prob_backward_kernel(const Tensor& grad_loss, const Tensor& x, const Ten
     }
     dispatch_exp(all_finite(ls, rows.n), [&](auto exp_fn) {
       for (int64_t lb = 0; lb < rows.n; lb += AVec::size()) {
-        AVec s(0);
+        KahanSum<acc> s;
         for (int64_t c = 0; c < classes; ++c) {
-          s += AVec(wp ? wp[c] : acc(1)) * smoothed(AVec::loadu(ttile + c * ld + lb));
+          s.add(AVec(wp ? wp[c] : acc(1)) * smoothed(AVec::loadu(ttile + c * ld + lb)));
         }
         const AVec vg = AVec::loadu(g + lb), vm = AVec::loadu(m + lb), vl = AVec::loadu(ls + lb);
-        const AVec vs = s * vg;
+        const AVec vs = s.sum * vg;
         for (int64_t c = 0; c < classes; ++c) {
           acc* p = tile + c * ld + lb;
           const AVec wt = AVec(wp ? wp[c] : acc(1)) * smoothed(AVec::loadu(ttile + c * ld + lb));
