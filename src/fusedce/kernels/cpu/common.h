@@ -12,10 +12,11 @@
 //   every per-row reduction is a plain lane-wise loop over classes. When the rows of a tile share
 //   their outer index and the inner stride is 1, the gather reads whole contiguous runs.
 //
-// Numerics: half types accumulate in float32, float32 in float32, float64 in float64. Exponentials
-// use ATen's exp_u20 (about 20 ulp) where the argument is known to be finite or -inf; exp_u20 does
-// not propagate NaN or +inf, so rows whose reference value (max, lse) is not finite take the
-// precise path, which is std::exp per element.
+// Numerics: half types accumulate in float32, float32 in float32, float64 in float64. A row's max
+// and log Σ exp(x - max) are kept apart (reference.row_stats), and the sums that results are made
+// of use Sleef's 1-ulp exp (see FastExp). The gradients use ATen's exp_u20 where the argument is
+// known to be finite or -inf; exp_u20 does not propagate NaN or +inf, so rows whose reference
+// values (max, log-sum) are not finite take the precise path, which is std::exp per element.
 #pragma once
 
 #include <ATen/ATen.h>
@@ -76,7 +77,8 @@ inline View3<T> view3(const Tensor& t) {
   return {t.data_ptr<std::remove_const_t<T>>(), t.stride(0), t.stride(1), t.stride(2)};
 }
 
-// An (outer, inner) per-row tensor (target, grad_loss, lse): any strides, zero included.
+// An (outer, inner) per-row tensor (target, grad_loss, one half of the row stats): any strides,
+// zero included.
 template <typename T>
 struct View2 {
   const T* data;
@@ -113,7 +115,7 @@ struct FastExp {
   }
 };
 
-// For rows whose max or lse is not finite: std::exp propagates NaN and +inf as torch does.
+// For rows whose max or log-sum is not finite: std::exp propagates NaN and +inf as torch does.
 struct PreciseExp {
   template <typename V>
   V operator()(const V& v) const {
@@ -274,7 +276,7 @@ inline void map_row2(const scalar_t* src, const scalar_t* src2, scalar_t* dst, i
 }
 
 // Horizontal reductions. The max propagates NaN, so that a NaN anywhere in a row makes its max
-// (and from it the row's lse) NaN, as in torch.
+// (and from it the row's log-sum) NaN, as in torch.
 template <typename acc>
 inline acc hsum(const Vectorized<acc>& v) {
   __at_align__ acc lanes[Vectorized<acc>::size()];

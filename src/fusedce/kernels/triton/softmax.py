@@ -69,10 +69,7 @@ def _softmax_fwd_kernel(
         # torch's order: (x - m) - log Σ, exact under a large common offset (unlike x - lse), and
         # exp(x - m) / Σ, whose relative error does not grow with |log p|. A row with a NaN
         # log-sum is NaN everywhere either way.
-        if LOG:
-            y = (xf - m[:, None]) - logsum[:, None]
-        else:
-            y = tl.exp(xf - m[:, None]) * inv_sum[:, None]
+        y = (xf - m[:, None]) - logsum[:, None] if LOG else tl.exp(xf - m[:, None]) * inv_sum[:, None]
         tl.store(out_ptr + out_row[:, None] + out_offs[None, :], to_output(y, out_ptr.dtype.element_ty), mask=cmask)
 
 
