@@ -44,7 +44,11 @@ def _check_ce(cpu, x, target, weight=None, smoothing=0.0, ignore_index=-100, equ
     loss, stats = cpu.ce_forward(x, target, weight, ignore_index, smoothing)
     ref_loss, ref_stats = reference.ce_forward(x, target, weight, ignore_index, smoothing)
     assert_close_report(loss, ref_loss, tol, "loss")
-    assert_close_report(stats, ref_stats, tol, "stats")
+    # The log-sum everywhere; the max where the log-sum is finite (a row holding NaN has a NaN
+    # log-sum, which makes every result derived from it NaN whatever its max).
+    assert_close_report(stats[..., 1], ref_stats[..., 1], tol, "log-sum")
+    finite = ref_stats[..., 1].isfinite()
+    assert_close_report(stats[..., 0][finite], ref_stats[..., 0][finite], tol, "max")
     grad_loss = torch.rand(loss.shape, dtype=loss.dtype, generator=torch.Generator().manual_seed(3))
     grad = cpu.ce_backward(grad_loss, x, target, weight, stats, ignore_index, smoothing, False)
     ref = reference.ce_backward(grad_loss, x, target, weight, ref_stats, ignore_index, smoothing, False)
