@@ -25,14 +25,14 @@ _lib = torch.library.Library("fusedce", "DEF")
 _SCHEMAS = {
     "ce_forward": "(Tensor x, Tensor target, Tensor? weight, int ignore_index, float smoothing)"
     " -> (Tensor, Tensor)",
-    "ce_backward": "(Tensor grad_loss, Tensor x, Tensor target, Tensor? weight, Tensor lse,"
+    "ce_backward": "(Tensor grad_loss, Tensor x, Tensor target, Tensor? weight, Tensor stats,"
     " int ignore_index, float smoothing) -> Tensor",
-    "ce_backward_": "(Tensor grad_loss, Tensor(a!) x, Tensor target, Tensor? weight, Tensor lse,"
+    "ce_backward_": "(Tensor grad_loss, Tensor(a!) x, Tensor target, Tensor? weight, Tensor stats,"
     " int ignore_index, float smoothing) -> ()",
     "ce_prob_forward": "(Tensor x, Tensor target, Tensor? weight, float smoothing) -> (Tensor, Tensor)",
-    "ce_prob_backward": "(Tensor grad_loss, Tensor x, Tensor target, Tensor? weight, Tensor lse,"
+    "ce_prob_backward": "(Tensor grad_loss, Tensor x, Tensor target, Tensor? weight, Tensor stats,"
     " float smoothing) -> Tensor",
-    "ce_prob_backward_": "(Tensor grad_loss, Tensor(a!) x, Tensor target, Tensor? weight, Tensor lse,"
+    "ce_prob_backward_": "(Tensor grad_loss, Tensor(a!) x, Tensor target, Tensor? weight, Tensor stats,"
     " float smoothing) -> ()",
     "nll_forward": "(Tensor x, Tensor target, Tensor? weight, int ignore_index) -> Tensor",
     "nll_backward": "(Tensor grad_loss, Tensor target, Tensor? weight, int ignore_index,"
@@ -67,7 +67,9 @@ def _rows_like(x: Tensor) -> Tensor:
 
 
 def _fake_ce_forward(x: Tensor, *_: Any) -> tuple[Tensor, Tensor]:
-    return _rows_like(x), _rows_like(x)
+    """The per-row loss, and the (outer, inner, 2) row stats: max and log Σ exp(x - max)."""
+    stats = x.new_empty((x.shape[0], x.shape[2], 2), dtype=accumulation_dtype(x.dtype))
+    return _rows_like(x), stats
 
 
 def _fake_grad_like_x(grad_loss: Tensor, x: Tensor, *_: Any) -> Tensor:

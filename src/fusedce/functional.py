@@ -211,13 +211,15 @@ def _reduce_index_loss(
     total = loss.sum()
     if reduction == "sum":
         return total.to(input.dtype)
+    # Compared as int64, as torch does: a uint8 target of 156 is not ignore_index -100.
+    rows = rows if rows.dtype == torch.int64 else rows.long()
     valid = rows != ignore_index
     if weight is None:
         denominator = valid.sum()
     else:
         # Clamp so that an out-of-range target (which the CUDA kernels report as NaN instead of
         # raising) cannot index out of bounds here.
-        safe = rows.long().clamp(0, max(weight.numel() - 1, 0))
+        safe = rows.clamp(0, max(weight.numel() - 1, 0))
         picked = weight.to(accumulation_dtype(input.dtype)).gather(0, safe.reshape(-1)).view_as(safe)
         denominator = torch.where(valid, picked, 0).sum()
     if smoothing > 0:

@@ -324,14 +324,14 @@ def ce_backward(
     x: Tensor,
     target: Tensor,
     weight: Tensor | None,
-    lse: Tensor,
+    stats: Tensor,
     ignore_index: int,
     smoothing: float,
     inplace: bool,
 ) -> Tensor:
     # max(ε, 0) exactly as reference: a negative ε is no smoothing, and NaN stays NaN.
     return _kernels().ce_backward(
-        grad_loss, x, target, weight, lse, ignore_index, max(smoothing, 0.0), inplace
+        grad_loss, x, target, weight, stats, ignore_index, max(smoothing, 0.0), inplace
     )
 
 
@@ -346,11 +346,11 @@ def ce_prob_backward(
     x: Tensor,
     target: Tensor,
     weight: Tensor | None,
-    lse: Tensor,
+    stats: Tensor,
     smoothing: float,
     inplace: bool,
 ) -> Tensor:
-    return _kernels().ce_prob_backward(grad_loss, x, target, weight, lse, smoothing, inplace)
+    return _kernels().ce_prob_backward(grad_loss, x, target, weight, stats, smoothing, inplace)
 
 
 def nll_forward(x: Tensor, target: Tensor, weight: Tensor | None, ignore_index: int) -> Tensor:
