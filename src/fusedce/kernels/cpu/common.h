@@ -50,8 +50,13 @@ using acc_t = at::opmath_type<scalar_t>;
 // dominated by the scheduling overhead.
 constexpr int64_t kGrainElements = 32768;
 // Tile path: scratch bytes per tensor, and the most rows a tile holds.
-constexpr int64_t kTileBytes = 48 * 1024;
-constexpr int64_t kMaxTileRows = 256;
+constexpr int64_t kTileBytes = 192 * 1024;
+constexpr int64_t kMaxTileRows = 1024;
+
+// The largest class index an accumulation dtype holds exactly (2^24 in float32, 2^53 in float64):
+// up to there the tile path compares targets with classes as floating-point lanes.
+template <typename T>
+constexpr int64_t kExactIndices = int64_t(1) << std::numeric_limits<T>::digits;
 
 template <typename T>
 constexpr T kInf = std::numeric_limits<T>::infinity();
@@ -621,27 +626,52 @@ inline void for_each_tile(int64_t outer, int64_t inner, int64_t classes, int buf
   });
 }
 
+// A row's lse from its max m and its Σ exp(x - m), a vector of rows at a time (a scalar log per
+// row was most of a small-C tile's time). m - m is 0 for a finite max and NaN otherwise, so a row
+// that is all -inf, or holds +inf or NaN, gets a NaN lse, as in reference.logsumexp.
+template <typename acc>
+inline Vectorized<acc> lse_from(const Vectorized<acc>& m, const Vectorized<acc>& sum) {
+  return m + sum.log() + (m - m);
+}
+
 // Lane-wise max and Σ exp(x - max) over the classes of a tile; lse per lane into `lse`.
+// The loops run class by class, each over the tile's whole run of lanes: a class is one
+// contiguous run of memory in the K-dimensional case, which the hardware prefetcher streams,
+// where a lane-block-major order would touch `classes` distant cache lines per vector. The
+// max and the running sum live in max_out and lse (L1) between classes.
 template <typename acc>
 inline void tile_lse(const acc* tile, int64_t ld, int64_t classes, int64_t n, acc* max_out,
                      acc* lse) {
   using AVec = Vectorized<acc>;
-  for (int64_t lb = 0; lb < n; lb += AVec::size()) {
-    AVec m(-kInf<acc>);
-    for (int64_t c = 0; c < classes; ++c) {
-      m = at::vec::maximum(m, AVec::loadu(tile + c * ld + lb));
+  const int64_t lanes = (n + AVec::size() - 1) / AVec::size() * AVec::size();  // within ld
+  for (int64_t lb = 0; lb < lanes; lb += AVec::size()) {
+    AVec(-kInf<acc>).store(max_out + lb);
+    AVec(0).store(lse + lb);
+  }
+  // The max pass reads the tile from memory. Each class's run is short (a page or so), and the
+  // hardware prefetcher stops at page boundaries, so the next class's run is prefetched while
+  // this one is read (the later passes hit the cache).
+  for (int64_t c = 0; c < classes; ++c) {
+    const acc* run = tile + c * ld;
+    const acc* next = c + 1 < classes ? run + ld : nullptr;
+    for (int64_t lb = 0; lb < lanes; lb += AVec::size()) {
+      if (next != nullptr) {
+        __builtin_prefetch(next + lb);
+      }
+      at::vec::maximum(AVec::loadu(max_out + lb), AVec::loadu(run + lb)).store(max_out + lb);
     }
-    // Lanes whose max is not finite come out NaN below; what exp_u20 makes of them in between
-    // does not matter.
-    AVec s(0);
-    for (int64_t c = 0; c < classes; ++c) {
-      s += (AVec::loadu(tile + c * ld + lb) - m).exp_u20();
+  }
+  // Lanes whose max is not finite come out NaN in lse_from; what exp_u20 makes of them in
+  // between does not matter.
+  for (int64_t c = 0; c < classes; ++c) {
+    const acc* run = tile + c * ld;
+    for (int64_t lb = 0; lb < lanes; lb += AVec::size()) {
+      const AVec e = (AVec::loadu(run + lb) - AVec::loadu(max_out + lb)).exp_u20();
+      (AVec::loadu(lse + lb) + e).store(lse + lb);
     }
-    m.store(max_out + lb);
-    // lse = max + log(sum), a vector at a time (a scalar log per row was most of a small-C
-    // tile's time). max - max is 0 for a finite max and NaN otherwise, so a row that is all
-    // -inf, or holds +inf or NaN, gets a NaN lse, as in reference.logsumexp.
-    (m + s.log() + (m - m)).store(lse + lb);
+  }
+  for (int64_t lb = 0; lb < lanes; lb += AVec::size()) {
+    lse_from(AVec::loadu(max_out + lb), AVec::loadu(lse + lb)).store(lse + lb);
   }
 }
 

@@ -88,6 +88,52 @@ void ce_forward_kernel(const Tensor& x, const Tensor& target, const std::optiona
     return;
   }
 
+  // A tile's losses, vectorised across its rows: x_t (and w_t, and Σ w_c(x_c - m) when
+  // smoothing) are picked class by class, in tile_lse's streaming order, by comparing each lane's
+  // target with the class (a scalar gather per row was most of a small-C tile's time). Targets
+  // are held as accumulation values, -1 for an ignored row, which matches no class.
+  auto tile_losses = [&](const acc* src, int64_t sld, int64_t classes, const TileRows& rows,
+                         const acc* m, const acc* row_lse, acc* shifted) {
+    const int64_t lanes = (rows.n + AVec::size() - 1) / AVec::size() * AVec::size();
+    __at_align__ acc tf[kMaxTileRows + AVec::size()], xt[kMaxTileRows + AVec::size()];
+    __at_align__ acc wt[kMaxTileRows + AVec::size()];
+    for (int64_t b = 0; b < lanes; ++b) {
+      const int64_t t = b < rows.n ? tv(rows.o[b], rows.i[b]) : ignore_index;
+      tf[b] = t == ignore_index ? acc(-1) : static_cast<acc>(t);
+      xt[b] = shifted[b] = 0;
+      wt[b] = wp ? acc(0) : acc(1);
+    }
+    for (int64_t c = 0; c < classes; ++c) {
+      const acc* run = src + c * sld;
+      const AVec vc(static_cast<acc>(c)), wc(wp ? wp[c] : acc(1));
+      for (int64_t lb = 0; lb < lanes; lb += AVec::size()) {
+        const AVec x = AVec::loadu(run + lb);
+        const AVec hit = AVec::loadu(tf + lb) == vc;
+        AVec::blendv(AVec::loadu(xt + lb), x, hit).store(xt + lb);
+        if (wp) {
+          AVec::blendv(AVec::loadu(wt + lb), wc, hit).store(wt + lb);
+        }
+        if (smooth) {
+          (AVec::loadu(shifted + lb) + wc * (x - AVec::loadu(m + lb))).store(shifted + lb);
+        }
+      }
+    }
+    const AVec one_minus_eps(1 - eps), vepc(eps_per_class), vtotal(total_w), zero(0);
+    for (int64_t lb = 0; lb < rows.n; lb += AVec::size()) {
+      const AVec vl = AVec::loadu(row_lse + lb);
+      AVec l = AVec::loadu(wt + lb) * (vl - AVec::loadu(xt + lb));
+      if (smooth) {
+        l = one_minus_eps * l +
+            vepc * (vtotal * (vl - AVec::loadu(m + lb)) - AVec::loadu(shifted + lb));
+      }
+      // torch masks the loss of an ignored row, even a NaN one.
+      l = AVec::blendv(l, zero, AVec::loadu(tf + lb) == AVec(-1));
+      const int64_t n = std::min<int64_t>(AVec::size(), rows.n - lb);
+      l.store(loss_p + rows.r0 + lb, n);
+      vl.store(lse_p + rows.r0 + lb, n);
+    }
+  };
+
   for_each_tile<acc>(outer, inner, classes, 1, [&](const TileRows& rows, acc* tile, int64_t ld) {
     // Read float32/float64 tiles in place (sld = class stride); gather the others.
     const acc* src = direct_tile<acc>(xv, rows, ld);
@@ -99,6 +145,11 @@ void ce_forward_kernel(const Tensor& x, const Tensor& target, const std::optiona
     }
     __at_align__ acc m[kMaxTileRows], row_lse[kMaxTileRows], shifted[kMaxTileRows];
     tile_lse(src, sld, classes, rows.n, m, row_lse);
+    if (classes <= kExactIndices<acc>) {
+      tile_losses(src, sld, classes, rows, m, row_lse, shifted);
+      return;
+    }
+    // More classes than the accumulation dtype counts exactly: a scalar gather per row.
     if (smooth) {
       for (int64_t lb = 0; lb < rows.n; lb += AVec::size()) {
         const AVec vm = AVec::loadu(m + lb);
@@ -212,16 +263,18 @@ void ce_backward_kernel(const Tensor& grad_loss, const Tensor& x, const Tensor& 
       coef[b] = k[b].coef;
       sw[b] = k[b].sw;
     }
+    // Class by class, each over the tile's run of lanes: streams x and out (see tile_lse).
     dispatch_exp(all_finite(row_lse, rows.n), [&](auto exp_fn) {
-      for (int64_t lb = 0; lb < rows.n; lb += AVec::size()) {
-        const AVec vl = AVec::loadu(row_lse + lb), vc = AVec::loadu(coef + lb);
-        const AVec vsw = AVec::loadu(sw + lb);
-        for (int64_t c = 0; c < classes; ++c) {
-          AVec grad = vc * exp_fn(AVec::loadu(src + c * sld + lb) - vl);
+      for (int64_t c = 0; c < classes; ++c) {
+        const acc* run = src + c * sld;
+        acc* out_run = dst + c * dld;
+        const AVec wc(smooth && wp ? wp[c] : acc(1));
+        for (int64_t lb = 0; lb < rows.n; lb += AVec::size()) {
+          AVec grad = AVec::loadu(coef + lb) * exp_fn(AVec::loadu(run + lb) - AVec::loadu(row_lse + lb));
           if (smooth) {
-            grad = grad - vsw * AVec(wp ? wp[c] : acc(1));
+            grad = grad - AVec::loadu(sw + lb) * wc;
           }
-          grad.store(dst + c * dld + lb);
+          grad.store(out_run + lb);
         }
       }
     });
