@@ -269,7 +269,11 @@ void ce_backward_kernel(const Tensor& grad_loss, const Tensor& x, const Tensor& 
         const acc* run = src + c * sld;
         acc* out_run = dst + c * dld;
         const AVec wc(smooth && wp ? wp[c] : acc(1));
+        const acc* next = c + 1 < classes ? run + sld : nullptr;  // as tile_lse's max pass
         for (int64_t lb = 0; lb < rows.n; lb += AVec::size()) {
+          if (next != nullptr) {
+            __builtin_prefetch(next + lb);
+          }
           AVec grad = AVec::loadu(coef + lb) * exp_fn(AVec::loadu(run + lb) - AVec::loadu(row_lse + lb));
           if (smooth) {
             grad = grad - AVec::loadu(sw + lb) * wc;
