@@ -97,6 +97,53 @@ class CrossEntropy(Function):
         return reference.ce_jvp(x, target, weight, stats, ctx.ignore_index, ctx.smoothing, x_tangent), None
 
 
+class CrossEntropyReduced(Function):
+    """CrossEntropy followed by its 'mean' or 'sum', in one op each way: functional's fast path for
+    the plain (N, C) call with int64 targets, no weight and no smoothing.
+
+    The values are CrossEntropy's and the reduction's (the op computes the same per-row loss, sum
+    and division); what it saves is the reduction's own ops and autograd nodes, most of a small
+    loss's time. Returns (loss, lse, denominator); the last two are saved for the backward. Only
+    plain eager tensors reach it (functional checks): torch.compile, vmap and the other functorch
+    transforms take the general path.
+    """
+
+    @staticmethod
+    def forward(x: Tensor, target: Tensor, ignore_index: int, mean: bool) -> tuple[Tensor, Tensor, Tensor]:
+        return ops.ce_reduced_forward(x, target, ignore_index, mean)
+
+    @staticmethod
+    def setup_context(ctx: Any, inputs: tuple[Any, ...], output: tuple[Tensor, Tensor, Tensor]) -> None:
+        x, target, ctx.ignore_index, _mean = inputs
+        _loss, lse, denominator = output
+        ctx.mark_non_differentiable(lse, denominator)
+        ctx.set_materialize_grads(False)  # no zero-filled gradients for lse and denominator
+        ctx.save_for_backward(x, target, lse, denominator)
+        ctx.save_for_forward(x, target, lse, denominator)
+
+    @staticmethod
+    def backward(ctx: Any, grad_out: Tensor, *_: Any) -> tuple[Tensor | None, None, None, None]:
+        x, target, lse, denominator = ctx.saved_tensors
+        if grad_out is None:  # gradients are not materialised (setup_context)
+            return None, None, None, None
+        if not _recording_backward():
+            return ops.ce_reduced_backward(grad_out, x, target, lse, denominator, ctx.ignore_index), None, None, None
+        # Double backward: CrossEntropy's differentiable formulas, on the canonical views.
+        grad_rows = (grad_out.to(denominator.dtype) / denominator).expand(x.shape[0], 1)
+        x3, rows = x.unsqueeze(2), target.unsqueeze(1)
+        grad = reference.ce_backward(grad_rows, x3, rows, None, reference.row_stats(x3), ctx.ignore_index, 0.0, False)
+        return grad.squeeze(2), None, None, None
+
+    @staticmethod
+    def jvp(ctx: Any, x_tangent: Tensor | None, *_: Any) -> tuple[Tensor | None, None, None]:
+        x, target, lse, denominator = ctx.saved_tensors
+        if x_tangent is None:
+            return None, None, None
+        rows = reference.ce_jvp(x.unsqueeze(2), target.unsqueeze(1), None, lse, ctx.ignore_index, 0.0,
+                                x_tangent.unsqueeze(2))
+        return (rows.sum() / denominator).to(x.dtype), None, None
+
+
 class CrossEntropyProb(Function):
     """Fused log-softmax + cross-entropy against class probabilities.
 
@@ -287,6 +334,8 @@ def _entry_point(function: type[Function]) -> Any:
 
 # The entry points functional calls.
 cross_entropy = _entry_point(CrossEntropy)
+# The C apply itself: functional calls it only after checking that the call is a plain eager one.
+cross_entropy_reduced = super(Function, CrossEntropyReduced).apply
 cross_entropy_prob = _entry_point(CrossEntropyProb)
 nll_loss = _entry_point(NllLoss)
 log_softmax = _entry_point(LogSoftmax)

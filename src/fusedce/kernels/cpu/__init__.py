@@ -51,6 +51,8 @@ __all__ = [
     "ce_prob_forward",
     "ce_prob_target_grad",
     "ce_prob_weight_grad",
+    "ce_reduced_backward",
+    "ce_reduced_forward",
     "ensure_available",
     "is_built",
     "kernel_dir",
@@ -63,7 +65,7 @@ __all__ = [
     "toolchain",
 ]
 
-_SOURCES = ("cross_entropy.cpp", "nll.cpp", "softmax.cpp", "bindings.cpp")
+_SOURCES = ("cross_entropy.cpp", "cross_entropy_reduced.cpp", "nll.cpp", "softmax.cpp", "bindings.cpp")
 _HEADERS = ("common.h", "ops.h")
 
 # ATen picks its Vectorized implementation at compile time from CPU_CAPABILITY; these are the
@@ -351,6 +353,18 @@ def ce_prob_backward(
     inplace: bool,
 ) -> Tensor:
     return _kernels().ce_prob_backward(grad_loss, x, target, weight, stats, smoothing, inplace)
+
+
+def ce_reduced_forward(x: Tensor, target: Tensor, ignore_index: int, mean: bool) -> tuple[Tensor, Tensor, Tensor]:
+    # Not a reference function: the one-call form of functional's plain 2-D 'mean'/'sum' loss
+    # (_ops.py composes it from ce_forward for the backends that lack it).
+    return tuple(_kernels().ce_reduced_forward(x, target, ignore_index, mean))
+
+
+def ce_reduced_backward(
+    grad_out: Tensor, x: Tensor, target: Tensor, lse: Tensor, denominator: Tensor, ignore_index: int
+) -> Tensor:
+    return _kernels().ce_reduced_backward(grad_out, x, target, lse, denominator, ignore_index)
 
 
 def nll_forward(x: Tensor, target: Tensor, weight: Tensor | None, ignore_index: int) -> Tensor:

@@ -51,8 +51,13 @@ using acc_t = at::opmath_type<scalar_t>;
 // dominated by the scheduling overhead.
 constexpr int64_t kGrainElements = 32768;
 // Tile path: scratch bytes per tensor, and the most rows a tile holds.
-constexpr int64_t kTileBytes = 48 * 1024;
-constexpr int64_t kMaxTileRows = 256;
+constexpr int64_t kTileBytes = 192 * 1024;
+constexpr int64_t kMaxTileRows = 1024;
+
+// The largest class index an accumulation dtype holds exactly (2^24 in float32, 2^53 in float64):
+// up to there the tile path compares targets with classes as floating-point lanes.
+template <typename T>
+constexpr int64_t kExactIndices = int64_t(1) << std::numeric_limits<T>::digits;
 
 template <typename T>
 constexpr T kInf = std::numeric_limits<T>::infinity();
@@ -647,25 +652,50 @@ struct KahanSum {
 // The two are kept apart (see reference.row_stats): a rounded max + log Σ loses digits when the
 // logits share a large offset. `inv_sum`, when given, receives 1 / Σ exp(x - max) (NaN where
 // the log-sum is), for softmax.
+//
+// The loops run class by class, each over the tile's whole run of lanes: a class is one
+// contiguous run of memory in the K-dimensional case, which the hardware prefetcher streams,
+// where a lane-block-major order would touch `classes` distant cache lines per vector. The
+// running max, sum and Kahan carry live in small lane arrays (L1) between classes.
 template <typename acc>
 inline void tile_stats(const acc* tile, int64_t ld, int64_t classes, int64_t n, acc* max_out,
                        acc* logsum, acc* inv_sum = nullptr) {
   using AVec = Vectorized<acc>;
-  for (int64_t lb = 0; lb < n; lb += AVec::size()) {
-    AVec m(-kInf<acc>);
-    for (int64_t c = 0; c < classes; ++c) {
-      m = at::vec::maximum(m, AVec::loadu(tile + c * ld + lb));
+  const int64_t lanes = (n + AVec::size() - 1) / AVec::size() * AVec::size();  // within ld
+  __at_align__ acc carry[kMaxTileRows + AVec::size()];
+  for (int64_t lb = 0; lb < lanes; lb += AVec::size()) {
+    AVec(-kInf<acc>).store(max_out + lb);
+    AVec(0).store(logsum + lb);  // the running sum until the last loop
+    AVec(0).store(carry + lb);
+  }
+  // The max pass reads the tile from memory. Each class's run is short (a page or so), and the
+  // hardware prefetcher stops at page boundaries, so the next class's run is prefetched while
+  // this one is read (the later passes hit the cache).
+  for (int64_t c = 0; c < classes; ++c) {
+    const acc* run = tile + c * ld;
+    const acc* next = c + 1 < classes ? run + ld : nullptr;
+    for (int64_t lb = 0; lb < lanes; lb += AVec::size()) {
+      if (next != nullptr) {
+        __builtin_prefetch(next + lb);
+      }
+      at::vec::maximum(AVec::loadu(max_out + lb), AVec::loadu(run + lb)).store(max_out + lb);
     }
-    // Lanes whose max is not finite come out NaN below. Sleef's exp, not exp_u20: see FastExp.
-    KahanSum<acc> sum;
-    for (int64_t c = 0; c < classes; ++c) {
-      sum.add((AVec::loadu(tile + c * ld + lb) - m).exp());
+  }
+  // Lanes whose max is not finite come out NaN below. Sleef's exp, not exp_u20: see FastExp.
+  for (int64_t c = 0; c < classes; ++c) {
+    const acc* run = tile + c * ld;
+    for (int64_t lb = 0; lb < lanes; lb += AVec::size()) {
+      KahanSum<acc> sum{AVec::loadu(logsum + lb), AVec::loadu(carry + lb)};
+      sum.add((AVec::loadu(run + lb) - AVec::loadu(max_out + lb)).exp());
+      sum.sum.store(logsum + lb);
+      sum.carry.store(carry + lb);
     }
-    const AVec s = sum.sum;
-    m.store(max_out + lb);
-    // log Σ, a vector at a time (a scalar log per row was most of a small-C tile's time).
-    // max - max is 0 for a finite max and NaN otherwise, so a row that is all -inf, or holds
-    // +inf or NaN, gets a NaN log-sum, as in reference.row_stats.
+  }
+  // log Σ, a vector at a time (a scalar log per row was most of a small-C tile's time).
+  // max - max is 0 for a finite max and NaN otherwise, so a row that is all -inf, or holds
+  // +inf or NaN, gets a NaN log-sum, as in reference.row_stats.
+  for (int64_t lb = 0; lb < lanes; lb += AVec::size()) {
+    const AVec m = AVec::loadu(max_out + lb), s = AVec::loadu(logsum + lb);
     (s.log() + (m - m)).store(logsum + lb);
     if (inv_sum != nullptr) {
       (s.reciprocal() + (m - m)).store(inv_sum + lb);

@@ -97,6 +97,56 @@ void ce_forward_kernel(const Tensor& x, const Tensor& target, const std::optiona
     return;
   }
 
+  // A tile's losses, vectorised across its rows: x_t (and w_t, and Σ w_c(x_c - m) when
+  // smoothing) are picked class by class, in tile_stats's streaming order, by comparing each
+  // lane's target with the class (a scalar gather per row was most of a small-C tile's time).
+  // Targets are held as accumulation values, -1 for an ignored row, which matches no class; the
+  // caller keeps C within the values the accumulation dtype counts exactly.
+  auto tile_losses = [&](const acc* src, int64_t sld, int64_t classes, const TileRows& rows,
+                         const acc* m, const acc* ls, acc* shifted) {
+    const int64_t lanes = (rows.n + AVec::size() - 1) / AVec::size() * AVec::size();
+    __at_align__ acc tf[kMaxTileRows + AVec::size()], xt[kMaxTileRows + AVec::size()];
+    __at_align__ acc wt[kMaxTileRows + AVec::size()], carry[kMaxTileRows + AVec::size()];
+    for (int64_t b = 0; b < lanes; ++b) {
+      const int64_t t = b < rows.n ? tv(rows.o[b], rows.i[b]) : ignore_index;
+      tf[b] = t == ignore_index ? acc(-1) : static_cast<acc>(t);
+      xt[b] = shifted[b] = carry[b] = 0;
+      wt[b] = wp ? acc(0) : acc(1);
+    }
+    for (int64_t c = 0; c < classes; ++c) {
+      const acc* run = src + c * sld;
+      const AVec vc(static_cast<acc>(c)), wc(wp ? wp[c] : acc(1));
+      for (int64_t lb = 0; lb < lanes; lb += AVec::size()) {
+        const AVec x = AVec::loadu(run + lb);
+        const AVec hit = AVec::loadu(tf + lb) == vc;
+        AVec::blendv(AVec::loadu(xt + lb), x, hit).store(xt + lb);
+        if (wp) {
+          AVec::blendv(AVec::loadu(wt + lb), wc, hit).store(wt + lb);
+        }
+        if (smooth) {  // compensated, as tile_stats's sum
+          KahanSum<acc> sum{AVec::loadu(shifted + lb), AVec::loadu(carry + lb)};
+          sum.add(wc * (x - AVec::loadu(m + lb)));
+          sum.sum.store(shifted + lb);
+          sum.carry.store(carry + lb);
+        }
+      }
+    }
+    const AVec one_minus_eps(1 - eps), vepc(eps_per_class), vtotal(total_w), zero(0);
+    for (int64_t lb = 0; lb < rows.n; lb += AVec::size()) {
+      const AVec vm = AVec::loadu(m + lb), vl = AVec::loadu(ls + lb);
+      AVec l = AVec::loadu(wt + lb) * ((vm - AVec::loadu(xt + lb)) + vl);
+      if (smooth) {
+        l = one_minus_eps * l + vepc * (vtotal * vl - AVec::loadu(shifted + lb));
+      }
+      // torch masks the loss of an ignored row, even a NaN one.
+      l = AVec::blendv(l, zero, AVec::loadu(tf + lb) == AVec(-1));
+      l.store(loss_p + rows.r0 + lb, std::min<int64_t>(AVec::size(), rows.n - lb));
+    }
+    for (int64_t b = 0; b < rows.n; ++b) {
+      store_stats(stats_p, rows.r0 + b, m[b], ls[b]);
+    }
+  };
+
   for_each_tile<acc>(outer, inner, classes, 1, [&](const TileRows& rows, acc* tile, int64_t ld) {
     // Read float32/float64 tiles in place (sld = class stride); gather the others.
     const acc* src = direct_tile<acc>(xv, rows, ld);
@@ -108,6 +158,11 @@ void ce_forward_kernel(const Tensor& x, const Tensor& target, const std::optiona
     }
     __at_align__ acc m[kMaxTileRows], ls[kMaxTileRows], shifted[kMaxTileRows];
     tile_stats(src, sld, classes, rows.n, m, ls);
+    if (classes <= kExactIndices<acc>) {
+      tile_losses(src, sld, classes, rows, m, ls, shifted);
+      return;
+    }
+    // More classes than the accumulation dtype counts exactly: a scalar gather per row.
     if (smooth) {
       for (int64_t lb = 0; lb < rows.n; lb += AVec::size()) {
         const AVec vm = AVec::loadu(m + lb);
@@ -222,16 +277,24 @@ void ce_backward_kernel(const Tensor& grad_loss, const Tensor& x, const Tensor& 
       coef[b] = k[b].coef;
       sw[b] = k[b].sw;
     }
+    // Class by class, each over the tile's run of lanes: streams x and out (see tile_stats).
+    // p_c = exp((x_c - m) - ls), as in the row path.
     dispatch_exp(all_finite(ls, rows.n), [&](auto exp_fn) {
-      for (int64_t lb = 0; lb < rows.n; lb += AVec::size()) {
-        const AVec vm = AVec::loadu(m + lb), vl = AVec::loadu(ls + lb), vc = AVec::loadu(coef + lb);
-        const AVec vsw = AVec::loadu(sw + lb);
-        for (int64_t c = 0; c < classes; ++c) {
-          AVec grad = vc * exp_fn((AVec::loadu(src + c * sld + lb) - vm) - vl);
-          if (smooth) {
-            grad = grad - vsw * AVec(wp ? wp[c] : acc(1));
+      for (int64_t c = 0; c < classes; ++c) {
+        const acc* run = src + c * sld;
+        acc* out_run = dst + c * dld;
+        const AVec wc(smooth && wp ? wp[c] : acc(1));
+        const acc* next = c + 1 < classes ? run + sld : nullptr;  // as tile_stats's max pass
+        for (int64_t lb = 0; lb < rows.n; lb += AVec::size()) {
+          if (next != nullptr) {
+            __builtin_prefetch(next + lb);
           }
-          grad.store(dst + c * dld + lb);
+          const AVec shifted = (AVec::loadu(run + lb) - AVec::loadu(m + lb)) - AVec::loadu(ls + lb);
+          AVec grad = AVec::loadu(coef + lb) * exp_fn(shifted);
+          if (smooth) {
+            grad = grad - AVec::loadu(sw + lb) * wc;
+          }
+          grad.store(out_run + lb);
         }
       }
     });

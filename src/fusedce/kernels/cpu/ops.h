@@ -33,6 +33,16 @@ at::Tensor nll_backward(const at::Tensor& grad_loss, const at::Tensor& target,
                         const std::optional<at::Tensor>& weight, int64_t ignore_index,
                         int64_t num_classes, at::ScalarType dtype);
 
+// The plain (N, C) 'mean'/'sum' loss in one call (cross_entropy_reduced.cpp): returns the scalar
+// loss in x's dtype, the per-row lse and the denominator it divided by, for the backward.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> ce_reduced_forward(const at::Tensor& x,
+                                                                  const at::Tensor& target,
+                                                                  int64_t ignore_index, bool mean);
+
+at::Tensor ce_reduced_backward(const at::Tensor& grad_out, const at::Tensor& x,
+                               const at::Tensor& target, const at::Tensor& lse,
+                               const at::Tensor& denominator, int64_t ignore_index);
+
 at::Tensor log_softmax_forward(const at::Tensor& x);
 at::Tensor log_softmax_backward(const at::Tensor& grad_out, const at::Tensor& out);
 at::Tensor softmax_forward(const at::Tensor& x);
