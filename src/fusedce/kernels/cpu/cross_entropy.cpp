@@ -264,6 +264,7 @@ void ce_backward_kernel(const Tensor& grad_loss, const Tensor& x, const Tensor& 
     acc* dst = io.dst;
     const int64_t sld = io.sld, dld = io.dld;
     __at_align__ acc m[kMaxTileRows], ls[kMaxTileRows], coef[kMaxTileRows], sw[kMaxTileRows];
+    acc x_t[kMaxTileRows];
     Coefs k[kMaxTileRows];
     for (int64_t b = 0; b < ld; ++b) {
       if (b < rows.n) {
@@ -276,6 +277,7 @@ void ce_backward_kernel(const Tensor& grad_loss, const Tensor& x, const Tensor& 
       }
       coef[b] = k[b].coef;
       sw[b] = k[b].sw;
+      x_t[b] = b < rows.n ? src[k[b].t * sld + b] : acc(0);
     }
     // Class by class, each over the tile's run of lanes: streams x and out (see tile_stats).
     // p_c = exp((x_c - m) - ls), as in the row path.
@@ -299,7 +301,11 @@ void ce_backward_kernel(const Tensor& grad_loss, const Tensor& x, const Tensor& 
       }
     });
     for (int64_t b = 0; b < rows.n; ++b) {
-      dst[k[b].t * dld + b] -= k[b].tg;
+      // The target class: recomputed with the precise exp from x_t, read before the class loop
+      // (src may be dst), as in the row path. p_t ≈ 1 in a confident row, and the fast exp's
+      // error would survive the cancellation in p_t - 1.
+      const acc w_t = wp ? wp[k[b].t] : acc(1);
+      dst[k[b].t * dld + b] = k[b].coef * std::exp((x_t[b] - m[b]) - ls[b]) - k[b].sw * w_t - k[b].tg;
     }
     io.finish();
   });
