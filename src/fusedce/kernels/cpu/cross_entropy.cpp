@@ -219,6 +219,15 @@ void ce_backward_kernel(const Tensor& grad_loss, const Tensor& x, const Tensor& 
     return {safe, g, (target_coef + eps_per_class * total_w) * g, eps_per_class * g,
             target_coef * g};
   };
+  // The target class's gradient, with the precise exp and g multiplied last, as in reference:
+  // g·((pc·p_t - (ε/C)·w_t) - tc). p_t ≈ 1 in a confident row (exactly 1 when C = 1), where the
+  // fast exp's error, or g pre-multiplied into each term, would survive the cancellation.
+  auto target_grad = [&](const Coefs& k, acc x_t, acc m, acc ls) -> acc {
+    const acc w_t = wp ? wp[k.t] : acc(1);
+    const acc tc = (1 - eps) * w_t;
+    const acc pc = tc + eps_per_class * total_w;
+    return k.g * ((pc * std::exp((x_t - m) - ls) - eps_per_class * w_t) - tc);
+  };
 
   if (row_contiguous(xv.s1, classes) && row_contiguous(ov.s1, classes)) {
     dispatch_bool(smooth, [&](auto kSmooth) {
@@ -248,9 +257,7 @@ void ce_backward_kernel(const Tensor& grad_loss, const Tensor& x, const Tensor& 
             });
             // The target class: recomputed from x_t in the accumulation dtype, not patched in
             // the (possibly 16-bit) output.
-            const acc w_t = wp ? wp[k.t] : acc(1);
-            dst[k.t * ov.s1] =
-                static_cast<scalar_t>(k.coef * std::exp((x_t - m) - ls) - k.sw * w_t - k.tg);
+            dst[k.t * ov.s1] = static_cast<scalar_t>(target_grad(k, x_t, m, ls));
           }
         });
       });
@@ -301,11 +308,8 @@ void ce_backward_kernel(const Tensor& grad_loss, const Tensor& x, const Tensor& 
       }
     });
     for (int64_t b = 0; b < rows.n; ++b) {
-      // The target class: recomputed with the precise exp from x_t, read before the class loop
-      // (src may be dst), as in the row path. p_t ≈ 1 in a confident row, and the fast exp's
-      // error would survive the cancellation in p_t - 1.
-      const acc w_t = wp ? wp[k[b].t] : acc(1);
-      dst[k[b].t * dld + b] = k[b].coef * std::exp((x_t[b] - m[b]) - ls[b]) - k[b].sw * w_t - k[b].tg;
+      // The target class, from x_t read before the class loop (src may be dst).
+      dst[k[b].t * dld + b] = target_grad(k[b], x_t[b], m[b], ls[b]);
     }
     io.finish();
   });
