@@ -120,3 +120,27 @@ def test_importing_fusedce_on_an_old_torch_fails_clearly():
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
     assert done.returncode != 0
     assert "ImportError: fusedce needs torch >= 2.11, but torch 2.10.0+cpu is installed" in done.stderr
+
+
+def test_fusedce_imports_on_a_torch_without_linear_cross_entropy():
+    """torch 2.11 and 2.12 (within the declared range) have no F.linear_cross_entropy nor
+    nn.LinearCrossEntropyLoss: fusedce still imports, patches and checks the other ops, its
+    linear_cross_entropy still runs, and the module drop-in says what it needs."""
+    import subprocess
+
+    script = (
+        "import torch, torch.nn.functional as F\n"
+        "torch.__version__ = '2.11.0+cpu'\n"
+        "del torch.nn.LinearCrossEntropyLoss, F.linear_cross_entropy\n"
+        "import fusedce\n"
+        "from fusedce import testing\n"
+        "assert 'linear_cross_entropy' not in testing.OPS, testing.OPS\n"
+        "with fusedce.patch():\n"
+        "    F.cross_entropy(torch.randn(3, 4), torch.tensor([0, 1, 2]))\n"
+        "fusedce.linear_cross_entropy(torch.randn(2, 3), torch.randn(4, 3), torch.tensor([0, 3]))\n"
+        "fusedce.LinearCrossEntropyLoss(3, 4)\n"
+    )
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert "RuntimeError: fusedce: LinearCrossEntropyLoss needs torch >= 2.13 (torch 2.11.0+cpu is installed)" in (
+        done.stderr
+    ), done.stderr

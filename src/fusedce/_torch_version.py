@@ -37,6 +37,12 @@ def check_minimum(version: str | None = None) -> None:
         )
 
 
+# torch 2.13 added F.linear_cross_entropy and nn.LinearCrossEntropyLoss. On an older torch
+# fusedce's functions still work, but there is no torch function to patch or check against, and
+# no torch module for fusedce's drop-in to subclass.
+HAS_LINEAR_CROSS_ENTROPY = hasattr(torch.nn, "LinearCrossEntropyLoss")
+
+
 def require(feature: str, minimum: tuple[int, int], version: str | None = None) -> None:
     """Raise RuntimeError when ``feature`` needs a newer torch than the one running."""
     found = version or torch.__version__

@@ -3,9 +3,12 @@ buffer in state_dict, repr and pickling behave the same; forward is one call int
 
 from __future__ import annotations
 
+from typing import Any
+
 from torch import Tensor, nn
 
 from . import functional
+from ._torch_version import HAS_LINEAR_CROSS_ENTROPY, require
 from .linear import linear_cross_entropy
 
 __all__ = ["CrossEntropyLoss", "LinearCrossEntropyLoss", "LogSoftmax", "NLLLoss", "Softmax"]
@@ -48,13 +51,23 @@ class CrossEntropyLoss(nn.CrossEntropyLoss):
         )
 
 
-class LinearCrossEntropyLoss(nn.LinearCrossEntropyLoss):
+# torch.nn.LinearCrossEntropyLoss is new in torch 2.13: on an older torch there is nothing to
+# subclass, and constructing the drop-in raises (see _torch_version.require).
+_LinearCrossEntropyBase: Any = nn.LinearCrossEntropyLoss if HAS_LINEAR_CROSS_ENTROPY else nn.Module
+
+
+class LinearCrossEntropyLoss(_LinearCrossEntropyBase):
     """``torch.nn.LinearCrossEntropyLoss``, fused: the logits are never materialised.
 
     The constructor, the ``linear`` submodule (so the ``state_dict`` keys ``linear.weight`` and
     ``linear.bias``, stored flat) and the repr are torch's own; forward reshapes the flat weight
-    exactly as torch's does and calls ``fusedce.linear_cross_entropy``.
+    exactly as torch's does and calls ``fusedce.linear_cross_entropy``. Needs torch >= 2.13.
     """
+
+    if not HAS_LINEAR_CROSS_ENTROPY:
+
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            require("LinearCrossEntropyLoss", (2, 13))
 
     def forward(self, input: Tensor, target: Tensor) -> Tensor:
         linear_weight = self.linear.weight.reshape((self.num_classes, *self.out_features, self.linear.in_features))

@@ -21,6 +21,7 @@ from torch.nn import functional as torch_functional
 from torch.overrides import TorchFunctionMode
 
 from . import functional
+from ._torch_version import HAS_LINEAR_CROSS_ENTROPY
 
 __all__ = ["patch"]
 
@@ -110,7 +111,6 @@ def _aten_softmax(fused: Callable[..., Any]) -> Route:
 # torch's callable -> its route. Adding a function is one line here.
 _ROUTES: dict[Callable[..., Any], Route] = {
     torch_functional.cross_entropy: _loss(functional.cross_entropy, takes_dtensor=True),
-    torch_functional.linear_cross_entropy: _loss(functional.linear_cross_entropy),
     torch_functional.nll_loss: _loss(functional.nll_loss),
     torch_functional.log_softmax: _functional_softmax(functional.log_softmax),
     torch_functional.softmax: _functional_softmax(functional.softmax),
@@ -121,6 +121,8 @@ _ROUTES: dict[Callable[..., Any], Route] = {
     torch.special.log_softmax: _aten_softmax(functional.log_softmax),
     torch.special.softmax: _aten_softmax(functional.softmax),
 }
+if HAS_LINEAR_CROSS_ENTROPY:  # torch >= 2.13
+    _ROUTES[torch_functional.linear_cross_entropy] = _loss(functional.linear_cross_entropy)
 
 
 class _PatchMode(TorchFunctionMode):

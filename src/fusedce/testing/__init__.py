@@ -16,6 +16,7 @@ from typing import Any
 import torch
 from torch.nn import functional as torch_functional
 
+from .._torch_version import HAS_LINEAR_CROSS_ENTROPY
 from .compare import TOLERANCES, Tolerance, compare
 from .grid import DTYPES, OPS, Case, Inputs, build_inputs, default_grid, sample, special_cases
 from .report import CaseResult, Report
@@ -43,8 +44,9 @@ TORCH_FUNCTIONS: dict[str, Callable[..., Any]] = {
     "nll_loss": torch_functional.nll_loss,
     "log_softmax": torch_functional.log_softmax,
     "softmax": torch_functional.softmax,
-    "linear_cross_entropy": torch_functional.linear_cross_entropy,
 }
+if HAS_LINEAR_CROSS_ENTROPY:  # torch >= 2.13
+    TORCH_FUNCTIONS["linear_cross_entropy"] = torch_functional.linear_cross_entropy
 
 
 def check_case(candidate: Callable[..., Any], case: Case, device: str | torch.device = "cpu") -> list[str]:

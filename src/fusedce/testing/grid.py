@@ -16,9 +16,13 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from .._torch_version import HAS_LINEAR_CROSS_ENTROPY
+
 LOSS_OPS = ("cross_entropy", "nll_loss")
 SOFTMAX_OPS = ("log_softmax", "softmax")
-LINEAR_OPS = ("linear_cross_entropy",)  # its grid lives in linear_grid
+# Its grid lives in linear_grid. torch's linear_cross_entropy is new in 2.13: an older torch has
+# nothing to check it against.
+LINEAR_OPS: tuple[str, ...] = ("linear_cross_entropy",) if HAS_LINEAR_CROSS_ENTROPY else ()
 OPS = LOSS_OPS + SOFTMAX_OPS + LINEAR_OPS
 
 DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
