@@ -155,3 +155,21 @@ def test_no_cap_is_the_plain_path():
     x, w, b, target = _inputs()
     plain = fusedce.linear_cross_entropy(x, w, target, linear_bias=b)
     assert torch.equal(fusedce.linear_cross_entropy(x, w, target, linear_bias=b, logit_softcap=None), plain)
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_upcast_keeps_the_accumulation_dtype(reduction):
+    """upcast_linear_cross_entropy on bfloat16: cross_entropy(logits.float()), as transformers'
+    loss computes it, in float32; its gradients are linear_cross_entropy's."""
+    from fusedce.linear.functional import upcast_linear_cross_entropy
+
+    x, w, b, target = _inputs(torch.bfloat16, rows=16, classes=64, hidden=16, scale=1.0)
+    actual = upcast_linear_cross_entropy(x, w, target, linear_bias=b, reduction=reduction, logit_softcap=2.0)
+    expected = F.cross_entropy(torch.tanh(F.linear(x, w, b) / 2.0).mul(2.0).float(), target, reduction=reduction)
+    assert actual.dtype == torch.float32
+    torch.testing.assert_close(actual, expected, rtol=1e-5, atol=1e-6)
+    plain = fusedce.linear_cross_entropy(x, w, target, linear_bias=b, reduction=reduction, logit_softcap=2.0)
+    assert plain.dtype == torch.bfloat16
+    upstream = torch.randn_like(actual).bfloat16().float()  # the same upstream gradient in either dtype
+    torch.testing.assert_close(torch.autograd.grad(actual, (x, w, b), upstream),
+                               torch.autograd.grad(plain, (x, w, b), upstream.bfloat16()))

@@ -129,6 +129,25 @@ def test_inference_returns_the_stock_logits_and_generates_alike(family):
     assert torch.equal(fused.generate(ids[:, :4], **settings), stock.generate(ids[:, :4], **settings))
 
 
+@pytest.mark.parametrize("family", ["llama", "gemma2"])
+def test_bfloat16_loss_is_float32_as_stock(family):
+    """A bfloat16 model: the stock loss upcasts the logits and returns float32, and so does the
+    fused one (its kernels accumulate in float32), to float32's digits. The gradients agree to
+    bfloat16's rounding (2^-8; Gemma 2's cap adds roundings of its own in the stock backward)."""
+    stock, fused = _pair(family)
+    stock.to(torch.bfloat16)
+    fused.to(torch.bfloat16)
+    ids, labels = _batch()
+    expected, actual = stock(ids, labels=labels).loss, fused(ids, labels=labels).loss
+    assert expected.dtype == actual.dtype == torch.float32
+    torch.testing.assert_close(actual, expected, rtol=1e-5, atol=0)
+    expected.backward()
+    actual.backward()
+    for (name, p), q in zip(stock.named_parameters(), fused.parameters(), strict=True):
+        scale = p.grad.float().abs().max().item()
+        torch.testing.assert_close(q.grad.float(), p.grad.float(), rtol=0, atol=0.03 * scale, msg=name)
+
+
 def test_the_soft_cap_is_honoured():
     """Gemma 2's loss with its cap differs clearly from the loss without it, and fusedce has
     the capped one (the parity test above checks it to the tolerance)."""

@@ -27,10 +27,9 @@ caught at its first call with labels.
 
 The model and its ``lm_head`` get subclasses of their own classes (same names, so ``repr``,
 ``isinstance`` and ``save_pretrained``'s ``architectures`` are unchanged; ``copy.deepcopy``
-works); ``remove(model)`` restores the original classes. Known differences from the stock loss:
-for a half-precision model the returned loss is rounded to the model's dtype before it is cast
-to float32 (the stock loss upcasts the logits, so its loss keeps float32's digits; gradients are
-rounded alike in both); a model pickled whole (``torch.save(model)``) must be ``remove``d first.
+works); ``remove(model)`` restores the original classes. The loss is float32 as the stock one
+is, for a half-precision model too (``upcast_linear_cross_entropy``). A model pickled whole
+(``torch.save(model)``) must be ``remove``d first: its class is not importable by name.
 """
 
 from __future__ import annotations
@@ -46,7 +45,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ..linear import linear_cross_entropy
+from ..linear.functional import upcast_linear_cross_entropy
 
 __all__ = ["apply", "remove"]
 
@@ -200,8 +199,10 @@ def _causal_lm_loss(
     target = shift_labels.view(-1).to(hidden.device)
     rows = hidden.reshape(-1, hidden.shape[-1])
     reduction = "sum" if num_items_in_batch is not None else "mean"
-    loss = linear_cross_entropy(rows, head.weight, target, linear_bias=head.bias, reduction=reduction,
-                                ignore_index=ignore_index, logit_softcap=cap).float()
+    # The stock loss upcasts the logits to float32 before cross_entropy; the fused kernels read
+    # them in their dtype and accumulate in float32 anyway, and keep that float32 result here.
+    loss = upcast_linear_cross_entropy(rows, head.weight, target, linear_bias=head.bias, reduction=reduction,
+                                       ignore_index=ignore_index, logit_softcap=cap).float()
     if num_items_in_batch is not None:
         if torch.is_tensor(num_items_in_batch):
             num_items_in_batch = num_items_in_batch.to(loss.device)

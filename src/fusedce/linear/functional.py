@@ -62,6 +62,46 @@ def linear_cross_entropy(
             target, linear_bias=linear_bias, weight=weight, reduction=reduction, ignore_index=ignore_index,
             label_smoothing=label_smoothing, options=options, logit_softcap=logit_softcap,
         )
+    return _linear_cross_entropy(input, linear_weight, target, linear_bias, weight, reduction, ignore_index,
+                                 label_smoothing, options, logit_softcap, upcast=False)
+
+
+def upcast_linear_cross_entropy(
+    input: Tensor,
+    linear_weight: Tensor,
+    target: Tensor,
+    *,
+    linear_bias: Tensor | None = None,
+    weight: Tensor | None = None,
+    reduction: str = "mean",
+    ignore_index: int | None = None,
+    label_smoothing: float = 0.0,
+    options: Any = None,
+    logit_softcap: float | None = None,
+) -> Tensor:
+    """``linear_cross_entropy`` with the result in its accumulation dtype (float32 for float16
+    and bfloat16 logits) instead of the logits' dtype: ``cross_entropy(logits.float(), ...)``,
+    the loss of a caller that upcasts the logits first, as transformers' ``ForCausalLMLoss``
+    does. The fused kernels already accumulate in float32, so only the last rounding differs;
+    the gradients are ``linear_cross_entropy``'s (the logits' gradient rounded to their dtype, as
+    the upcast's backward rounds it)."""
+    return _linear_cross_entropy(input, linear_weight, target, linear_bias, weight, reduction, ignore_index,
+                                 label_smoothing, options, logit_softcap, upcast=True)
+
+
+def _linear_cross_entropy(
+    input: Tensor,
+    linear_weight: Tensor,
+    target: Tensor,
+    linear_bias: Tensor | None,
+    weight: Tensor | None,
+    reduction: str,
+    ignore_index: int | None,
+    label_smoothing: float,
+    options: Any,
+    logit_softcap: float | None,
+    upcast: bool,
+) -> Tensor:
     # linear_cross_entropy's own checks, in torch's order and words.
     if input.dim() < 1 or input.dim() > 2:
         raise RuntimeError(f"expected input with dimensionality 1 or 2, got {input.dim()}")
@@ -95,7 +135,7 @@ def linear_cross_entropy(
     b1 = None if linear_bias is None else linear_bias.reshape(width)
     logits = _stand_in_logits(input, w2, b1, logits_shape)
     return _loss(input, w2, b1, target, weight, logits, reduction, ignore_index, label_smoothing, chunk_request,
-                 softcap)
+                 softcap, upcast)
 
 
 def _checked_softcap(cap: Any) -> float | None:
@@ -128,6 +168,7 @@ def _loss(
     label_smoothing: float,
     chunk_request: int | None,
     softcap: float | None = None,
+    upcast: bool = False,
 ) -> Tensor:
     """cross_entropy's checks on the stand-in ``logits``, in ``fusedce.functional.cross_entropy``'s
     order, then the chunked loss."""
@@ -175,8 +216,8 @@ def _loss(
         result = _ce._unbatched_target_quirk(logits, target, result, smoothing)
     if mode == "none":
         shape = () if logits.dim() == 1 else _ce._rows_shape(logits)
-        return result.reshape(shape).to(dtype)
-    return result.to(dtype)
+        result = result.reshape(shape)
+    return result if upcast else result.to(dtype)
 
 
 def _mean_denominator(rows: Tensor, weight: Tensor | None, ignore_index: int, smoothing: float,
