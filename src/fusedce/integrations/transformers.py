@@ -47,7 +47,7 @@ from torch import Tensor, nn
 
 from ..linear.functional import upcast_linear_cross_entropy
 
-__all__ = ["apply", "remove"]
+__all__ = ["Applied", "apply", "remove"]
 
 
 def _transformers() -> Any:
