@@ -11,6 +11,7 @@ empty tensor; ``forward`` and ``backward`` below turn those into ``None``.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from typing import Any
 
@@ -35,7 +36,7 @@ _SCHEMAS = {
 }
 
 
-_SPEC_LEN = 8  # LossSpec's fields, in _SPEC's order
+_SPEC_LEN = len(dataclasses.fields(LossSpec))  # the spec's arguments, in LossSpec's order
 
 
 def _spec(args: tuple[Any, ...]) -> LossSpec:
