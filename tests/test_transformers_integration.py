@@ -129,6 +129,22 @@ def test_inference_returns_the_stock_logits_and_generates_alike(family):
     assert torch.equal(fused.generate(ids[:, :4], **settings), stock.generate(ids[:, :4], **settings))
 
 
+def test_an_lm_head_with_a_bias():
+    """The bias reaches the loss and gets its gradient (none of the five families has one)."""
+    torch.manual_seed(0)
+    stock = FAMILIES["llama"]()
+    stock.lm_head = torch.nn.Linear(HIDDEN, VOCAB, bias=True)
+    fused = copy.deepcopy(stock)
+    integration.apply(fused)
+    ids, labels = _batch()
+    expected, actual = stock(ids, labels=labels).loss, fused(ids, labels=labels).loss
+    torch.testing.assert_close(actual, expected, rtol=RTOL, atol=ATOL)
+    expected.backward()
+    actual.backward()
+    _assert_gradients_match(stock, fused, "lm_head with a bias")
+    assert fused.lm_head.bias.grad is not None
+
+
 @pytest.mark.parametrize("family", ["llama", "gemma2"])
 def test_bfloat16_loss_is_float32_as_stock(family):
     """A bfloat16 model: the stock loss upcasts the logits and returns float32, and so does the
