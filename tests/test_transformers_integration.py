@@ -129,6 +129,25 @@ def test_inference_returns_the_stock_logits_and_generates_alike(family):
     assert torch.equal(fused.generate(ids[:, :4], **settings), stock.generate(ids[:, :4], **settings))
 
 
+@pytest.mark.parametrize("family", ["cohere", "granite"])
+def test_scaled_logits(family):
+    """Cohere multiplies its logits by config.logit_scale, Granite divides them by
+    config.logits_scaling: a scale the fused loss applies to the hidden states instead."""
+    torch.manual_seed(0)
+    if family == "cohere":
+        stock = transformers.CohereForCausalLM(transformers.CohereConfig(**_LLAMA_LIKE, logit_scale=0.25))
+    else:
+        stock = transformers.GraniteForCausalLM(transformers.GraniteConfig(**_LLAMA_LIKE, logits_scaling=3.0))
+    fused = copy.deepcopy(stock)
+    integration.apply(fused)
+    ids, labels = _batch()
+    expected, actual = stock(ids, labels=labels).loss, fused(ids, labels=labels).loss
+    torch.testing.assert_close(actual, expected, rtol=RTOL, atol=ATOL)
+    expected.backward()
+    actual.backward()
+    _assert_gradients_match(stock, fused, family)
+
+
 def test_an_lm_head_with_a_bias():
     """The bias reaches the loss and gets its gradient (none of the five families has one)."""
     torch.manual_seed(0)
@@ -239,11 +258,11 @@ def test_other_layouts_are_refused_naming_what_is_missing():
         integration.apply(torch.nn.Linear(2, 2))
 
 
-class _ScaledLlama(transformers.LlamaForCausalLM):
-    """A model that scales its logits before the loss: not something fusedce can defer."""
+class _ShiftedLlama(transformers.LlamaForCausalLM):
+    """A model that adds to its logits before the loss: not something fusedce can defer."""
 
     def forward(self, input_ids=None, labels=None, **kwargs):
-        logits = self.lm_head(self.model(input_ids).last_hidden_state) * 2.0
+        logits = self.lm_head(self.model(input_ids).last_hidden_state) + 1.0
         loss = None if labels is None else self.loss_function(logits, labels, self.config.vocab_size)
         return CausalLMOutputWithPast(loss=loss, logits=logits)
 
@@ -259,11 +278,11 @@ class _OwnLossLlama(transformers.LlamaForCausalLM):
 def test_a_forward_fusedce_cannot_follow_raises_at_its_first_call():
     torch.manual_seed(0)
     ids, labels = _batch()
-    scaled = _ScaledLlama(transformers.LlamaConfig(**_LLAMA_LIKE))
-    integration.apply(scaled)
-    with pytest.raises(NotImplementedError, match=r"applies \[mul\(2\)\] to the logits"):
-        scaled(ids, labels=labels)
-    assert scaled(ids).logits.shape == (BATCH, SEQ, VOCAB)  # without labels it still runs
+    shifted = _ShiftedLlama(transformers.LlamaConfig(**_LLAMA_LIKE))
+    integration.apply(shifted)
+    with pytest.raises(NotImplementedError, match=r"applies \[add\] to the logits"):
+        shifted(ids, labels=labels)
+    assert shifted(ids).logits.shape == (BATCH, SEQ, VOCAB)  # without labels it still runs
     own = _OwnLossLlama(transformers.LlamaConfig(**_LLAMA_LIKE))
     integration.apply(own)
     with pytest.raises(RuntimeError, match=r"did not pass lm_head's output to self\.loss_function"):

@@ -12,7 +12,8 @@ caches, auxiliary losses, output class) stays as it is. Only for a call with ``l
 
 * ``lm_head`` returns a stand-in for the logits, an empty ``(..., 0)`` tensor that carries the
   hidden states it was given and records every operation the forward applies to it (Gemma 2's
-  soft-capping ``cap * tanh(logits / cap)`` is recognised; anything else raises);
+  soft-capping ``cap * tanh(logits / cap)`` and scaling by a number, as Cohere and Granite
+  scale, are recognised; anything else raises);
 * ``model.loss_function``, handed that stand-in, computes what transformers' ``ForCausalLMLoss``
   computes (the shift by one with ``ignore_index`` padding, or the given ``shift_labels``;
   ``ignore_index``; 'mean', or 'sum' divided by ``num_items_in_batch`` when that is given) with
@@ -96,8 +97,8 @@ class _DeferredLogits(Tensor):
     """An empty ``(..., 0)`` tensor standing in for the logits ``lm_head(hidden)``.
 
     It carries ``hidden`` and the call, and records each operation the forward applies to it
-    (as ``(step, number)`` pairs in ``steps``), so the loss can apply them to the real logits a
-    block at a time or refuse. Operations on it cost nothing: it has no elements.
+    (as ``(step, number)`` pairs in ``steps``), so the loss can apply them to the real logits
+    (``_epilogue``) or refuse. Operations on it cost nothing: it has no elements.
     """
 
     _fusedce_hidden: Tensor
@@ -149,19 +150,28 @@ def _step(name: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[str
     return (name, None)
 
 
-def _softcap(steps: tuple[tuple[str, Any], ...], model: nn.Module) -> float | None:
-    """The soft-capping the forward applied to the logits (None for none); anything else
-    raises, naming what the forward did."""
-    if not steps:
-        return None
+def _epilogue(steps: tuple[tuple[str, Any], ...], model: nn.Module) -> tuple[float, float | None]:
+    """What the forward did to the logits, as ``(scale, cap)``: the logits the loss reads are
+    ``cap * tanh(scale * raw / cap)`` (no tanh when ``cap`` is None). Recognised: Gemma 2's
+    soft-capping by ``config.final_logit_softcapping`` (div, tanh, mul by the cap), and any
+    chain of multiplications and divisions by numbers (Cohere's ``logit_scale``, Granite's
+    ``logits_scaling``). Anything else raises, naming what the forward did."""
     cap = getattr(model.config, "final_logit_softcapping", None)
     if cap is not None and steps == (("div", float(cap)), ("tanh", None), ("mul", float(cap))):
-        return float(cap)
+        return 1.0, float(cap)
+    scale = 1.0
+    for name, number in steps:
+        if name not in ("mul", "div") or number is None:
+            break
+        scale = scale * number if name == "mul" else scale / number
+    else:
+        return scale, None
     applied = ", ".join(name if number is None else f"{name}({number:g})" for name, number in steps)
     raise NotImplementedError(
         f"fusedce.integrations.transformers: {type(model).__name__}.forward applies [{applied}] to the logits "
-        "before its loss; only soft-capping by config.final_logit_softcapping (cap * tanh(logits / cap)) can be "
-        "computed without the logits. Call fusedce.integrations.transformers.remove(model) to use the stock loss."
+        "before its loss; only soft-capping by config.final_logit_softcapping (cap * tanh(logits / cap)) and "
+        "scaling by numbers can be computed without the logits. Call fusedce.integrations.transformers.remove(model) "
+        "to use the stock loss."
     )
 
 
@@ -190,7 +200,7 @@ def _causal_lm_loss(
             f"fusedce.integrations.transformers: lm_head has {head.weight.shape[0]} outputs but the loss was "
             f"asked for vocab_size={vocab_size}; the stock loss would reinterpret the logits' rows"
         )
-    cap = _softcap(logits._fusedce_steps, call.model)
+    scale, cap = _epilogue(logits._fusedce_steps, call.model)
     hidden = logits._fusedce_hidden
     if shift_labels is None:
         # Shift so that tokens < n predict n; the last position predicts nothing.
@@ -198,6 +208,8 @@ def _causal_lm_loss(
         shift_labels = labels[..., 1:].contiguous()
     target = shift_labels.view(-1).to(hidden.device)
     rows = hidden.reshape(-1, hidden.shape[-1])
+    if scale != 1.0:  # (scale * x) @ W.T is scale * (x @ W.T), and costs N×H, not N×C
+        rows = rows * scale
     reduction = "sum" if num_items_in_batch is not None else "mean"
     # The stock loss upcasts the logits to float32 before cross_entropy; the fused kernels read
     # them in their dtype and accumulate in float32 anyway, and keep that float32 result here.
