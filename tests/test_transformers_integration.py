@@ -267,6 +267,29 @@ class _ShiftedLlama(transformers.LlamaForCausalLM):
         return CausalLMOutputWithPast(loss=loss, logits=logits)
 
 
+class _TanhLlama(transformers.LlamaForCausalLM):
+    """A soft cap written another way: 3 * tanh(logits / 2), through torch.nn.functional."""
+
+    def forward(self, input_ids=None, labels=None, **kwargs):
+        logits = 3.0 * torch.nn.functional.tanh(self.lm_head(self.model(input_ids).last_hidden_state) / 2.0)
+        loss = None if labels is None else self.loss_function(logits, labels, self.config.vocab_size)
+        return CausalLMOutputWithPast(loss=loss, logits=logits)
+
+
+def test_a_soft_cap_written_another_way():
+    """p * tanh(s * logits) is capped at p with the hidden states scaled by s * p."""
+    torch.manual_seed(0)
+    stock = _TanhLlama(transformers.LlamaConfig(**_LLAMA_LIKE, initializer_range=0.2))
+    fused = copy.deepcopy(stock)
+    integration.apply(fused)
+    ids, labels = _batch()
+    expected, actual = stock(ids, labels=labels).loss, fused(ids, labels=labels).loss
+    torch.testing.assert_close(actual, expected, rtol=RTOL, atol=ATOL)
+    expected.backward()
+    actual.backward()
+    _assert_gradients_match(stock, fused, "3 * tanh(logits / 2)")
+
+
 class _OwnLossLlama(transformers.LlamaForCausalLM):
     """A model that computes its loss without ``self.loss_function``."""
 

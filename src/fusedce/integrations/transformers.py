@@ -11,9 +11,9 @@ How: the model's own forward still runs, so everything it does besides the head 
 caches, auxiliary losses, output class) stays as it is. Only for a call with ``labels``,
 
 * ``lm_head`` returns a stand-in for the logits, an empty ``(..., 0)`` tensor that carries the
-  hidden states it was given and records every operation the forward applies to it (Gemma 2's
-  soft-capping ``cap * tanh(logits / cap)`` and scaling by a number, as Cohere and Granite
-  scale, are recognised; anything else raises);
+  hidden states it was given and records every operation the forward applies to it (scaling
+  by numbers, as Cohere and Granite scale, and soft-capping, as Gemma 2 and Gemma 3 cap with
+  ``cap * tanh(logits / cap)``, are recognised; anything else raises);
 * ``model.loss_function``, handed that stand-in, computes what transformers' ``ForCausalLMLoss``
   computes (the shift by one with ``ignore_index`` padding, or the given ``shift_labels``;
   ``ignore_index``; 'mean', or 'sum' divided by ``num_items_in_batch`` when that is given) with
@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+import math
 import numbers
 from collections.abc import Callable
 from contextvars import ContextVar
@@ -151,27 +152,36 @@ def _step(name: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[str
 
 
 def _epilogue(steps: tuple[tuple[str, Any], ...], model: nn.Module) -> tuple[float, float | None]:
-    """What the forward did to the logits, as ``(scale, cap)``: the logits the loss reads are
-    ``cap * tanh(scale * raw / cap)`` (no tanh when ``cap`` is None). Recognised: Gemma 2's
-    soft-capping by ``config.final_logit_softcapping`` (div, tanh, mul by the cap), and any
-    chain of multiplications and divisions by numbers (Cohere's ``logit_scale``, Granite's
-    ``logits_scaling``). Anything else raises, naming what the forward did."""
-    cap = getattr(model.config, "final_logit_softcapping", None)
-    if cap is not None and steps == (("div", float(cap)), ("tanh", None), ("mul", float(cap))):
-        return 1.0, float(cap)
-    scale = 1.0
+    """What the forward did to the logits, as ``(scale, cap)`` for ``linear_cross_entropy``:
+    the logits the loss reads are ``cap * tanh(scale * raw / cap)``, or ``scale * raw`` when
+    ``cap`` is None.
+
+    Recognised: multiplications and divisions by numbers (Cohere's ``logit_scale``, Granite's
+    ``logits_scaling``), then optionally a tanh and more of them: ``p * tanh(s * raw)`` is
+    ``cap * tanh(scale * raw / cap)`` with ``cap = p`` and ``scale = s * p``. Gemma 2's
+    soft-capping (``div(c), tanh, mul(c)``) gives ``cap = c`` and ``scale = 1`` exactly, so its
+    logits are capped op by op as the model caps them. Anything else raises, naming what the
+    forward did."""
+    factors = [[1.0, 1.0], [1.0, 1.0]]  # (numerator, denominator) before and after the tanh
+    tanh = False
     for name, number in steps:
-        if name not in ("mul", "div") or number is None:
+        if name == "tanh" and not tanh:
+            tanh = True
+        elif name in ("mul", "div") and number is not None and (name == "mul" or number != 0):
+            factors[tanh][name == "div"] *= number
+        else:
             break
-        scale = scale * number if name == "mul" else scale / number
     else:
-        return scale, None
+        (s_num, s_den), (p_num, p_den) = factors
+        cap = p_num / p_den if tanh else None
+        scale = s_num / s_den if cap is None else s_num * cap / s_den
+        if math.isfinite(scale) and (cap is None or (math.isfinite(cap) and cap > 0)):
+            return scale, cap
     applied = ", ".join(name if number is None else f"{name}({number:g})" for name, number in steps)
     raise NotImplementedError(
         f"fusedce.integrations.transformers: {type(model).__name__}.forward applies [{applied}] to the logits "
-        "before its loss; only soft-capping by config.final_logit_softcapping (cap * tanh(logits / cap)) and "
-        "scaling by numbers can be computed without the logits. Call fusedce.integrations.transformers.remove(model) "
-        "to use the stock loss."
+        "before its loss; only scaling by numbers and soft-capping (p * tanh(s * logits), p > 0) can be computed "
+        "without the logits. Call fusedce.integrations.transformers.remove(model) to use the stock loss."
     )
 
 
