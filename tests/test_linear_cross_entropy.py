@@ -258,3 +258,22 @@ def test_block_rows_follow_the_budget_and_the_request():
     assert block_rows(4096, 32000, torch.float32, cpu, 300) == 300
     assert block_rows(10, 32000, torch.float32, cpu, 300) == 10
     assert block_rows(10, 7, torch.float32, cpu, None) == 10
+
+
+def test_bench_providers_agree_on_the_micro_lmhead():
+    """The lmhead providers of ``python -m fusedce bench`` compute the same loss and gradients."""
+    from fusedce.bench.providers import providers
+    from fusedce.bench.workloads import make_inputs, workloads
+
+    (micro,) = [w for w in workloads("cpu") if w.key == "linear_cross_entropy/micro-lmhead/fp32"]
+    results = {}
+    for provider in providers(micro, "cpu", ["fusedce", "torch-chunked", "eager"]):
+        inputs = make_inputs(micro, "cpu")
+        loss = provider.forward(inputs)
+        provider.backward(loss, inputs)
+        assert inputs.linear_weight is not None and inputs.linear_weight.grad is not None
+        results[provider.name] = (loss, inputs.x.grad, inputs.linear_weight.grad)
+    assert set(results) == {"fusedce", "torch-chunked", "eager"}
+    for name in ("fusedce", "torch-chunked"):
+        for ours, theirs in zip(results[name], results["eager"], strict=True):
+            torch.testing.assert_close(ours, theirs)
