@@ -140,8 +140,8 @@ def _backward(ctx: Any, grad_out: Tensor, grad_rows: Tensor, x2: Tensor, w2: Ten
 def _differentiable_backward(grad_rows: Tensor, x2: Tensor, w2: Tensor, b1: Tensor | None, target: Tensor,
                              weight: Tensor | None, spec: LossSpec, wanted: tuple[bool, ...]) -> list[Tensor | None]:
     """The backward as differentiable torch ops (for double backward). Materialises the logits."""
-    logits = torch.nn.functional.linear(x2, w2, b1).view(x2.shape[0], spec.num_classes, spec.inner)
-    x = logits.to(spec.dtype)
+    logits, tanh = chunked.soft_cap(torch.nn.functional.linear(x2, w2, b1), spec.softcap)
+    x = logits.view(x2.shape[0], spec.num_classes, spec.inner).to(spec.dtype)
     lse = reference.row_stats(x)  # the row stats the reference formulas take
     grads: list[Tensor | None] = [None] * 5
     if spec.prob:
@@ -153,6 +153,8 @@ def _differentiable_backward(grad_rows: Tensor, x2: Tensor, w2: Tensor, b1: Tens
     else:
         g = reference.ce_backward(grad_rows, x, target, weight, lse, spec.ignore_index, spec.smoothing, False)
     flat = g.to(w2.dtype).reshape(x2.shape[0], -1)
+    if tanh is not None:  # through the soft cap to the raw logits
+        flat = flat * (1 - tanh * tanh)
     if wanted[0]:
         grads[0] = flat @ w2
     if wanted[1]:

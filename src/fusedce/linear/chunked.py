@@ -47,6 +47,7 @@ class LossSpec:
     smoothing: float
     dtype: torch.dtype  # the loss's dtype: the logits' one, promoted with a probability target's
     chunk: int  # rows per block
+    softcap: float | None = None  # the loss reads cap * tanh(raw / cap) of the raw logits (None: raw)
 
 
 def block_rows(rows: int, width: int, dtype: torch.dtype, device: torch.device, requested: int | None) -> int:
@@ -66,13 +67,16 @@ def _blocks(rows: int, chunk: int) -> Iterator[tuple[int, int]]:
 
 class _Block:
     """The reused logits buffer (and, when a probability target promotes the loss dtype, a
-    second one in that dtype)."""
+    second one in that dtype; with a soft cap, a third that keeps ``tanh(raw / cap)`` for the
+    cap's derivative once the gradient has overwritten the logits)."""
 
     def __init__(self, x2: Tensor, w2: Tensor, spec: LossSpec) -> None:
         rows = min(spec.chunk, x2.shape[0])
         self.buffer = x2.new_empty((rows, w2.shape[0]), dtype=w2.dtype)
         self.promoted = None if spec.dtype == w2.dtype else torch.empty_like(self.buffer, dtype=spec.dtype)
         self.num_classes, self.inner = spec.num_classes, spec.inner
+        self.softcap = spec.softcap
+        self.tanh = None if spec.softcap is None else torch.empty_like(self.buffer)
 
     def logits(self, x_rows: Tensor, w2: Tensor, b1: Tensor | None) -> tuple[Tensor, Tensor]:
         """The block's logits as (n, C*D) in the matmul dtype, and as the kernels' (n, C, D)
@@ -82,6 +86,12 @@ class _Block:
             torch.mm(x_rows, w2.t(), out=out)
         else:
             torch.addmm(b1, x_rows, w2.t(), out=out)
+        if self.tanh is not None:
+            # cap * tanh(raw / cap), op by op in the matmul dtype as the reference formula rounds.
+            assert self.softcap is not None
+            tanh = self.tanh[: x_rows.shape[0]]
+            torch.div(out, self.softcap, out=tanh).tanh_()
+            torch.mul(tanh, self.softcap, out=out)
         canonical = out
         if self.promoted is not None:
             canonical = self.promoted[: x_rows.shape[0]]
@@ -90,10 +100,23 @@ class _Block:
 
     def gradient(self, flat: Tensor, canonical: Tensor) -> Tensor:
         """The logits gradient the fused backward wrote over ``canonical``, as (n, C*D) in the
-        matmul dtype."""
+        matmul dtype; with a soft cap, that of the raw logits (times ``1 - tanh²``; this uses up
+        the kept ``tanh``)."""
         if self.promoted is not None:
             flat.copy_(canonical.view(flat.shape))
+        if self.tanh is not None:
+            tanh = self.tanh[: flat.shape[0]]
+            flat.mul_(tanh.mul_(tanh).neg_().add_(1))
         return flat
+
+
+def soft_cap(raw: Tensor, cap: float | None) -> tuple[Tensor, Tensor | None]:
+    """``(cap * tanh(raw / cap), tanh(raw / cap))``, differentiably; ``(raw, None)`` without a
+    cap. The derivative of the capped logits with respect to ``raw`` is ``1 - tanh²``."""
+    if cap is None:
+        return raw, None
+    tanh = torch.tanh(raw / cap)
+    return tanh * cap, tanh
 
 
 def weight_grad_dtype(w2: Tensor) -> torch.dtype:
@@ -233,8 +256,9 @@ def loss_tangent(
     out = []
     for start, stop in _blocks(x2.shape[0], spec.chunk):
         x_rows = x2[start:stop]
-        logits = torch.nn.functional.linear(x_rows, w2, b1).to(spec.dtype)
-        logits = logits.view(stop - start, spec.num_classes, spec.inner)
+        raw = torch.nn.functional.linear(x_rows, w2, b1)
+        logits, tanh = soft_cap(raw, spec.softcap)
+        logits = logits.to(spec.dtype).view(stop - start, spec.num_classes, spec.inner)
         dlogits = torch.zeros_like(logits)
         if tx is not None:
             dlogits = dlogits + (tx[start:stop] @ w2.t()).view_as(logits)
@@ -242,6 +266,8 @@ def loss_tangent(
             dlogits = dlogits + (x_rows @ tw.t()).view_as(logits)
         if tb is not None:
             dlogits = dlogits + tb.view(1, spec.num_classes, spec.inner)
+        if tanh is not None:
+            dlogits = dlogits * (1 - tanh * tanh).view_as(logits)
         s = stats[start:stop]
         if spec.prob:
             t_rows = None if tt is None else tt[start:stop]

@@ -37,6 +37,7 @@ def linear_cross_entropy(
     ignore_index: int | None = None,
     label_smoothing: float = 0.0,
     options: Any = None,
+    logit_softcap: float | None = None,
 ) -> Tensor:
     """``torch.nn.functional.linear_cross_entropy``, fused and chunked for every argument.
 
@@ -47,13 +48,60 @@ def linear_cross_entropy(
     torch's chunked path, every argument combination is chunked (label smoothing, K-dim weights,
     uint8 and probability targets), and double backward, forward AD, ``torch.func`` and
     ``torch.compile`` all work, so no ``options ignored`` warning is ever due.
+
+    ``logit_softcap`` (keyword-only, a fusedce extension; None by default, which leaves the
+    torch-exact path unchanged): soft-cap the logits before the loss, as Gemma 2's
+    ``final_logit_softcapping`` does. The result is then
+    ``cross_entropy(cap * tanh(linear(input, W, b) / cap), target, ...)``, each block's logits
+    capped in place and the gradient multiplied by the cap's derivative ``1 - tanh(raw / cap)²``
+    before the gradient matmuls, still without the ``(N, C)`` logits.
     """
     if has_torch_function_variadic(input, linear_weight, target, linear_bias, weight):
         return handle_torch_function(
             linear_cross_entropy, (input, linear_weight, target, linear_bias, weight), input, linear_weight,
             target, linear_bias=linear_bias, weight=weight, reduction=reduction, ignore_index=ignore_index,
-            label_smoothing=label_smoothing, options=options,
+            label_smoothing=label_smoothing, options=options, logit_softcap=logit_softcap,
         )
+    return _linear_cross_entropy(input, linear_weight, target, linear_bias, weight, reduction, ignore_index,
+                                 label_smoothing, options, logit_softcap, upcast=False)
+
+
+def upcast_linear_cross_entropy(
+    input: Tensor,
+    linear_weight: Tensor,
+    target: Tensor,
+    *,
+    linear_bias: Tensor | None = None,
+    weight: Tensor | None = None,
+    reduction: str = "mean",
+    ignore_index: int | None = None,
+    label_smoothing: float = 0.0,
+    options: Any = None,
+    logit_softcap: float | None = None,
+) -> Tensor:
+    """``linear_cross_entropy`` with the result in its accumulation dtype (float32 for float16
+    and bfloat16 logits) instead of the logits' dtype: ``cross_entropy(logits.float(), ...)``,
+    the loss of a caller that upcasts the logits first, as transformers' ``ForCausalLMLoss``
+    does. The fused kernels already accumulate in float32, so only the last rounding differs;
+    the gradients are ``linear_cross_entropy``'s (the logits' gradient rounded to their dtype, as
+    the upcast's backward rounds it)."""
+    return _linear_cross_entropy(input, linear_weight, target, linear_bias, weight, reduction, ignore_index,
+                                 label_smoothing, options, logit_softcap, upcast=True)
+
+
+def _linear_cross_entropy(
+    input: Tensor,
+    linear_weight: Tensor,
+    target: Tensor,
+    linear_bias: Tensor | None,
+    weight: Tensor | None,
+    reduction: str,
+    ignore_index: int | None,
+    label_smoothing: float,
+    options: Any,
+    logit_softcap: float | None,
+    upcast: bool,
+) -> Tensor:
     # linear_cross_entropy's own checks, in torch's order and words.
     if input.dim() < 1 or input.dim() > 2:
         raise RuntimeError(f"expected input with dimensionality 1 or 2, got {input.dim()}")
@@ -79,13 +127,24 @@ def linear_cross_entropy(
     if tuple(target.shape) == logits_shape and ignore_index is not None:
         raise RuntimeError("ignore_index cannot be specified when target contains probabilities")
     ignore_index = ignore_index if ignore_index is not None else -100
+    softcap = _checked_softcap(logit_softcap)
     chunk_request = None if options is None else options.batch_chunk_size
 
     width = math.prod(out_features, start=num_classes)
     w2 = linear_weight.reshape(width, hidden)
     b1 = None if linear_bias is None else linear_bias.reshape(width)
     logits = _stand_in_logits(input, w2, b1, logits_shape)
-    return _loss(input, w2, b1, target, weight, logits, reduction, ignore_index, label_smoothing, chunk_request)
+    return _loss(input, w2, b1, target, weight, logits, reduction, ignore_index, label_smoothing, chunk_request,
+                 softcap, upcast)
+
+
+def _checked_softcap(cap: Any) -> float | None:
+    """``logit_softcap`` as a float: None, or a finite number > 0."""
+    if cap is None:
+        return None
+    if isinstance(cap, bool) or not isinstance(cap, (int, float)) or not math.isfinite(cap) or cap <= 0:
+        raise ValueError(f"logit_softcap must be None or a finite number > 0, got {cap!r}")
+    return float(cap)
 
 
 def _stand_in_logits(input: Tensor, w2: Tensor, b1: Tensor | None, shape: tuple[int, ...]) -> Tensor:
@@ -108,6 +167,8 @@ def _loss(
     ignore_index: int,
     label_smoothing: float,
     chunk_request: int | None,
+    softcap: float | None = None,
+    upcast: bool = False,
 ) -> Tensor:
     """cross_entropy's checks on the stand-in ``logits``, in ``fusedce.functional.cross_entropy``'s
     order, then the chunked loss."""
@@ -148,15 +209,15 @@ def _loss(
         denominator = _mean_denominator(t, w, ignore_index, smoothing, dtype) if mode == "mean" else None
 
     spec = LossSpec(num_classes, inner, prob, ignore_index, smoothing, dtype,
-                    block_rows(rows, w2.shape[0], dtype, input.device, chunk_request))
+                    block_rows(rows, w2.shape[0], dtype, input.device, chunk_request), softcap)
     result = autograd.linear_cross_entropy(x2, w2, b1, t, w, denominator, spec, mode,
                                               _precompute(mode, input, w2, b1))
     if not prob:
         result = _ce._unbatched_target_quirk(logits, target, result, smoothing)
     if mode == "none":
         shape = () if logits.dim() == 1 else _ce._rows_shape(logits)
-        return result.reshape(shape).to(dtype)
-    return result.to(dtype)
+        result = result.reshape(shape)
+    return result if upcast else result.to(dtype)
 
 
 def _mean_denominator(rows: Tensor, weight: Tensor | None, ignore_index: int, smoothing: float,

@@ -11,6 +11,7 @@ empty tensor; ``forward`` and ``backward`` below turn those into ``None``.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from typing import Any
 
@@ -22,7 +23,10 @@ from .chunked import LossSpec
 
 _lib = torch.library.Library("fusedce", "FRAGMENT")
 
-_SPEC = "int num_classes, int inner, bool prob, int ignore_index, float smoothing, ScalarType dtype, int chunk"
+_SPEC = (
+    "int num_classes, int inner, bool prob, int ignore_index, float smoothing, ScalarType dtype, int chunk,"
+    " float? softcap"
+)
 _FIVE = "(Tensor, Tensor, Tensor, Tensor, Tensor)"
 _SCHEMAS = {
     "linear_ce_forward": f"(Tensor x2, Tensor w2, Tensor? b1, Tensor target, Tensor? weight, {_SPEC},"
@@ -32,12 +36,16 @@ _SCHEMAS = {
 }
 
 
+_SPEC_LEN = len(dataclasses.fields(LossSpec))  # the spec's arguments, in LossSpec's order
+
+
 def _spec(args: tuple[Any, ...]) -> LossSpec:
     return LossSpec(*args)
 
 
 def _spec_args(spec: LossSpec) -> tuple[Any, ...]:
-    return (spec.num_classes, spec.inner, spec.prob, spec.ignore_index, spec.smoothing, spec.dtype, spec.chunk)
+    return (spec.num_classes, spec.inner, spec.prob, spec.ignore_index, spec.smoothing, spec.dtype, spec.chunk,
+            spec.softcap)
 
 
 def _nothing(like: Tensor) -> Tensor:
@@ -50,14 +58,14 @@ def _or_nothing(values: tuple[Tensor | None, ...], like: Tensor) -> tuple[Tensor
 
 def _forward_kernel(x2: Tensor, w2: Tensor, b1: Tensor | None, target: Tensor, weight: Tensor | None,
                     *rest: Any) -> tuple[Tensor, ...]:
-    spec, grad_rows, wanted = _spec(rest[:7]), rest[7], tuple(rest[8])
+    spec, grad_rows, wanted = _spec(rest[:_SPEC_LEN]), rest[_SPEC_LEN], tuple(rest[_SPEC_LEN + 1])
     loss, stats, *grads = chunked.forward(x2, w2, b1, target, weight, spec, grad_rows, wanted)
     return (loss, stats, *_or_nothing(tuple(grads), x2))
 
 
 def _backward_kernel(grad_rows: Tensor, x2: Tensor, w2: Tensor, b1: Tensor | None, target: Tensor,
                      weight: Tensor | None, stats: Tensor, *rest: Any) -> tuple[Tensor, ...]:
-    spec, wanted = _spec(rest[:7]), tuple(rest[7])
+    spec, wanted = _spec(rest[:_SPEC_LEN]), tuple(rest[_SPEC_LEN])
     grads = chunked.backward(grad_rows, x2, w2, b1, target, weight, stats, spec, wanted)
     return _or_nothing(grads, x2)
 
@@ -85,7 +93,7 @@ def _fake_gradients(x2: Tensor, w2: Tensor, b1: Tensor | None, target: Tensor, w
 
 def _fake_forward(x2: Tensor, w2: Tensor, b1: Tensor | None, target: Tensor, weight: Tensor | None,
                   *rest: Any) -> tuple[Tensor, ...]:
-    spec, grad_rows, wanted = _spec(rest[:7]), rest[7], tuple(rest[8])
+    spec, grad_rows, wanted = _spec(rest[:_SPEC_LEN]), rest[_SPEC_LEN], tuple(rest[_SPEC_LEN + 1])
     # The per-row results have whatever shape the fused kernel's own fake gives one block of all
     # the rows (a fake tensor: nothing is allocated).
     logits = x2.new_empty((x2.shape[0], spec.num_classes, spec.inner), dtype=spec.dtype)
@@ -101,7 +109,7 @@ def _fake_forward(x2: Tensor, w2: Tensor, b1: Tensor | None, target: Tensor, wei
 
 def _fake_backward(grad_rows: Tensor, x2: Tensor, w2: Tensor, b1: Tensor | None, target: Tensor,
                    weight: Tensor | None, stats: Tensor, *rest: Any) -> tuple[Tensor, ...]:
-    spec, wanted = _spec(rest[:7]), tuple(rest[7])
+    spec, wanted = _spec(rest[:_SPEC_LEN]), tuple(rest[_SPEC_LEN])
     return tuple(_fake_gradients(x2, w2, b1, target, weight, spec, wanted))
 
 
