@@ -8,13 +8,15 @@ errors as torch, in less time and memory.
 from . import distributed, functional
 from .functional import cross_entropy, log_softmax, nll_loss, softmax
 from .kernels import available_backends, use_backend
-from .modules import CrossEntropyLoss, LogSoftmax, NLLLoss, Softmax
+from .linear import linear_cross_entropy
+from .modules import CrossEntropyLoss, LinearCrossEntropyLoss, LogSoftmax, NLLLoss, Softmax
 from .patch import patch
 
 __version__ = "0.1.0"
 
 __all__ = [
     "CrossEntropyLoss",
+    "LinearCrossEntropyLoss",
     "LogSoftmax",
     "NLLLoss",
     "Softmax",
@@ -22,6 +24,7 @@ __all__ = [
     "cross_entropy",
     "distributed",
     "functional",
+    "linear_cross_entropy",
     "log_softmax",
     "nll_loss",
     "patch",

@@ -20,7 +20,7 @@ from . import _autograd, _checks
 from ._canonical import canonical, canonical_rows
 from .kernels.reference import accumulation_dtype
 
-__all__ = ["cross_entropy", "log_softmax", "nll_loss", "softmax"]
+__all__ = ["cross_entropy", "linear_cross_entropy", "log_softmax", "nll_loss", "softmax"]
 
 Reduction = Literal["none", "mean", "sum"]
 _REDUCTIONS: tuple[Reduction, ...] = ("none", "mean", "sum")
@@ -288,3 +288,8 @@ def softmax(
 ) -> Tensor:
     """``torch.nn.functional.softmax``."""
     return _softmax_like("softmax", _autograd.softmax, input, dim, _stacklevel, dtype)
+
+
+# torch.nn.functional has it too; it lives in its own package (``fusedce.linear``), which uses
+# the helpers above, so it is imported last.
+from .linear import linear_cross_entropy  # noqa: E402

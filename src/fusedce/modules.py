@@ -6,8 +6,9 @@ from __future__ import annotations
 from torch import Tensor, nn
 
 from . import functional
+from .linear import linear_cross_entropy
 
-__all__ = ["CrossEntropyLoss", "LogSoftmax", "NLLLoss", "Softmax"]
+__all__ = ["CrossEntropyLoss", "LinearCrossEntropyLoss", "LogSoftmax", "NLLLoss", "Softmax"]
 
 
 class CrossEntropyLoss(nn.CrossEntropyLoss):
@@ -44,6 +45,31 @@ class CrossEntropyLoss(nn.CrossEntropyLoss):
             reduction=self.reduction,
             label_smoothing=self.label_smoothing,
             inplace_backward=self.inplace_backward,
+        )
+
+
+class LinearCrossEntropyLoss(nn.LinearCrossEntropyLoss):
+    """``torch.nn.LinearCrossEntropyLoss``, fused: the logits are never materialised.
+
+    The constructor, the ``linear`` submodule (so the ``state_dict`` keys ``linear.weight`` and
+    ``linear.bias``, stored flat) and the repr are torch's own; forward reshapes the flat weight
+    exactly as torch's does and calls ``fusedce.linear_cross_entropy``.
+    """
+
+    def forward(self, input: Tensor, target: Tensor) -> Tensor:
+        linear_weight = self.linear.weight.reshape((self.num_classes, *self.out_features, self.linear.in_features))
+        bias = self.linear.bias
+        linear_bias = None if bias is None else bias.reshape((self.num_classes, *self.out_features))
+        return linear_cross_entropy(
+            input,
+            linear_weight,
+            target,
+            linear_bias=linear_bias,
+            weight=self.weight,
+            reduction=self.reduction,
+            ignore_index=self.ignore_index,
+            label_smoothing=self.label_smoothing,
+            options=self.options,
         )
 
 

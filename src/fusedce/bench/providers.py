@@ -17,11 +17,12 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .. import functional as fused
+from . import linear
 from .workloads import IGNORE_INDEX, MODES, Inputs, Workload, workloads
 
 CROSS_ENTROPY_PROVIDERS = ("fusedce", "fusedce-inplace", "eager", "compile", "liger")
 SOFTMAX_PROVIDERS = ("fusedce", "eager", "compile")
-NAMES = CROSS_ENTROPY_PROVIDERS
+NAMES = (*CROSS_ENTROPY_PROVIDERS, *(p for p in linear.PROVIDERS if p not in CROSS_ENTROPY_PROVIDERS))
 # With gradients off, the in-place variant is the plain one: it sits out no-grad-forward.
 GRAD_ONLY = frozenset({"fusedce-inplace"})
 
@@ -29,6 +30,8 @@ GRAD_ONLY = frozenset({"fusedce-inplace"})
 def provider_names(op: str) -> tuple[str, ...]:
     """Every provider that can take part in ``op``'s workloads somewhere (Liger: CUDA, 2-D, when
     importable), without building any of them."""
+    if op == linear.OP:
+        return linear.PROVIDERS
     return CROSS_ENTROPY_PROVIDERS if op == "cross_entropy" else SOFTMAX_PROVIDERS
 
 
@@ -114,7 +117,10 @@ def providers(workload: Workload, device: str, names: list[str] | None = None,
     wanted = set(names or NAMES)
     # Built only when wanted: torch.compile imports dynamo, which takes seconds.
     makers: dict[str, Callable[[], Provider | None]]
-    if workload.op == "cross_entropy":
+    if workload.op == linear.OP:
+        makers = {name: _linear_maker(name, make) for name, make in linear.implementations(
+            device, dynamic_compile).items()}
+    elif workload.op == "cross_entropy":
         makers = {
             "fusedce": lambda: Provider("fusedce", _cross_entropy(fused.cross_entropy)),
             "fusedce-inplace": lambda: Provider(
@@ -134,6 +140,14 @@ def providers(workload: Workload, device: str, names: list[str] | None = None,
     assert tuple(makers) == provider_names(workload.op)
     found = [maker() for name, maker in makers.items() if name in wanted]
     return [p for p in found if p is not None]
+
+
+def _linear_maker(name: str, make: Callable[[], Callable[..., Tensor] | None]) -> Callable[[], Provider | None]:
+    def maker() -> Provider | None:
+        impl = make()
+        return None if impl is None else Provider(name, linear.call_with(impl))
+
+    return maker
 
 
 def _liger_provider(workload: Workload, device: str) -> Provider | None:

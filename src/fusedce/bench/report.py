@@ -11,8 +11,8 @@ from .memory import Peak
 
 # The providers shown in the table's time columns, and their headers.
 COLUMNS = {"fusedce": "fusedce", "fusedce-inplace": "inplace", "eager": "eager", "compile": "compile",
-           "liger": "liger"}
-MEMORY_ORDER = ("fusedce", "fusedce-inplace", "eager", "compile", "liger")
+           "torch-chunked": "chunked", "liger": "liger"}
+MEMORY_ORDER = ("fusedce", "fusedce-inplace", "eager", "compile", "torch-chunked", "liger")
 
 
 @dataclass
@@ -80,6 +80,7 @@ class Results:
                 "ms": ms,
                 "x_eager": speedup(ours, ms.get("eager")),
                 "x_compile": speedup(ours, ms.get("compile")),
+                "x_chunked": speedup(ours, ms.get("torch-chunked")),
                 "bytes": first.bytes,
                 "gbps": None if ours is None else gbps(first.bytes, ours),
                 "pct_of_copy": copy_pct,
@@ -127,14 +128,16 @@ def table(results: Results) -> str:
     rows = results.rows()
     providers = [p for p in COLUMNS if any(p in r["ms"] for r in rows)]
     mem_providers = [p for p in MEMORY_ORDER if any(p == peak.provider for peak in results.peaks)]
+    chunked = "torch-chunked" in providers  # linear_cross_entropy: torch's own chunked path
     header = ["workload", "dtype", "mode", *[f"{COLUMNS[p]} ms" for p in providers], "×eager", "×compile",
-              "GB/s", "% copy"]
+              *(["×chunked"] if chunked else []), "GB/s", "% copy"]
     if mem_providers:
         header.append("peak extra ×logits (" + " / ".join(COLUMNS[p] for p in mem_providers) + ")")
     lines = [header]
     for r in rows:
         cells = [r["name"], r["dtype"], r["mode"], *[_ms(r["ms"].get(p)) for p in providers],
-                 _num(r["x_eager"], ".2f"), _num(r["x_compile"], ".2f"), _num(r["gbps"], ".1f"),
+                 _num(r["x_eager"], ".2f"), _num(r["x_compile"], ".2f"),
+                 *([_num(r["x_chunked"], ".2f")] if chunked else []), _num(r["gbps"], ".1f"),
                  _num(r["pct_of_copy"], ".0f")]
         if mem_providers:
             peak = r["peak_x_logits"]
@@ -155,7 +158,8 @@ def notes(results: Results) -> list[str]:
 
 
 LEGEND = (
-    "×eager, ×compile: their median time over fusedce's (>1: fusedce faster). GB/s: fusedce's minimal bytes\n"
+    "×eager, ×compile, ×chunked (torch's chunked linear_cross_entropy): their median time over fusedce's\n"
+    "(>1: fusedce faster). GB/s: fusedce's minimal bytes (linear_cross_entropy: those of its logits)\n"
     "(cross-entropy forward: logits read once; backward: read once + gradient written once; full: both;\n"
     "softmaxes: input read + output written, then output and upstream gradient read + gradient written)\n"
     "over its median time; % copy: that as a share of the copy's GB/s. Peak extra: the largest memory in\n"

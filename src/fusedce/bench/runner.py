@@ -125,7 +125,7 @@ def _time_one(plan: Plan, workload: Workload, inputs: Inputs, provider: Provider
         record.error = f"{type(exc).__name__}: {first_line[:200]}"
         _progress(f"  failed: {record.error}")
     finally:
-        inputs.x.grad = None
+        inputs.drop_grads()
         if provider.overwrites_input:
             inputs.restore()
     return record

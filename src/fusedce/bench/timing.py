@@ -36,7 +36,7 @@ def make_step(provider: Provider, inputs: Inputs, mode: str) -> Step:
     forward: the forward with autograd recording, as in training. backward: the forward runs in
     setup, only ``.backward()`` is timed. full: both, timed together. no-grad-forward: the forward
     under ``torch.no_grad()``. The input's ``.grad`` is dropped in setup, as ``zero_grad()`` does,
-    so each backward allocates its gradient afresh rather than accumulating into the last one.
+    so each backward allocates its gradients afresh rather than accumulating into the last one.
     A provider that overwrites its input gets it restored from the master copy in setup.
     """
     if mode not in MODES:
@@ -49,7 +49,7 @@ def make_step(provider: Provider, inputs: Inputs, mode: str) -> Step:
         pending.clear()
         if provider.overwrites_input:
             inputs.restore()
-        inputs.x.grad = None
+        inputs.drop_grads()
         if mode == "backward":
             pending.append(provider.forward(inputs))
         sync()

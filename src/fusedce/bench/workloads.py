@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-OPS = ("cross_entropy", "log_softmax", "softmax")
+OPS = ("cross_entropy", "log_softmax", "softmax", "linear_cross_entropy")
 MODES = ("forward", "backward", "full", "no-grad-forward")
 IGNORE_INDEX = -100
 # Every IGNORE_EVERY-th target is ignore_index, as padding is in a language-model batch.
@@ -28,6 +28,7 @@ class Workload:
     shape: tuple[int, ...]
     dtype: torch.dtype
     hidden: bool = False  # not run unless named: the test suite's own small cases
+    in_features: int = 0  # linear_cross_entropy: H; its shape is the logits' (N, C) (see bench.linear)
 
     @property
     def dtype_name(self) -> str:
@@ -56,7 +57,7 @@ class Workload:
         compilation) cheaply. The class count stays, as compiled kernels specialise on it; the
         other sizes are distinct, so that a dynamic-shape graph does not specialise on equal ones."""
         shape = (3, self.shape[1], *(5, 7, 11)[: len(self.shape) - 2])
-        return Workload(f"{self.name}-warmup", self.op, shape, self.dtype, hidden=True)
+        return Workload(f"{self.name}-warmup", self.op, shape, self.dtype, hidden=True, in_features=self.in_features)
 
 
 def _ce(name: str, shape: tuple[int, ...], *dtypes: torch.dtype, hidden: bool = False) -> list[Workload]:
@@ -65,6 +66,8 @@ def _ce(name: str, shape: tuple[int, ...], *dtypes: torch.dtype, hidden: bool = 
 
 def workloads(device: str) -> list[Workload]:
     """Every workload for this device type, in the order the table shows them."""
+    from . import linear  # it builds on this module
+
     fp32, bf16 = torch.float32, torch.bfloat16
     lm128k_rows = 16384 if device == "cuda" else 1024
     return [
@@ -80,6 +83,7 @@ def workloads(device: str) -> list[Workload]:
         *_ce("micro-seg", (2, 5, 3, 4), fp32, hidden=True),
         Workload("micro", "log_softmax", (16, 7), fp32, hidden=True),
         Workload("micro", "softmax", (16, 7), fp32, hidden=True),
+        *linear.workloads(device),
     ]
 
 
@@ -105,18 +109,29 @@ class Inputs:
     x: Tensor  # requires grad
     target: Tensor | None  # cross_entropy: class indices, some ignore_index
     grad_out: Tensor | None  # softmax and log_softmax: a fixed random upstream gradient
+    linear_weight: Tensor | None = None  # linear_cross_entropy: (C, H), requires grad
+
+    def drop_grads(self) -> None:
+        """What ``zero_grad()`` does between steps: drop every input's gradient."""
+        self.x.grad = None
+        if self.linear_weight is not None:
+            self.linear_weight.grad = None
 
     def restore(self) -> None:
         if self.master is None:
             raise RuntimeError("these inputs were made without a master copy to restore from")
         with torch.no_grad():
             self.x.copy_(self.master)
-        self.x.grad = None
+        self.drop_grads()
 
 
 def make_inputs(workload: Workload, device: str, seed: int = 0, restorable: bool = True) -> Inputs:
     """Logits ~ N(0, 2²), drawn on the device itself (an lm-128k batch on a GPU is 8 GiB). Without
     ``restorable`` there is no master copy (for a provider that leaves its input alone)."""
+    if workload.op == "linear_cross_entropy":
+        from . import linear  # it builds on this module
+
+        return linear.make_inputs(workload, device, seed)
     gen = torch.Generator(device=device).manual_seed(seed)
     drawn = torch.randn(workload.shape, generator=gen, device=device).mul_(2)
     x = drawn if workload.dtype == torch.float32 else drawn.to(workload.dtype)

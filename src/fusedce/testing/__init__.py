@@ -43,6 +43,7 @@ TORCH_FUNCTIONS: dict[str, Callable[..., Any]] = {
     "nll_loss": torch_functional.nll_loss,
     "log_softmax": torch_functional.log_softmax,
     "softmax": torch_functional.softmax,
+    "linear_cross_entropy": torch_functional.linear_cross_entropy,
 }
 
 

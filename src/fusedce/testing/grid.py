@@ -18,7 +18,8 @@ from torch import Tensor
 
 LOSS_OPS = ("cross_entropy", "nll_loss")
 SOFTMAX_OPS = ("log_softmax", "softmax")
-OPS = LOSS_OPS + SOFTMAX_OPS
+LINEAR_OPS = ("linear_cross_entropy",)  # its grid lives in linear_grid
+OPS = LOSS_OPS + SOFTMAX_OPS + LINEAR_OPS
 
 DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
 _DTYPE_NAMES = {torch.float32: "f32", torch.float64: "f64", torch.bfloat16: "bf16", torch.float16: "f16"}
@@ -55,7 +56,7 @@ class Case:
         parts = [self.op, "x".join(map(str, self.shape)) or "scalar", _DTYPE_NAMES.get(self.dtype, str(self.dtype))]
         if self.layout != "contiguous":
             parts.append(self.layout)
-        if self.op in LOSS_OPS:
+        if self.op in LOSS_OPS + LINEAR_OPS:
             parts.append(self.target)
             if self.weight != "none":
                 parts.append(f"w={self.weight}")
@@ -118,6 +119,10 @@ def _apply_layout(x: Tensor, layout: str, class_dim: int) -> Tensor:
 
 def build_inputs(case: Case, device: str | torch.device = "cpu") -> Inputs:
     """The case's tensors, the same on every call and every device."""
+    if case.op in LINEAR_OPS:
+        from .linear_grid import build_linear_inputs
+
+        return build_linear_inputs(case, device)
     gen = torch.Generator().manual_seed(seed_of(case))
     shape, class_dim = case.shape, case.class_dim
     values = torch.randn(shape, generator=gen, dtype=torch.float64) * 2
@@ -415,6 +420,11 @@ def default_grid(ops: tuple[str, ...] = OPS, dtypes: tuple[torch.dtype, ...] = D
 
     cases: list[Case] = []
     for op in ops:
+        if op in LINEAR_OPS:
+            from .linear_grid import linear_cases
+
+            cases.extend(linear_cases(dtypes))
+            continue
         cases.extend(hostile_cases(op, dtypes))
         cases.extend(loss_cases(op, dtypes) if op in LOSS_OPS else softmax_cases(op, dtypes))
         cases.extend(special_cases(op))

@@ -1,0 +1,255 @@
+"""The chunk loops: the linear head and the fused loss, one block of rows at a time.
+
+Everything here works on plain tensors in the linear path's canonical form:
+
+* ``x2`` is the hidden state as ``(N, H)`` (an unbatched input is one row), any strides;
+* ``w2`` is the linear weight as ``(C*D, H)`` and ``b1`` its bias as ``(C*D,)`` or None, where
+  ``D`` is the product of the K-dim extents (1 without them);
+* the logits of a block of ``n`` rows are ``x2[rows] @ w2.T + b1``, viewed as the fused kernels'
+  canonical ``(n, C, D)``, so a block is a slice along the kernels' ``outer`` dim;
+* ``target`` is the index target as ``(N, D)``, or the probability target as ``(N, C, D)``
+  already in the loss dtype (see ``LossSpec.dtype``), as are the class weights.
+
+The logits of one block live in ONE buffer that every block reuses: the matmul writes into it
+(``out=``), the fused forward reads it, the fused backward writes the gradient of the logits
+over it, and the two gradient matmuls read it. Nothing of size ``N×C`` is ever allocated.
+
+The per-row statistics the fused forward returns (``stats``) are opaque here: they are only
+sliced and concatenated along their first (row) dim and handed back to the fused backward.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from .._ops import ops
+from ..kernels import reference
+from ..kernels.reference import accumulation_dtype
+
+# One block's logits buffer stays about this large: big enough that the block's matmuls run at
+# full speed, small enough to be a rounding error next to the (N, C) logits it replaces.
+_BLOCK_BYTES = {"cuda": 256 << 20}
+_DEFAULT_BLOCK_BYTES = 16 << 20
+
+
+@dataclass(frozen=True)
+class LossSpec:
+    """The loss arguments every loop needs, fixed for one call."""
+
+    num_classes: int  # C; the logits' second dim
+    inner: int  # D; the product of the K-dim extents (1 without them)
+    prob: bool  # probability target (else index target)
+    ignore_index: int
+    smoothing: float
+    dtype: torch.dtype  # the loss's dtype: the logits' one, promoted with a probability target's
+    chunk: int  # rows per block
+
+
+def block_rows(rows: int, width: int, dtype: torch.dtype, device: torch.device, requested: int | None) -> int:
+    """Rows per block: ``requested`` when given (``options.batch_chunk_size``), else as many as
+    keep one block's logits near the device's budget."""
+    if requested is not None:
+        return max(1, min(requested, rows))
+    budget = _BLOCK_BYTES.get(device.type, _DEFAULT_BLOCK_BYTES)
+    per_row = max(width, 1) * torch.empty((), dtype=dtype).element_size()
+    return max(1, min(budget // per_row, rows))
+
+
+def _blocks(rows: int, chunk: int) -> Iterator[tuple[int, int]]:
+    for start in range(0, rows, chunk):
+        yield start, min(start + chunk, rows)
+
+
+class _Block:
+    """The reused logits buffer (and, when a probability target promotes the loss dtype, a
+    second one in that dtype)."""
+
+    def __init__(self, x2: Tensor, w2: Tensor, spec: LossSpec) -> None:
+        rows = min(spec.chunk, x2.shape[0])
+        self.buffer = x2.new_empty((rows, w2.shape[0]), dtype=w2.dtype)
+        self.promoted = None if spec.dtype == w2.dtype else torch.empty_like(self.buffer, dtype=spec.dtype)
+        self.num_classes, self.inner = spec.num_classes, spec.inner
+
+    def logits(self, x_rows: Tensor, w2: Tensor, b1: Tensor | None) -> tuple[Tensor, Tensor]:
+        """The block's logits as (n, C*D) in the matmul dtype, and as the kernels' (n, C, D)
+        in the loss dtype (the same storage unless the dtypes differ)."""
+        out = self.buffer[: x_rows.shape[0]]
+        if b1 is None:
+            torch.mm(x_rows, w2.t(), out=out)
+        else:
+            torch.addmm(b1, x_rows, w2.t(), out=out)
+        canonical = out
+        if self.promoted is not None:
+            canonical = self.promoted[: x_rows.shape[0]]
+            canonical.copy_(out)
+        return out, canonical.view(out.shape[0], self.num_classes, self.inner)
+
+    def gradient(self, flat: Tensor, canonical: Tensor) -> Tensor:
+        """The logits gradient the fused backward wrote over ``canonical``, as (n, C*D) in the
+        matmul dtype."""
+        if self.promoted is not None:
+            flat.copy_(canonical.view(flat.shape))
+        return flat
+
+
+def weight_grad_dtype(w2: Tensor) -> torch.dtype:
+    """The dtype the weight and bias gradients accumulate in over the blocks.
+
+    On CPU, float32 for half-precision weights: a bf16 running sum would round once per block,
+    where torch rounds once. On CUDA, the weight's own dtype, as torch's chunked path does: each
+    ``addmm_`` adds in float32 inside cuBLAS, and a float32 copy of an LM head's weight gradient
+    would cost more memory than the blocks save.
+    """
+    return accumulation_dtype(w2.dtype) if w2.device.type == "cpu" else w2.dtype
+
+
+class _Gradients:
+    """Accumulators for the gradients of the hidden state, the weight and the bias (the latter
+    two in ``weight_grad_dtype``)."""
+
+    def __init__(self, x2: Tensor, w2: Tensor, b1: Tensor | None, wanted: tuple[bool, bool, bool]) -> None:
+        want_x, want_w, want_b = wanted
+        acc = weight_grad_dtype(w2)
+        self.x = torch.empty(x2.shape, dtype=x2.dtype, device=x2.device) if want_x else None
+        self.w = torch.zeros(w2.shape, dtype=acc, device=w2.device) if want_w else None
+        self.b = torch.zeros(w2.shape[0], dtype=acc, device=w2.device) if want_b and b1 is not None else None
+        # A reused scratch for one block's weight gradient when it cannot be added in place.
+        self._w_block = None if not want_w or acc == w2.dtype else torch.empty_like(w2)
+
+    def add(self, start: int, stop: int, grad: Tensor, x_rows: Tensor, w2: Tensor) -> None:
+        if self.x is not None:
+            torch.mm(grad, w2, out=self.x[start:stop])
+        if self.w is not None:
+            if self._w_block is None:
+                self.w.addmm_(grad.t(), x_rows)
+            else:
+                torch.mm(grad.t(), x_rows, out=self._w_block)
+                self.w.add_(self._w_block)
+        if self.b is not None:
+            self.b.add_(grad.sum(0, dtype=self.b.dtype))
+
+
+def _fused_forward(logits: Tensor, target: Tensor, weight: Tensor | None, spec: LossSpec) -> tuple[Tensor, Tensor]:
+    if spec.prob:
+        return ops.ce_prob_forward(logits, target, weight, spec.smoothing)
+    return ops.ce_forward(logits, target, weight, spec.ignore_index, spec.smoothing)
+
+
+def _fused_backward_(
+    grad_rows: Tensor, logits: Tensor, target: Tensor, weight: Tensor | None, stats: Tensor, spec: LossSpec
+) -> None:
+    if spec.prob:
+        ops.ce_prob_backward_(grad_rows, logits, target, weight, stats, spec.smoothing)
+    else:
+        ops.ce_backward_(grad_rows, logits, target, weight, stats, spec.ignore_index, spec.smoothing)
+
+
+def forward(
+    x2: Tensor,
+    w2: Tensor,
+    b1: Tensor | None,
+    target: Tensor,
+    weight: Tensor | None,
+    spec: LossSpec,
+    grad_rows: Tensor | None,
+    wanted: tuple[bool, bool, bool],
+) -> tuple[Tensor, Tensor, Tensor | None, Tensor | None, Tensor | None]:
+    """Per-row losses ``(N, D)`` and stats; with ``grad_rows`` (the upstream gradient of each
+    row's loss, ``(N, D)``), also the ``wanted`` gradients of (x2, w2, b1), from the same pass.
+    The weight and bias gradients come back in ``weight_grad_dtype``."""
+    block = _Block(x2, w2, spec)
+    grads = _Gradients(x2, w2, b1, wanted if grad_rows is not None else (False, False, False))
+    losses, stats = [], []
+    for start, stop in _blocks(x2.shape[0], spec.chunk):
+        x_rows = x2[start:stop]
+        flat, logits = block.logits(x_rows, w2, b1)
+        loss, stat = _fused_forward(logits, target[start:stop], weight, spec)
+        losses.append(loss)
+        stats.append(stat)
+        if grad_rows is not None and any(wanted):
+            _fused_backward_(grad_rows[start:stop], logits, target[start:stop], weight, stat, spec)
+            grads.add(start, stop, block.gradient(flat, logits), x_rows, w2)
+    if not losses:  # no rows: the kernels' per-row shapes, from an empty block
+        _, logits = block.logits(x2, w2, b1)
+        loss, stat = _fused_forward(logits, target, weight, spec)
+        losses, stats = [loss], [stat]
+    return torch.cat(losses), torch.cat(stats), grads.x, grads.w, grads.b
+
+
+def backward(
+    grad_rows: Tensor,
+    x2: Tensor,
+    w2: Tensor,
+    b1: Tensor | None,
+    target: Tensor,
+    weight: Tensor | None,
+    stats: Tensor,
+    spec: LossSpec,
+    wanted: tuple[bool, bool, bool, bool, bool],
+) -> tuple[Tensor | None, ...]:
+    """Recompute each block's logits and return the ``wanted`` gradients of (x2, w2, b1, the
+    probability target, the class weights). The weight and bias gradients are in
+    ``weight_grad_dtype``; the target's in the loss dtype, the class weights' in its accumulation
+    dtype."""
+    block = _Block(x2, w2, spec)
+    grads = _Gradients(x2, w2, b1, wanted[:3])
+    want_target, want_weight = wanted[3], wanted[4] and spec.prob
+    grad_target = torch.empty(target.shape, dtype=spec.dtype, device=target.device) if want_target else None
+    grad_weight = None
+    if want_weight and weight is not None:
+        grad_weight = torch.zeros(weight.shape, dtype=accumulation_dtype(spec.dtype), device=weight.device)
+    for start, stop in _blocks(x2.shape[0], spec.chunk):
+        x_rows = x2[start:stop]
+        flat, logits = block.logits(x_rows, w2, b1)
+        g, t, s = grad_rows[start:stop], target[start:stop], stats[start:stop]
+        # The target and weight gradients read the logits, so they come before the in-place backward.
+        if grad_target is not None:
+            grad_target[start:stop] = reference.ce_prob_target_grad(g, logits, weight, s, spec.smoothing)
+        if grad_weight is not None:
+            grad_weight += reference.ce_prob_weight_grad(g, logits, t, s, spec.smoothing)
+        if any(wanted[:3]):
+            _fused_backward_(g, logits, t, weight, s, spec)
+            grads.add(start, stop, block.gradient(flat, logits), x_rows, w2)
+    return grads.x, grads.w, grads.b, grad_target, grad_weight
+
+
+def loss_tangent(
+    x2: Tensor,
+    w2: Tensor,
+    b1: Tensor | None,
+    target: Tensor,
+    weight: Tensor | None,
+    stats: Tensor,
+    spec: LossSpec,
+    tangents: tuple[Tensor | None, ...],
+) -> Tensor:
+    """Forward-mode AD: the per-row loss tangent ``(N, D)`` from the tangents of (x2, w2, b1,
+    target, weight), a block at a time (the logits' tangent is a block's size too)."""
+    tx, tw, tb, tt, tc = tangents
+    out = []
+    for start, stop in _blocks(x2.shape[0], spec.chunk):
+        x_rows = x2[start:stop]
+        logits = torch.nn.functional.linear(x_rows, w2, b1).to(spec.dtype)
+        logits = logits.view(stop - start, spec.num_classes, spec.inner)
+        dlogits = torch.zeros_like(logits)
+        if tx is not None:
+            dlogits = dlogits + (tx[start:stop] @ w2.t()).view_as(logits)
+        if tw is not None:
+            dlogits = dlogits + (x_rows @ tw.t()).view_as(logits)
+        if tb is not None:
+            dlogits = dlogits + tb.view(1, spec.num_classes, spec.inner)
+        s = stats[start:stop]
+        if spec.prob:
+            t_rows = None if tt is None else tt[start:stop]
+            out.append(reference.ce_prob_jvp(logits, target[start:stop], weight, s, spec.smoothing,
+                                             (dlogits, t_rows, tc)))
+        else:
+            out.append(reference.ce_jvp(logits, target[start:stop], weight, s, spec.ignore_index,
+                                        spec.smoothing, dlogits))
+    if not out:
+        return torch.zeros(stats.shape[:2], dtype=accumulation_dtype(spec.dtype), device=x2.device)
+    return torch.cat(out)
