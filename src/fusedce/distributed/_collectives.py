@@ -6,6 +6,8 @@ installed on the module (the benchmark's byte counter, a profiler) sees each of 
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 import torch.distributed as dist
 from torch import Tensor
@@ -40,6 +42,21 @@ def max_and_class_counts(
     digits = buffer[flat.numel() :].view(world, 2).long().tolist()
     counts = [high * _DIGIT + low for high, low in digits]
     return buffer[: flat.numel()].view_as(row_max), counts
+
+
+def checked_shard_sizes(
+    shard_sizes: Sequence[int], local_classes: int, group: dist.ProcessGroup | None
+) -> list[int]:
+    """The caller's ``shard_sizes`` as ints, refused unless they name every rank and this rank's
+    count is its own."""
+    sizes = [int(s) for s in shard_sizes]
+    world, rank = dist.get_world_size(group), dist.get_rank(group)
+    if len(sizes) != world or sizes[rank] != local_classes:
+        raise ValueError(
+            f"fusedce.distributed: shard_sizes={sizes} does not match this rank's "
+            f"{local_classes} classes (rank {rank} of {world})"
+        )
+    return sizes
 
 
 def sum_rows(packed: Tensor, group: dist.ProcessGroup | None) -> Tensor:

@@ -84,12 +84,7 @@ class _Layout:
         self.x = canonical(x, self.class_dim)
         local_classes = self.x.shape[1]
         if shard_sizes is not None:
-            sizes = [int(s) for s in shard_sizes]
-            if len(sizes) != dist.get_world_size(group) or sizes[dist.get_rank(group)] != local_classes:
-                raise ValueError(
-                    f"fusedce.distributed: shard_sizes={sizes} does not match this rank's "
-                    f"{local_classes} classes (rank {dist.get_rank(group)} of {dist.get_world_size(group)})"
-                )
+            sizes = _collectives.checked_shard_sizes(shard_sizes, local_classes, group)
         self.global_max, learned = _collectives.max_and_class_counts(
             _local.row_max(self.x.detach()), local_classes, shard_sizes is None, group
         )
