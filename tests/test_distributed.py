@@ -136,6 +136,10 @@ class Case:
         if targets == "neg_inf":
             # A row whose slice on the last rank is masked, and one masked everywhere but its target.
             self.logits.narrow(self.class_dim, classes - 2, 2).select(0, 0).fill_(float("-inf"))
+        if targets == "neg_inf_shard":
+            # The last 3 classes of row 0 masked: the whole row on the last rank of 2 (4 + 3) and of
+            # 3 (3 + 3 + 1), where the fused kernel's sums of that row cannot serve.
+            self.logits.narrow(self.class_dim, classes - 3, 3).select(0, 0).fill_(float("-inf"))
         self.weight = torch.rand(classes, generator=gen, dtype=torch.float64).add(0.5).to(dtype) if weight else None
         self.kwargs: dict[str, Any] = dict(ignore_index=ignore, label_smoothing=smoothing)
         self.kwargs.update(legacy if legacy else {"reduction": reduction})
@@ -204,6 +208,8 @@ def _grid() -> list[Case]:
         cases.append(Case(next(seed), (4, 7), "index", weight=True, smoothing=smoothing, targets="neg_inf",
                           reduction="none"))
         cases.append(Case(next(seed), (4, 7), "prob", smoothing=smoothing, targets="neg_inf", reduction="none"))
+        cases.append(Case(next(seed), (4, 7), "index", smoothing=smoothing, targets="neg_inf_shard",
+                          reduction="none"))
         for kind in ("index", "prob"):
             cases.append(Case(next(seed), (4, 9), kind, weight=True, smoothing=smoothing, split="empty"))
             cases.append(Case(next(seed), (8, 11), kind, weight=True, smoothing=smoothing, dtype=torch.float32))
