@@ -1,5 +1,5 @@
 """Cross-entropy: fusedce (plain and inplace_backward), torch eager, torch.compile and, on CUDA,
-Liger when importable, over the workloads of BENCHMARKS.md and the four modes."""
+Liger when importable, over the workloads of docs/benchmarks.md and the four modes."""
 
 OPS = ("cross_entropy",)
 

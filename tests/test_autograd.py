@@ -32,6 +32,10 @@ CALLS = {
     "ce_index_w_eps_ignore": lambda x, t, p, w: (
         (x,), lambda x: fusedce.cross_entropy(x, t, weight=w, ignore_index=2, label_smoothing=0.2)),
     "ce_index_none": lambda x, t, p, w: ((x,), lambda x: fusedce.cross_entropy(x, t, reduction="none")),
+    # The plain (N, C) call takes functional's one-op fast path (a strided 2-D view here).
+    "ce_index_2d_mean": lambda x, t, p, w: ((x,), lambda x: fusedce.cross_entropy(x[:, :, 0], t[:, 0])),
+    "ce_index_2d_sum_ignore": lambda x, t, p, w: (
+        (x,), lambda x: fusedce.cross_entropy(x[:, :, 1], t[:, 1], ignore_index=2, reduction="sum")),
     "ce_prob_w_eps": lambda x, t, p, w: (
         (x, p, w.clone().requires_grad_()),
         lambda x, p, w: fusedce.cross_entropy(x, p, weight=w, label_smoothing=0.3)),
@@ -43,6 +47,8 @@ CALLS = {
 TORCH_CALLS = {
     "ce_index_w_eps_ignore": lambda x, t, p, w: F.cross_entropy(x, t, weight=w, ignore_index=2, label_smoothing=0.2),
     "ce_index_none": lambda x, t, p, w: F.cross_entropy(x, t, reduction="none"),
+    "ce_index_2d_mean": lambda x, t, p, w: F.cross_entropy(x[:, :, 0], t[:, 0]),
+    "ce_index_2d_sum_ignore": lambda x, t, p, w: F.cross_entropy(x[:, :, 1], t[:, 1], ignore_index=2, reduction="sum"),
     "ce_prob_w_eps": lambda x, t, p, w: F.cross_entropy(x, p, weight=w, label_smoothing=0.3),
     "ce_prob_none": lambda x, t, p, w: F.cross_entropy(x, p, reduction="none"),
     "nll": lambda x, t, p, w: F.nll_loss(x, t, weight=w, ignore_index=2),
@@ -155,6 +161,8 @@ def test_opcheck():
     _loss, lse = ops.ce_forward(x, t, w, -100, 0.1)
     _, plse = ops.ce_prob_forward(x, p, w, 0.1)
     g = torch.rand(4, 3)
+    x2, t1 = x[:, :, 0], t[:, 0]
+    _, rlse, denominator = ops.ce_reduced_forward(x2, t1, -100, True)
     out = ops.log_softmax_forward(x)
     sm = ops.softmax_forward(x)
     samples = [
@@ -164,6 +172,8 @@ def test_opcheck():
         (ops.ce_prob_forward, (x, p, w, 0.1)),
         (ops.ce_prob_backward, (g, x, p, w, plse, 0.1)),
         (ops.ce_prob_backward_, (g, x.clone(), p, w, plse, 0.1)),
+        (ops.ce_reduced_forward, (x2, t1, -100, True)),
+        (ops.ce_reduced_backward, (torch.rand(()), x2, t1, rlse, denominator, -100)),
         (ops.nll_forward, (x, t, w, -100)),
         (ops.nll_backward, (g, t, w, -100, 7, torch.float32)),
         (ops.log_softmax_forward, (x,)),

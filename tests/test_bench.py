@@ -1,5 +1,5 @@
 """``python -m fusedce bench``: the command end to end on tiny workloads, the JSON, the arithmetic of
-the figures, the modes, and the CPU memory probe."""
+the figures, the modes, the CPU memory probe, and torch's environments (one process each)."""
 
 from __future__ import annotations
 
@@ -15,11 +15,12 @@ from fusedce.bench.providers import providers
 from fusedce.bench.workloads import make_inputs, minimal_bytes, select, workloads
 
 FAST = ["--device", "cpu", "--repeats", "2", "--no-memory", "--provider", "fusedce", "--provider", "eager"]
+IN_PROCESS = ["--torch-env", "inherit"]
 
 
 def test_the_command_runs_and_writes_json(tmp_path, capsys):
     path = tmp_path / "bench.json"
-    code = main(["bench", "--workload", "micro", "--mode", "full", "--mode", "no-grad-forward", *FAST,
+    code = main(["bench", "--workload", "micro", "--mode", "full", "--mode", "no-grad-forward", *FAST, *IN_PROCESS,
                  "--json", str(path)])
     captured = capsys.readouterr()
     assert code == 0, captured.err
@@ -28,7 +29,8 @@ def test_the_command_runs_and_writes_json(tmp_path, capsys):
     assert "cross_entropy/micro/fp32 full eager" in captured.err  # progress goes to stderr
 
     found = json.loads(path.read_text())
-    assert set(found) == {"env", "copy", "timings", "memory", "rows"}
+    assert set(found) == {"env", "copy", "timings", "memory", "rows", "baseline"}
+    assert found["baseline"] is None  # inherit: one run, in this process
     assert found["copy"]["gbps"] > 0
     # micro: cross_entropy, log_softmax and softmax, two modes each, fusedce and eager each.
     assert len(found["rows"]) == 3 * 2
@@ -155,3 +157,67 @@ def test_plot_without_matplotlib_says_how_to_get_it(monkeypatch, capsys):
     monkeypatch.setattr(builtins, "__import__", no_matplotlib)
     assert main(["bench", "--workload", "micro", *FAST, "--plot", "out.png"]) == 2
     assert "pip install 'fusedce[plot]'" in capsys.readouterr().err
+
+
+def _huge_pages_honoured() -> bool:
+    """Whether the kernel gives huge pages to a madvise()d region (the policy is not 'never')."""
+    try:
+        with open("/sys/kernel/mm/transparent_hugepage/enabled") as policy:
+            return "[never]" not in policy.read()
+    except OSError:
+        return False
+
+
+def test_cpu_times_torch_with_huge_pages_and_reports_the_default_beside(tmp_path, capfd):
+    """The default on CPU: every provider in a fresh process with THP_MEM_ALLOC_ENABLE=1 (the
+    figures), then in one with it unset (the second figure), each process saying what torch got."""
+    path = tmp_path / "bench.json"
+    assert main(["bench", "--workload", "cross_entropy/micro/fp32", "--mode", "full", *FAST, "--json", str(path)]) == 0
+    out = capfd.readouterr().out
+    assert "×eager default env" in out and "figures: THP_MEM_ALLOC_ENABLE=1 for every provider" in out
+    found = json.loads(path.read_text())
+    best, default = found["env"], found["baseline"]["env"]
+    assert best["THP_MEM_ALLOC_ENABLE"] == "1" and default["THP_MEM_ALLOC_ENABLE"] == "unset"
+    best_pages = int(best["torch huge pages (MiB)"].split()[0])
+    default_pages = int(default["torch huge pages (MiB)"].split()[0])
+    if _huge_pages_honoured():
+        assert best_pages >= 32, best  # most of a 64 MiB tensor: torch honoured the variable
+    if "[madvise]" in best["hugepages"]:
+        assert default_pages == 0, default  # only madvise()d memory gets huge pages
+    (row,) = found["rows"]
+    assert row["x_eager"] is not None and row["x_eager_default"] is not None
+    baseline_ms = {t["provider"]: t["ms"] for t in found["baseline"]["timings"]}
+    assert row["x_eager_default"] == pytest.approx(baseline_ms["eager"] / baseline_ms["fusedce"])
+
+
+def test_a_cuda_run_refuses_the_cpu_environments(capsys, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert main(["bench", "--device", "cuda", "--torch-env", "both", "--workload", "micro"]) == 2
+    assert "--torch-env is for CPU runs" in capsys.readouterr().err
+
+
+def test_a_plan_survives_the_trip_to_the_child_process():
+    from fusedce.bench.runner import make_plan, plan_from_json, plan_to_json
+
+    plan = make_plan("cpu", True, None, None, ["fusedce", "eager"], 4, True, "cpu")
+    again = plan_from_json(json.loads(json.dumps(plan_to_json(plan))))
+    assert again == plan
+
+
+def test_the_table_shows_the_default_environment_ratios():
+    lm = next(w for w in workloads("cpu") if w.key == "cross_entropy/lm-32k/fp32")
+
+    def run(fused_ms: float, eager_ms: float) -> report.Results:
+        results = report.Results({}, copy_ms=1.0, copy_gbps=20.0, copy_bytes=1)
+        results.timings = [report.Timing(lm.key, lm.name, lm.op, "fp32", list(lm.shape), "full", p, ms, 3, 1)
+                           for p, ms in (("fusedce", fused_ms), ("eager", eager_ms))]
+        return results
+
+    best = run(155.0, 550.0)
+    best.baseline = run(151.0, 755.0)
+    (row,) = best.rows()
+    assert row["x_eager"] == pytest.approx(550 / 155) and row["x_eager_default"] == pytest.approx(755 / 151)
+    text = report.table(best)
+    assert "×eager default env" in text and "3.55" in text and "5.00" in text
+    again = report.Results.from_json(json.loads(json.dumps(best.to_json())))
+    assert again.rows() == best.rows()

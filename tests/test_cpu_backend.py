@@ -41,17 +41,21 @@ def _target(outer, classes, inner, ignore_index=-100, seed=1):
 
 def _check_ce(cpu, x, target, weight=None, smoothing=0.0, ignore_index=-100, equal_nan_only=False):
     tol = TOLERANCES["kernel"][x.dtype]
-    loss, lse = cpu.ce_forward(x, target, weight, ignore_index, smoothing)
-    ref_loss, ref_lse = reference.ce_forward(x, target, weight, ignore_index, smoothing)
+    loss, stats = cpu.ce_forward(x, target, weight, ignore_index, smoothing)
+    ref_loss, ref_stats = reference.ce_forward(x, target, weight, ignore_index, smoothing)
     assert_close_report(loss, ref_loss, tol, "loss")
-    assert_close_report(lse, ref_lse, tol, "lse")
-    grad_loss = torch.rand(lse.shape, dtype=lse.dtype, generator=torch.Generator().manual_seed(3))
-    grad = cpu.ce_backward(grad_loss, x, target, weight, lse, ignore_index, smoothing, False)
-    ref = reference.ce_backward(grad_loss, x, target, weight, ref_lse, ignore_index, smoothing, False)
+    # The log-sum everywhere; the max where the log-sum is finite (a row holding NaN has a NaN
+    # log-sum, which makes every result derived from it NaN whatever its max).
+    assert_close_report(stats[..., 1], ref_stats[..., 1], tol, "log-sum")
+    finite = ref_stats[..., 1].isfinite()
+    assert_close_report(stats[..., 0][finite], ref_stats[..., 0][finite], tol, "max")
+    grad_loss = torch.rand(loss.shape, dtype=loss.dtype, generator=torch.Generator().manual_seed(3))
+    grad = cpu.ce_backward(grad_loss, x, target, weight, stats, ignore_index, smoothing, False)
+    ref = reference.ce_backward(grad_loss, x, target, weight, ref_stats, ignore_index, smoothing, False)
     assert grad.is_contiguous() and grad.dtype == x.dtype
     assert_close_report(grad, ref, tol, "grad")
     x_copy = x.clone()  # keeps x's strides
-    out = cpu.ce_backward(grad_loss, x_copy, target, weight, lse, ignore_index, smoothing, True)
+    out = cpu.ce_backward(grad_loss, x_copy, target, weight, stats, ignore_index, smoothing, True)
     assert out.data_ptr() == x_copy.data_ptr()
     assert_close_report(x_copy, ref, tol, "inplace grad")
 
@@ -90,9 +94,9 @@ def test_empty(cpu, shape):
     outer, classes, inner = shape
     x = torch.randn(shape)
     target = torch.zeros(outer, inner, dtype=torch.long)
-    loss, lse = cpu.ce_forward(x, target, None, -100, 0.0)
-    assert loss.shape == lse.shape == (outer, inner)
-    grad = cpu.ce_backward(torch.ones(outer, inner), x, target, None, lse, -100, 0.0, False)
+    loss, stats = cpu.ce_forward(x, target, None, -100, 0.0)
+    assert loss.shape == (outer, inner) and stats.shape == (outer, inner, 2)
+    grad = cpu.ce_backward(torch.ones(outer, inner), x, target, None, stats, -100, 0.0, False)
     assert grad.shape == shape
     assert cpu.nll_forward(x, target, None, -100).shape == (outer, inner)
     assert cpu.nll_backward(torch.ones(outer, inner), target, None, -100, classes, x.dtype).shape == shape
@@ -101,16 +105,16 @@ def test_empty(cpu, shape):
 
 
 def test_no_classes(cpu):
-    """C = 0, as reference: empty softmax outputs, a -inf lse and a 0 loss for probability
+    """C = 0, as reference: empty softmax outputs, -inf row stats and a 0 loss for probability
     targets, and an error for index targets (there is no class to pick)."""
     x = torch.randn(3, 0, 2)
     for op in ("log_softmax", "softmax"):
         out = getattr(cpu, f"{op}_forward")(x)
         assert out.shape == x.shape
         assert getattr(cpu, f"{op}_backward")(out, out).shape == x.shape
-    loss, lse = cpu.ce_prob_forward(x, torch.randn(3, 0, 2), None, 0.0)
-    ref_loss, ref_lse = reference.ce_prob_forward(x, torch.randn(3, 0, 2), None, 0.0)
-    assert torch.equal(loss, ref_loss) and torch.equal(lse, ref_lse)
+    loss, stats = cpu.ce_prob_forward(x, torch.randn(3, 0, 2), None, 0.0)
+    ref_loss, ref_stats = reference.ce_prob_forward(x, torch.randn(3, 0, 2), None, 0.0)
+    assert torch.equal(loss, ref_loss) and torch.equal(stats, ref_stats)
     ignored = torch.full((3, 2), -100)
     for fn, args in (("ce_forward", (x, ignored, None, -100, 0.0)), ("nll_forward", (x, ignored, None, -100))):
         with pytest.raises(RuntimeError):
@@ -137,9 +141,9 @@ def test_thread_count_does_not_change_results(cpu, shape):
     try:
         for threads in (1, 2):
             torch.set_num_threads(threads)
-            loss, lse = cpu.ce_forward(x, target, None, -100, 0.1)
-            grad = cpu.ce_backward(torch.ones_like(lse), x, target, None, lse, -100, 0.1, False)
-            results.append((loss, lse, grad, cpu.softmax_forward(x)))
+            loss, stats = cpu.ce_forward(x, target, None, -100, 0.1)
+            grad = cpu.ce_backward(torch.ones_like(loss), x, target, None, stats, -100, 0.1, False)
+            results.append((loss, stats, grad, cpu.softmax_forward(x)))
     finally:
         torch.set_num_threads(previous)
     for one, two in zip(*results, strict=True):
@@ -162,12 +166,12 @@ def test_non_finite_rows_tile_path(cpu):
     x[0, 1, 2] = float("inf")
     x[1, 0, 0] = float("-inf")  # harmless away from the target
     target = torch.tensor([[1, 0, 2, 3, 1], [1, 2, 3, 0, 1]])
-    loss, lse = cpu.ce_forward(x, target, None, -100, 0.0)
-    ref_loss, ref_lse = reference.ce_forward(x, target, None, -100, 0.0)
+    loss, stats = cpu.ce_forward(x, target, None, -100, 0.0)
+    ref_loss, ref_stats = reference.ce_forward(x, target, None, -100, 0.0)
     torch.testing.assert_close(loss, ref_loss, equal_nan=True)
-    torch.testing.assert_close(lse, ref_lse, equal_nan=True)
-    grad = cpu.ce_backward(torch.ones_like(lse), x, target, None, lse, -100, 0.0, False)
-    ref = reference.ce_backward(torch.ones_like(lse), x, target, None, ref_lse, -100, 0.0, False)
+    torch.testing.assert_close(stats, ref_stats, equal_nan=True)
+    grad = cpu.ce_backward(torch.ones_like(loss), x, target, None, stats, -100, 0.0, False)
+    ref = reference.ce_backward(torch.ones_like(loss), x, target, None, ref_stats, -100, 0.0, False)
     torch.testing.assert_close(grad, ref, equal_nan=True)
     for op in ("log_softmax", "softmax"):
         out = getattr(cpu, f"{op}_forward")(x)

@@ -1,4 +1,4 @@
-"""The nn.Module drop-ins behave like torch's classes, and patch() swaps them in."""
+"""The nn.Module drop-ins behave like torch's classes (patch() is tested in test_patch.py)."""
 
 from __future__ import annotations
 
@@ -116,14 +116,3 @@ def test_softmax_setstate_defaults_dim_like_torch():
 def test_inplace_backward_is_in_the_repr_only_when_set():
     assert repr(fusedce.CrossEntropyLoss(inplace_backward=True)) == "CrossEntropyLoss(inplace_backward=True)"
 
-
-def test_patch_swaps_the_eight_names_and_restores_them():
-    original = (F.cross_entropy, F.nll_loss, F.log_softmax, F.softmax,
-                nn.CrossEntropyLoss, nn.NLLLoss, nn.LogSoftmax, nn.Softmax)
-    with fusedce.patch():
-        assert F.cross_entropy is fusedce.cross_entropy and nn.CrossEntropyLoss is fusedce.CrossEntropyLoss
-        assert F.softmax is fusedce.softmax and nn.Softmax is fusedce.Softmax
-        model_loss = nn.CrossEntropyLoss()
-    assert isinstance(model_loss, fusedce.CrossEntropyLoss)
-    assert (F.cross_entropy, F.nll_loss, F.log_softmax, F.softmax,
-            nn.CrossEntropyLoss, nn.NLLLoss, nn.LogSoftmax, nn.Softmax) == original

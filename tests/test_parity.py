@@ -7,8 +7,10 @@ The default run takes every special case and a deterministic sample of the argum
 from __future__ import annotations
 
 import itertools
+from dataclasses import replace
 
 import pytest
+import torch
 
 from fusedce import functional, testing, use_backend
 from fusedce.kernels import available_backends
@@ -21,7 +23,7 @@ SAMPLE_EVERY = {"reference": 6, "cpu": 3, "triton": 60}
 BACKENDS = available_backends("cpu")
 
 PRODUCT_GROUPS = sorted(
-    {(c.op, c.shape, c.dtype) for c in GRID if not c.special and not c.extra},
+    {(c.op, c.shape, c.dtype) for c in GRID if not c.special},
     key=lambda k: (k[0], len(k[1]), k[1], str(k[2])),
 )
 
@@ -33,7 +35,7 @@ def _run(backend: str, cases: list[testing.Case]) -> None:
 
 
 def _product(op, shape, dtype):
-    return [c for c in GRID if (c.op, c.shape, c.dtype) == (op, shape, dtype) and not c.special and not c.extra]
+    return [c for c in GRID if (c.op, c.shape, c.dtype) == (op, shape, dtype) and not c.special]
 
 
 def _group_id(group) -> str:
@@ -55,12 +57,60 @@ def test_argument_product_full(backend, group):
     _run(backend, _product(*group))
 
 
+# The default run takes every float32 special case and 1 in this many of the other dtypes'.
+SPECIAL_SAMPLE_EVERY = 6
+
+
+def _specials(op: str, full: bool) -> list[testing.Case]:
+    cases = [c for c in GRID if c.op == op and c.special]
+    if full:
+        return cases
+    return [c for c in cases if c.dtype == torch.float32] + testing.sample(
+        [c for c in cases if c.dtype != torch.float32], SPECIAL_SAMPLE_EVERY
+    )
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("op", testing.OPS)
 def test_special_cases(backend, op):
     """Degenerate values, every invalid input, and the legacy arguments."""
-    cases = [c for c in GRID if c.op == op and (c.special or c.extra)]
-    _run(backend, cases)
+    _run(backend, _specials(op, full=False))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("op", testing.OPS)
+def test_special_cases_every_dtype(backend, op):
+    _run(backend, _specials(op, full=True))
+
+
+def test_grid_size_is_exact():
+    """The grid's size, op by op: a refactor that drops (or adds) cases must say so here."""
+    counts = {op: (sum(c.op == op and not c.special for c in GRID), sum(c.op == op and bool(c.special) for c in GRID))
+              for op in testing.OPS}
+    assert counts == {
+        # op: (argument product, special cases = 4 dtypes x the float32 specials)
+        "cross_entropy": (14256, 4 * 1342),
+        "nll_loss": (2376, 4 * 515),
+        "log_softmax": (240, 4 * 36),
+        "softmax": (240, 4 * 36),
+    }
+    assert len(GRID) == 24828 == len({c.id for c in GRID})
+
+
+def test_every_special_case_is_tagged_and_in_every_dtype():
+    """--quick and the samples keep every special case by its tag, so an untagged one would be
+    silently dropped; and each runs in all four float dtypes, filtered by ``dtypes``."""
+    for op in testing.OPS:
+        specials = list(grid.special_cases(op))
+        assert all(c.special in grid.SPECIALS for c in specials)
+        by_base: dict[testing.Case, set[torch.dtype]] = {}
+        for c in specials:
+            by_base.setdefault(replace(c, dtype=torch.float32), set()).add(c.dtype)
+        assert all(dtypes == set(testing.DTYPES) for dtypes in by_base.values())
+    half = testing.default_grid(dtypes=(torch.float16,))
+    assert half and all(c.dtype == torch.float16 for c in half)
+    assert sum(bool(c.special) for c in half) == sum(bool(c.special) for c in GRID) // 4
 
 
 def test_grid_covers_the_issue_axes():

@@ -38,13 +38,13 @@ def small_blocks(monkeypatch):
 def _all_ops(backend, x, target, weight, smoothing, ignore_index=-100):
     """Every op's outputs on (x, target), from one backend, by name."""
     out = {}
-    out["loss"], out["lse"] = backend.ce_forward(x, target, weight, ignore_index, smoothing)
-    ref_lse = reference.ce_forward(x, target, weight, ignore_index, smoothing)[1]
-    grad_loss = torch.linspace(0.5, 1.5, target.numel(), dtype=ref_lse.dtype).view(target.shape)
-    out["grad"] = backend.ce_backward(grad_loss, x, target, weight, ref_lse, ignore_index, smoothing, False)
+    out["loss"], out["stats"] = backend.ce_forward(x, target, weight, ignore_index, smoothing)
+    ref_stats = reference.ce_forward(x, target, weight, ignore_index, smoothing)[1]
+    grad_loss = torch.linspace(0.5, 1.5, target.numel(), dtype=ref_stats.dtype).view(target.shape)
+    out["grad"] = backend.ce_backward(grad_loss, x, target, weight, ref_stats, ignore_index, smoothing, False)
     prob = torch.softmax(torch.arange(x.numel(), dtype=torch.float64).view(x.shape).sin(), 1).to(x.dtype)
     out["prob_loss"], _ = backend.ce_prob_forward(x, prob, weight, smoothing)
-    out["prob_grad"] = backend.ce_prob_backward(grad_loss, x, prob, weight, ref_lse, smoothing, False)
+    out["prob_grad"] = backend.ce_prob_backward(grad_loss, x, prob, weight, ref_stats, smoothing, False)
     out["nll"] = backend.nll_forward(x, target, weight, ignore_index)
     out["log_softmax"] = backend.log_softmax_forward(x)
     out["softmax"] = backend.softmax_forward(x)
@@ -80,8 +80,9 @@ def test_online_lse_non_finite_blocks(triton_backend, small_blocks):
     target = torch.tensor([[60], [66], [1], [0], [0], [3], [7], [69]])
     _compare(x, target, backend=triton_backend)
     _compare(x, target, smoothing=0.1, backend=triton_backend)
-    loss, lse = triton_backend.ce_forward(x, target, None, -100, 0.0)
-    assert lse[:2].isfinite().all() and lse[3:6].isnan().all() and lse[6:].isfinite().all()
+    loss, stats = triton_backend.ce_forward(x, target, None, -100, 0.0)
+    logsum = stats[..., 1]  # NaN exactly where the row has no finite max
+    assert logsum[:2].isfinite().all() and logsum[3:6].isnan().all() and logsum[6:].isfinite().all()
     assert loss[3:6].isnan().all() and loss[[0, 1, 2, 6, 7]].isfinite().all()
 
 
@@ -121,19 +122,19 @@ def test_inner_tile_ragged(triton_backend, shape):
 def test_inplace_into_channels_last(triton_backend):
     x = torch.randn(2, 4, 9, 5).to(memory_format=torch.channels_last).flatten(2)
     target = torch.randint(0, 4, (2, 45))
-    _, lse = reference.ce_forward(x, target, None, -100, 0.05)
+    _, stats = reference.ce_forward(x, target, None, -100, 0.05)
     grad_loss = torch.full((2, 45), 0.25)
-    expected = reference.ce_backward(grad_loss, x, target, None, lse, -100, 0.05, False)
+    expected = reference.ce_backward(grad_loss, x, target, None, stats, -100, 0.05, False)
     x_copy = x.clone()
     assert x_copy.stride() == x.stride()
-    out = triton_backend.ce_backward(grad_loss, x_copy, target, None, lse, -100, 0.05, True)
+    out = triton_backend.ce_backward(grad_loss, x_copy, target, None, stats, -100, 0.05, True)
     assert out.data_ptr() == x_copy.data_ptr() and out.stride() == x.stride()
     assert_close_report(x_copy, expected, TOLERANCES["kernel"][torch.float32], "inplace")
     # The probability-target backward in place as well.
     prob = torch.softmax(torch.randn(x.shape), 1)
-    expected = reference.ce_prob_backward(grad_loss, x, prob, None, lse, 0.05, False)
+    expected = reference.ce_prob_backward(grad_loss, x, prob, None, stats, 0.05, False)
     x_copy = x.clone()
-    triton_backend.ce_prob_backward(grad_loss, x_copy, prob, None, lse, 0.05, True)
+    triton_backend.ce_prob_backward(grad_loss, x_copy, prob, None, stats, 0.05, True)
     assert_close_report(x_copy, expected, TOLERANCES["kernel"][torch.float32], "prob inplace")
 
 
@@ -190,14 +191,14 @@ def test_prob_target_zero_at_minus_inf(triton_backend):
 
 
 def test_ignored_nan_row_keeps_nan_gradient(triton_backend):
-    """g = 0 multiplies the bracket: an ignored row whose lse is NaN still has a NaN gradient."""
+    """g = 0 multiplies the bracket: an ignored row whose log-sum is NaN still has a NaN gradient."""
     x = torch.randn(3, 4, 1)
     x[1, 0] = float("nan")
     target = torch.tensor([[0], [-100], [2]])
-    loss, lse = triton_backend.ce_forward(x, target, None, -100, 0.0)
+    loss, stats = triton_backend.ce_forward(x, target, None, -100, 0.0)
     assert loss[1].item() == 0.0
-    grad = triton_backend.ce_backward(torch.ones(3, 1), x, target, None, lse, -100, 0.0, False)
-    ref = reference.ce_backward(torch.ones(3, 1), x, target, None, lse, -100, 0.0, False)
+    grad = triton_backend.ce_backward(torch.ones(3, 1), x, target, None, stats, -100, 0.0, False)
+    ref = reference.ce_backward(torch.ones(3, 1), x, target, None, stats, -100, 0.0, False)
     assert_close_report(grad, ref, TOLERANCES["kernel"][torch.float32], "grad")
     assert grad[1].isnan().all() and grad[[0, 2]].isfinite().all()
 
@@ -236,9 +237,9 @@ def test_out_of_bounds_targets_poison_without_host_check(triton_backend, monkeyp
     monkeypatch.setattr(reference, "check_targets", lambda *args: None)
     x = torch.randn(4, 5, 1)
     target = torch.tensor([[0], [7], [-100], [-3]])
-    loss, lse = triton_backend.ce_forward(x, target, torch.rand(5), -100, 0.1)
+    loss, stats = triton_backend.ce_forward(x, target, torch.rand(5), -100, 0.1)
     assert loss[[1, 3]].isnan().all() and loss[0].isfinite().all() and loss[2].item() == 0.0
-    grad = triton_backend.ce_backward(torch.ones(4, 1), x, target, None, lse, -100, 0.0, False)
+    grad = triton_backend.ce_backward(torch.ones(4, 1), x, target, None, stats, -100, 0.0, False)
     assert grad[[1, 3]].isnan().all() and grad[[0, 2]].isfinite().all()
     nll = triton_backend.nll_forward(x, target, None, -100)
     assert nll[[1, 3]].isnan().all() and nll[[0, 2]].isfinite().all()
@@ -247,7 +248,7 @@ def test_out_of_bounds_targets_poison_without_host_check(triton_backend, monkeyp
 
 
 def test_no_classes(triton_backend):
-    """C = 0, as reference: empty softmax outputs and gradients, a -inf lse and a 0 loss for
+    """C = 0, as reference: empty softmax outputs and gradients, -inf row stats and a 0 loss for
     probability targets, and an error for index targets (there is no class to pick)."""
     x = torch.randn(3, 0, 2)
     for op in ("log_softmax", "softmax"):
@@ -255,12 +256,12 @@ def test_no_classes(triton_backend):
         assert out.shape == x.shape
         assert getattr(triton_backend, f"{op}_backward")(out, out).shape == x.shape
     prob = torch.randn(3, 0, 2)
-    loss, lse = triton_backend.ce_prob_forward(x, prob, None, 0.0)
-    ref_loss, ref_lse = reference.ce_prob_forward(x, prob, None, 0.0)
-    assert torch.equal(loss, ref_loss) and torch.equal(lse, ref_lse)
-    assert triton_backend.ce_prob_backward(torch.ones(3, 2), x, prob, None, lse, 0.1, False).shape == x.shape
+    loss, stats = triton_backend.ce_prob_forward(x, prob, None, 0.0)
+    ref_loss, ref_stats = reference.ce_prob_forward(x, prob, None, 0.0)
+    assert torch.equal(loss, ref_loss) and torch.equal(stats, ref_stats)
+    assert triton_backend.ce_prob_backward(torch.ones(3, 2), x, prob, None, stats, 0.1, False).shape == x.shape
     ignored = torch.full((3, 2), -100)
-    assert triton_backend.ce_backward(torch.ones(3, 2), x, ignored, None, lse, -100, 0.0, False).shape == x.shape
+    assert triton_backend.ce_backward(torch.ones(3, 2), x, ignored, None, stats, -100, 0.0, False).shape == x.shape
     for fn, args in (("ce_forward", (x, ignored, None, -100, 0.0)), ("nll_forward", (x, ignored, None, -100))):
         with pytest.raises(RuntimeError):
             getattr(reference, fn)(*args)

@@ -5,6 +5,9 @@ the log-probabilities are never materialised: the same values, gradients, dtypes
 errors as torch, in less time and memory.
 """
 
+from . import _torch_version  # noqa: F401  (refuses a torch older than the minimum, first)
+
+# isort: split
 from . import distributed, functional
 from .functional import cross_entropy, log_softmax, nll_loss, softmax
 from .kernels import available_backends, use_backend

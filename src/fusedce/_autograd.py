@@ -5,7 +5,8 @@ All take and return tensors in canonical form (see ``_canonical``). Three rules 
 * First-order backward calls the fused op, which reads the saved input once.
 * When autograd records the backward itself (``create_graph=True``, ``torch.func.grad``), the
   backward is computed with the differentiable reference formulas instead, so double backward
-  works; the saved lse is then recomputed from the input so that it is part of the graph.
+  works; the saved row stats (max and log Σ exp(x - max)) are then recomputed from the input so
+  that they are part of the graph.
 * ``jvp`` gives forward-mode AD, and ``generate_vmap_rule`` lets ``torch.func.vmap`` batch the
   whole Function through the ops' batching rules.
 """
@@ -43,7 +44,9 @@ def _mark_overwritten(x: Tensor) -> None:
 class CrossEntropy(Function):
     """Fused log-softmax + NLL for index targets, with weight, ignore_index and smoothing.
 
-    Returns the per-row loss and the per-row lse; only the lse is saved, never log-probabilities.
+    Returns the per-row loss and the row stats (``reference.row_stats``: max and log Σ exp(x - max),
+    kept apart so that the backward stays shift-invariant); only those are saved, never
+    log-probabilities.
     """
 
     generate_vmap_rule = True
@@ -62,14 +65,14 @@ class CrossEntropy(Function):
     @staticmethod
     def setup_context(ctx: Any, inputs: tuple[Any, ...], output: tuple[Tensor, Tensor]) -> None:
         x, target, weight, ctx.ignore_index, ctx.smoothing, ctx.inplace_backward = inputs
-        lse = output[1]
-        ctx.mark_non_differentiable(lse)
-        ctx.save_for_backward(x, target, weight, lse)
-        ctx.save_for_forward(x, target, weight, lse)
+        stats = output[1]
+        ctx.mark_non_differentiable(stats)
+        ctx.save_for_backward(x, target, weight, stats)
+        ctx.save_for_forward(x, target, weight, stats)
 
     @staticmethod
-    def backward(ctx: Any, grad_loss: Tensor, _grad_lse: Tensor | None) -> tuple[Tensor | None, ...]:
-        x, target, weight, lse = ctx.saved_tensors
+    def backward(ctx: Any, grad_loss: Tensor, _grad_stats: Tensor | None) -> tuple[Tensor | None, ...]:
+        x, target, weight, stats = ctx.saved_tensors
         if not ctx.needs_input_grad[0]:
             return (None,) * 6
         args = (target, weight)
@@ -77,21 +80,68 @@ class CrossEntropy(Function):
         if _recording_backward():
             if ctx.inplace_backward:
                 _refuse_inplace_double_backward()
-            grad = reference.ce_backward(grad_loss, x, *args, reference.logsumexp(x), *consts, False)
+            grad = reference.ce_backward(grad_loss, x, *args, reference.row_stats(x), *consts, False)
         elif ctx.inplace_backward:
-            ops.ce_backward_(grad_loss, x, *args, lse, *consts)
+            ops.ce_backward_(grad_loss, x, *args, stats, *consts)
             _mark_overwritten(x)
             grad = x
         else:
-            grad = ops.ce_backward(grad_loss, x, *args, lse, *consts)
+            grad = ops.ce_backward(grad_loss, x, *args, stats, *consts)
         return grad, None, None, None, None, None
 
     @staticmethod
     def jvp(ctx: Any, x_tangent: Tensor | None, *_: Any) -> tuple[Tensor | None, None]:
-        x, target, weight, lse = ctx.saved_tensors
+        x, target, weight, stats = ctx.saved_tensors
         if x_tangent is None:
             return None, None
-        return reference.ce_jvp(x, target, weight, lse, ctx.ignore_index, ctx.smoothing, x_tangent), None
+        return reference.ce_jvp(x, target, weight, stats, ctx.ignore_index, ctx.smoothing, x_tangent), None
+
+
+class CrossEntropyReduced(Function):
+    """CrossEntropy followed by its 'mean' or 'sum', in one op each way: functional's fast path for
+    the plain (N, C) call with int64 targets, no weight and no smoothing.
+
+    The values are CrossEntropy's and the reduction's (the op computes the same per-row loss, sum
+    and division); what it saves is the reduction's own ops and autograd nodes, most of a small
+    loss's time. Returns (loss, lse, denominator); the last two are saved for the backward. Only
+    plain eager tensors reach it (functional checks): torch.compile, vmap and the other functorch
+    transforms take the general path.
+    """
+
+    @staticmethod
+    def forward(x: Tensor, target: Tensor, ignore_index: int, mean: bool) -> tuple[Tensor, Tensor, Tensor]:
+        return ops.ce_reduced_forward(x, target, ignore_index, mean)
+
+    @staticmethod
+    def setup_context(ctx: Any, inputs: tuple[Any, ...], output: tuple[Tensor, Tensor, Tensor]) -> None:
+        x, target, ctx.ignore_index, _mean = inputs
+        _loss, lse, denominator = output
+        ctx.mark_non_differentiable(lse, denominator)
+        ctx.set_materialize_grads(False)  # no zero-filled gradients for lse and denominator
+        ctx.save_for_backward(x, target, lse, denominator)
+        ctx.save_for_forward(x, target, lse, denominator)
+
+    @staticmethod
+    def backward(ctx: Any, grad_out: Tensor, *_: Any) -> tuple[Tensor | None, None, None, None]:
+        x, target, lse, denominator = ctx.saved_tensors
+        if grad_out is None:  # gradients are not materialised (setup_context)
+            return None, None, None, None
+        if not _recording_backward():
+            return ops.ce_reduced_backward(grad_out, x, target, lse, denominator, ctx.ignore_index), None, None, None
+        # Double backward: CrossEntropy's differentiable formulas, on the canonical views.
+        grad_rows = (grad_out.to(denominator.dtype) / denominator).expand(x.shape[0], 1)
+        x3, rows = x.unsqueeze(2), target.unsqueeze(1)
+        grad = reference.ce_backward(grad_rows, x3, rows, None, reference.row_stats(x3), ctx.ignore_index, 0.0, False)
+        return grad.squeeze(2), None, None, None
+
+    @staticmethod
+    def jvp(ctx: Any, x_tangent: Tensor | None, *_: Any) -> tuple[Tensor | None, None, None]:
+        x, target, lse, denominator = ctx.saved_tensors
+        if x_tangent is None:
+            return None, None, None
+        rows = reference.ce_jvp(x.unsqueeze(2), target.unsqueeze(1), None, lse, ctx.ignore_index, 0.0,
+                                x_tangent.unsqueeze(2))
+        return (rows.sum() / denominator).to(x.dtype), None, None
 
 
 class CrossEntropyProb(Function):
@@ -112,43 +162,43 @@ class CrossEntropyProb(Function):
     @staticmethod
     def setup_context(ctx: Any, inputs: tuple[Any, ...], output: tuple[Tensor, Tensor]) -> None:
         x, target, weight, ctx.smoothing, ctx.inplace_backward = inputs
-        lse = output[1]
-        ctx.mark_non_differentiable(lse)
-        ctx.save_for_backward(x, target, weight, lse)
-        ctx.save_for_forward(x, target, weight, lse)
+        stats = output[1]
+        ctx.mark_non_differentiable(stats)
+        ctx.save_for_backward(x, target, weight, stats)
+        ctx.save_for_forward(x, target, weight, stats)
 
     @staticmethod
-    def backward(ctx: Any, grad_loss: Tensor, _grad_lse: Tensor | None) -> tuple[Tensor | None, ...]:
-        x, target, weight, lse = ctx.saved_tensors
+    def backward(ctx: Any, grad_loss: Tensor, _grad_stats: Tensor | None) -> tuple[Tensor | None, ...]:
+        x, target, weight, stats = ctx.saved_tensors
         eps = ctx.smoothing
         recording = _recording_backward()
         if recording:
             if ctx.inplace_backward:
                 _refuse_inplace_double_backward()
-            lse = reference.logsumexp(x)
+            stats = reference.row_stats(x)
         # The target and weight gradients read x, so they come before an in-place input gradient.
         grad_target = grad_weight = grad_x = None
         if ctx.needs_input_grad[1]:
-            grad_target = reference.ce_prob_target_grad(grad_loss, x, weight, lse, eps)
+            grad_target = reference.ce_prob_target_grad(grad_loss, x, weight, stats, eps)
         if ctx.needs_input_grad[2]:
-            grad_weight = reference.ce_prob_weight_grad(grad_loss, x, target, lse, eps)
+            grad_weight = reference.ce_prob_weight_grad(grad_loss, x, target, stats, eps)
         if ctx.needs_input_grad[0]:
             if recording:
-                grad_x = reference.ce_prob_backward(grad_loss, x, target, weight, lse, eps, False)
+                grad_x = reference.ce_prob_backward(grad_loss, x, target, weight, stats, eps, False)
             elif ctx.inplace_backward:
-                ops.ce_prob_backward_(grad_loss, x, target, weight, lse, eps)
+                ops.ce_prob_backward_(grad_loss, x, target, weight, stats, eps)
                 _mark_overwritten(x)
                 grad_x = x
             else:
-                grad_x = ops.ce_prob_backward(grad_loss, x, target, weight, lse, eps)
+                grad_x = ops.ce_prob_backward(grad_loss, x, target, weight, stats, eps)
         return grad_x, grad_target, grad_weight, None, None
 
     @staticmethod
     def jvp(ctx: Any, x_tangent: Tensor | None, target_tangent: Tensor | None, weight_tangent: Tensor | None,
             *_: Any) -> tuple[Tensor, None]:
-        x, target, weight, lse = ctx.saved_tensors
+        x, target, weight, stats = ctx.saved_tensors
         tangents = (x_tangent, target_tangent, weight_tangent)
-        return reference.ce_prob_jvp(x, target, weight, lse, ctx.smoothing, tangents), None
+        return reference.ce_prob_jvp(x, target, weight, stats, ctx.smoothing, tangents), None
 
 
 class NllLoss(Function):
@@ -284,6 +334,8 @@ def _entry_point(function: type[Function]) -> Any:
 
 # The entry points functional calls.
 cross_entropy = _entry_point(CrossEntropy)
+# The C apply itself: functional calls it only after checking that the call is a plain eager one.
+cross_entropy_reduced = super(Function, CrossEntropyReduced).apply
 cross_entropy_prob = _entry_point(CrossEntropyProb)
 nll_loss = _entry_point(NllLoss)
 log_softmax = _entry_point(LogSoftmax)

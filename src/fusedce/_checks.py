@@ -2,7 +2,7 @@
 
 The functions are called by ``functional`` in the order torch performs the same checks, so that
 an input with several problems reports the same one as torch. The messages are torch 2.13's,
-verbatim (including its typos); SEMANTICS.md section 5 lists them.
+verbatim (including its typos); docs/semantics.md section 5 lists them.
 """
 
 from __future__ import annotations
@@ -137,13 +137,14 @@ def check_smoothing_quirks(input: Tensor, target: Tensor, weight: Tensor | None,
 
     * it views the weight as ``(1, C, 1, ...)`` by its first dim, so a ``(1, C)`` weight that
       the spatial checks accepted fails the view;
-    * its 'mean' with a weight gathers the weight by the target, which gather refuses for uint8.
+    * its 'mean' with a weight gathers the weight by the target, which gather refuses for a
+      non-empty uint8 target.
     """
     if weight is not None and weight.dim() != 1:
         shape = [1] * input.dim()
         shape[0 if input.dim() == 1 else 1] = weight.shape[0]
         raise RuntimeError(f"shape '{list(shape)}' is invalid for input of size {weight.numel()}")
-    if weight is not None and reduction == "mean" and target.dtype == torch.uint8:
+    if weight is not None and reduction == "mean" and target.dtype == torch.uint8 and target.numel() > 0:
         raise RuntimeError("gather(): Expected dtype int32/int64 for index")
 
 
@@ -261,7 +262,9 @@ def check_nll_dtypes(input: Tensor, target: Tensor, weight: Tensor | None, reduc
             f"expected target dtype to be Long or Byte, but got {scalar_type_name(target.dtype)}"
         )
     spatial = input.dim() >= 3
-    if target.dtype == torch.uint8 and spatial:
+    # torch's spatial kernel reads the target as int64, except where it returns early: a reduced
+    # loss of an empty input (NaN for 'mean', 0 for 'sum').
+    if target.dtype == torch.uint8 and spatial and (reduction == "none" or input.numel() > 0):
         raise RuntimeError("expected scalar type Long but found Byte")
     if not input.is_floating_point():
         kernel = "nll_loss2d_forward_out_frame" if spatial else "nll_loss_out_frame"

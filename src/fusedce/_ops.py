@@ -25,15 +25,20 @@ _lib = torch.library.Library("fusedce", "DEF")
 _SCHEMAS = {
     "ce_forward": "(Tensor x, Tensor target, Tensor? weight, int ignore_index, float smoothing)"
     " -> (Tensor, Tensor)",
-    "ce_backward": "(Tensor grad_loss, Tensor x, Tensor target, Tensor? weight, Tensor lse,"
+    "ce_backward": "(Tensor grad_loss, Tensor x, Tensor target, Tensor? weight, Tensor stats,"
     " int ignore_index, float smoothing) -> Tensor",
-    "ce_backward_": "(Tensor grad_loss, Tensor(a!) x, Tensor target, Tensor? weight, Tensor lse,"
+    "ce_backward_": "(Tensor grad_loss, Tensor(a!) x, Tensor target, Tensor? weight, Tensor stats,"
     " int ignore_index, float smoothing) -> ()",
     "ce_prob_forward": "(Tensor x, Tensor target, Tensor? weight, float smoothing) -> (Tensor, Tensor)",
-    "ce_prob_backward": "(Tensor grad_loss, Tensor x, Tensor target, Tensor? weight, Tensor lse,"
+    "ce_prob_backward": "(Tensor grad_loss, Tensor x, Tensor target, Tensor? weight, Tensor stats,"
     " float smoothing) -> Tensor",
-    "ce_prob_backward_": "(Tensor grad_loss, Tensor(a!) x, Tensor target, Tensor? weight, Tensor lse,"
+    "ce_prob_backward_": "(Tensor grad_loss, Tensor(a!) x, Tensor target, Tensor? weight, Tensor stats,"
     " float smoothing) -> ()",
+    # The plain (N, C) 'mean'/'sum' loss in one op (functional's fast path): the scalar loss, the
+    # per-row lse and the denominator; the backward takes the last two back.
+    "ce_reduced_forward": "(Tensor x, Tensor target, int ignore_index, bool mean) -> (Tensor, Tensor, Tensor)",
+    "ce_reduced_backward": "(Tensor grad_out, Tensor x, Tensor target, Tensor lse, Tensor denominator,"
+    " int ignore_index) -> Tensor",
     "nll_forward": "(Tensor x, Tensor target, Tensor? weight, int ignore_index) -> Tensor",
     "nll_backward": "(Tensor grad_loss, Tensor target, Tensor? weight, int ignore_index,"
     " SymInt num_classes, ScalarType dtype) -> Tensor",
@@ -53,10 +58,40 @@ def _eager_kernel(name: str) -> Callable[..., Any]:
     extra: tuple[bool, ...] = (inplace,) if function in ("ce_backward", "ce_prob_backward") else ()
 
     def run(*args: Any) -> Any:
-        result = getattr(backend_for(args[0].device), function)(*args, *extra)
+        backend = backend_for(args[0].device)
+        kernel = getattr(backend, function, None)
+        if kernel is None:  # an op that only some backends fuse
+            return _COMPOSITES[function](backend, *args)
+        result = kernel(*args, *extra)
         return None if inplace else result
 
     return run
+
+
+# ---- composites: the ops a backend may leave out, built from its reference functions ---------
+# The C++ backend fuses these; the others compute the same thing from ce_forward/ce_backward and
+# torch ops, which is also the definition the fused version follows.
+
+
+def _ce_reduced_forward(backend: Any, x: Tensor, target: Tensor, ignore_index: int, mean: bool) -> Any:
+    loss, lse = backend.ce_forward(x.unsqueeze(2), target.unsqueeze(1), None, ignore_index, 0.0)
+    total = loss.sum()
+    denominator = (target != ignore_index).sum().to(total.dtype) if mean else total.new_ones(())
+    return (total / denominator).to(x.dtype), lse, denominator
+
+
+def _ce_reduced_backward(
+    backend: Any, grad_out: Tensor, x: Tensor, target: Tensor, lse: Tensor, denominator: Tensor, ignore_index: int
+) -> Tensor:
+    grad_rows = (grad_out.to(denominator.dtype) / denominator).expand(x.shape[0], 1)
+    grad = backend.ce_backward(grad_rows, x.unsqueeze(2), target.unsqueeze(1), None, lse, ignore_index, 0.0, False)
+    return grad.squeeze(2)
+
+
+_COMPOSITES: dict[str, Callable[..., Any]] = {
+    "ce_reduced_forward": _ce_reduced_forward,
+    "ce_reduced_backward": _ce_reduced_backward,
+}
 
 
 # ---- fake kernels: shapes and dtypes only -------------------------------------------------
@@ -67,10 +102,22 @@ def _rows_like(x: Tensor) -> Tensor:
 
 
 def _fake_ce_forward(x: Tensor, *_: Any) -> tuple[Tensor, Tensor]:
-    return _rows_like(x), _rows_like(x)
+    """The per-row loss, and the (outer, inner, 2) row stats: max and log Σ exp(x - max)."""
+    stats = x.new_empty((x.shape[0], x.shape[2], 2), dtype=accumulation_dtype(x.dtype))
+    return _rows_like(x), stats
 
 
 def _fake_grad_like_x(grad_loss: Tensor, x: Tensor, *_: Any) -> Tensor:
+    return torch.empty(x.shape, dtype=x.dtype, device=x.device)
+
+
+def _fake_ce_reduced_forward(x: Tensor, *_: Any) -> tuple[Tensor, Tensor, Tensor]:
+    acc = accumulation_dtype(x.dtype)
+    lse = _fake_ce_forward(x.unsqueeze(2))[1]
+    return x.new_empty((), dtype=x.dtype), lse, x.new_empty((), dtype=acc)
+
+
+def _fake_ce_reduced_backward(grad_out: Tensor, x: Tensor, *_: Any) -> Tensor:
     return torch.empty(x.shape, dtype=x.dtype, device=x.device)
 
 
@@ -103,6 +150,8 @@ _FAKES: dict[str, Callable[..., Any]] = {
     "ce_prob_forward": _fake_ce_forward,
     "ce_prob_backward": _fake_grad_like_x,
     "ce_prob_backward_": _fake_none,
+    "ce_reduced_forward": _fake_ce_reduced_forward,
+    "ce_reduced_backward": _fake_ce_reduced_backward,
     "nll_forward": _fake_nll_forward,
     "nll_backward": _fake_nll_backward,
     "log_softmax_forward": _fake_like_first,

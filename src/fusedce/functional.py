@@ -58,6 +58,14 @@ def cross_entropy(
     overwrites the logits: use it only when nothing else reads them after the loss (the usual
     LM-head case), and never with ``create_graph=True``.
     """
+    if (
+        _is_plain_call(input, target, weight, size_average, reduce, label_smoothing, inplace_backward)
+        and (reduction == "mean" or reduction == "sum")
+        and type(ignore_index) is int
+        and _INT64_MIN <= ignore_index <= _INT64_MAX
+    ):
+        # The common call, in one op: no check below could fail or warn for it.
+        return _autograd.cross_entropy_reduced(input, target, ignore_index, reduction == "mean")[0]
     if type(input) is not Tensor and _is_dtensor(input):  # tensor parallelism: fusedce.distributed
         from .distributed import dtensor
 
@@ -75,6 +83,41 @@ def _is_dtensor(x: object) -> bool:
     """A DTensor, checked without importing torch.distributed.tensor: none exists until it is."""
     module = sys.modules.get("torch.distributed.tensor")
     return module is not None and isinstance(x, module.DTensor)
+
+
+_INT64_MIN, _INT64_MAX = -(2**63), 2**63 - 1
+_is_wrapped = torch._C._functorch.is_functorch_wrapped_tensor
+_transforms_active = torch._C._are_functorch_transforms_active
+
+
+def _is_plain_call(
+    input: object, target: object, weight: object, size_average: object, reduce: object,
+    label_smoothing: object, inplace_backward: bool,
+) -> bool:
+    """True for cross_entropy's common call, which the fused reduced op handles whole: eager mode,
+    plain CPU tensors, (N, C) floating logits and (N,) int64 targets of the same batch, no weight,
+    no smoothing, no legacy arguments. Cheapest and likeliest-to-fail tests first; torch.compile
+    comes before the functorch queries, which Dynamo cannot trace."""
+    return (
+        weight is None
+        and type(input) is Tensor
+        and type(target) is Tensor
+        and size_average is None
+        and reduce is None
+        and not inplace_backward
+        and type(label_smoothing) is float
+        and not label_smoothing > 0  # ε ≤ 0 or NaN is no smoothing (check_label_smoothing)
+        and input.dim() == 2
+        and target.dim() == 1
+        and target.dtype is torch.int64
+        and input.is_cpu
+        and target.is_cpu
+        and input.is_floating_point()
+        and input.shape[0] == target.shape[0]
+        and not torch.compiler.is_compiling()
+        and not _transforms_active()
+        and not _is_wrapped(input)
+    )
 
 
 def _class_dim(input: Tensor) -> int:
@@ -211,13 +254,15 @@ def _reduce_index_loss(
     total = loss.sum()
     if reduction == "sum":
         return total.to(input.dtype)
+    # Compared as int64, as torch does: a uint8 target of 156 is not ignore_index -100.
+    rows = rows if rows.dtype == torch.int64 else rows.long()
     valid = rows != ignore_index
     if weight is None:
         denominator = valid.sum()
     else:
         # Clamp so that an out-of-range target (which the CUDA kernels report as NaN instead of
         # raising) cannot index out of bounds here.
-        safe = rows.long().clamp(0, max(weight.numel() - 1, 0))
+        safe = rows.clamp(0, max(weight.numel() - 1, 0))
         picked = weight.to(accumulation_dtype(input.dtype)).gather(0, safe.reshape(-1)).view_as(safe)
         denominator = torch.where(valid, picked, 0).sum()
     if smoothing > 0:

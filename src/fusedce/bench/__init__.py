@@ -1,4 +1,4 @@
-"""``python -m fusedce bench``: fusedce against torch eager and torch.compile, as BENCHMARKS.md asks.
+"""``python -m fusedce bench``: fusedce against torch eager and torch.compile, as docs/benchmarks.md describes.
 
 workloads: the shapes and inputs; providers: the implementations; timing: the modes and the
 median; memory (and memory_probe, its CPU subprocess): the peak extra memory; environment: what

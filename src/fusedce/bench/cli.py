@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 from typing import Any
 
@@ -12,12 +13,12 @@ from ..kernels import BACKENDS, use_backend
 from . import report
 from .environment import environment
 from .providers import NAMES
-from .runner import execute, make_plan
+from .runner import execute, execute_in, make_plan
 from .timing import MODES
 
 
 def add_parser(commands: Any) -> None:
-    p = commands.add_parser("bench", help="time fusedce against torch eager and torch.compile (BENCHMARKS.md)",
+    p = commands.add_parser("bench", help="time fusedce against torch eager and torch.compile (docs/benchmarks.md)",
                             description=__doc__)
     p.add_argument("--quick", action="store_true",
                    help="a two-minute subset: lm-32k fp32 (full, forward), imagenet, seg, tiny (full); "
@@ -35,6 +36,11 @@ def add_parser(commands: Any) -> None:
     p.add_argument("--json", metavar="PATH", help="also write the results as JSON")
     p.add_argument("--plot", metavar="PATH", help="also plot the speed-ups (needs matplotlib)")
     p.add_argument("--no-memory", action="store_true", help="skip the peak-memory measurements")
+    p.add_argument("--torch-env", choices=("both", "thp", "default", "inherit"),
+                   help="CPU only. both (the default): time every provider in a fresh process with "
+                        "THP_MEM_ALLOC_ENABLE=1, torch's best environment (the figures), then in another with "
+                        "it unset (the 'default env' columns); thp or default: only that one; inherit: in this "
+                        "process, with the environment as it is (the only choice on CUDA)")
     p.set_defaults(run=run)
 
 
@@ -59,15 +65,29 @@ def run(args: argparse.Namespace) -> int:
     except ValueError as exc:
         print(f"bench: {exc}", file=sys.stderr)
         return 2
+    torch_env = args.torch_env or ("both" if device == "cpu" else "inherit")
+    if device == "cuda" and torch_env != "inherit":
+        print("bench: --torch-env is for CPU runs (THP_MEM_ALLOC_ENABLE changes torch's CPU allocator only)",
+              file=sys.stderr)
+        return 2
     with use_backend(args.backend):
-        env = environment(device)
+        # Also compiles the CPU kernels, if need be, before any timing.
+        env = environment(device, this_process=torch_env == "inherit")
         print("\n".join(report.environment_lines(env)), flush=True)
-        results = execute(plan, env)
+        if torch_env == "inherit":
+            results = execute(plan, env)
+        else:
+            results = execute_in(plan, "default" if torch_env == "default" else "thp")
+            if torch_env == "both":
+                # The memory figures come from the first run; the second only times.
+                results.baseline = execute_in(dataclasses.replace(plan, memory=[]), "default")
     print()
+    for line in report.environment_note(results):
+        print(line)
     print(report.copy_line(results))
     print(report.table(results))
     print()
-    print(report.LEGEND)
+    print(report.legend(results))
     problems = report.notes(results)
     if problems:
         print()

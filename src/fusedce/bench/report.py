@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -55,6 +55,25 @@ class Results:
     copy_bytes: int
     timings: list[Timing] = field(default_factory=list)
     peaks: list[Peak] = field(default_factory=list)
+    # The same timings in torch's default environment (CPU: THP_MEM_ALLOC_ENABLE unset), shown as
+    # the second figure beside these, which come from torch's best environment.
+    baseline: Results | None = None
+
+    @classmethod
+    def from_json(cls, found: dict[str, Any]) -> Results:
+        peak_fields = {f.name for f in fields(Peak)}
+        return cls(found["env"], found["copy"]["ms"], found["copy"]["gbps"], found["copy"]["bytes"],
+                   [Timing(**t) for t in found["timings"]],
+                   [Peak(**{k: v for k, v in p.items() if k in peak_fields}) for p in found["memory"]],
+                   None if found.get("baseline") is None else cls.from_json(found["baseline"]))
+
+    def _ratios(self) -> dict[tuple[str, str], tuple[float | None, float | None]]:
+        """(×eager, ×compile) per (workload, mode)."""
+        groups: dict[tuple[str, str], dict[str, float | None]] = {}
+        for t in self.timings:
+            groups.setdefault((t.workload, t.mode), {})[t.provider] = t.ms
+        return {key: (speedup(ms.get("fusedce"), ms.get("eager")), speedup(ms.get("fusedce"), ms.get("compile")))
+                for key, ms in groups.items()}
 
     def rows(self) -> list[dict[str, Any]]:
         """One row per (workload, mode), in run order: the times, fusedce's ratios and bandwidth,
@@ -66,6 +85,7 @@ class Results:
         for p in self.peaks:
             peaks.setdefault(p.workload, {})[p.provider] = p.ratio
         shown: set[str] = set()
+        baseline = self.baseline._ratios() if self.baseline is not None else {}
         rows = []
         for (key, mode), timings in groups.items():
             first = timings[0]
@@ -85,6 +105,8 @@ class Results:
                 "gbps": None if ours is None else gbps(first.bytes, ours),
                 "pct_of_copy": copy_pct,
                 "peak_x_logits": None,
+                "x_eager_default": baseline.get((key, mode), (None, None))[0],
+                "x_compile_default": baseline.get((key, mode), (None, None))[1],
             }
             if key in peaks and key not in shown:
                 shown.add(key)
@@ -99,6 +121,7 @@ class Results:
             "timings": [asdict(t) for t in self.timings],
             "memory": [{**asdict(p), "ratio": p.ratio} for p in self.peaks],
             "rows": self.rows(),
+            "baseline": None if self.baseline is None else self.baseline.to_json(),
         }
 
     def write_json(self, path: str) -> None:
@@ -120,8 +143,22 @@ def environment_lines(env: dict[str, str]) -> list[str]:
 
 
 def copy_line(results: Results) -> str:
-    return (f"copy: {results.copy_gbps:.1f} GB/s (y.copy_(x) on {results.copy_bytes / 2**20:.0f} MiB, "
+    line = (f"copy: {results.copy_gbps:.1f} GB/s (y.copy_(x) on {results.copy_bytes / 2**20:.0f} MiB, "
             f"bytes read plus written; median {results.copy_ms:.2f} ms)")
+    if results.baseline is not None:
+        line += f"; {results.baseline.copy_gbps:.1f} GB/s in the default environment's run"
+    return line
+
+
+def environment_note(results: Results) -> list[str]:
+    """Which environment each figure's process ran in, and whether torch's tensors got huge pages."""
+    lines = []
+    for label, run in (("figures", results), ("default env", results.baseline)):
+        if run is not None and "torch environment" in run.env:
+            pages = run.env.get("torch huge pages (MiB)", "?")
+            lines.append(f"{label}: {run.env['torch environment']} for every provider "
+                         f"(huge pages under torch's tensors: {pages})")
+    return lines
 
 
 def table(results: Results) -> str:
@@ -131,6 +168,9 @@ def table(results: Results) -> str:
     chunked = "torch-chunked" in providers  # linear_cross_entropy: torch's own chunked path
     header = ["workload", "dtype", "mode", *[f"{COLUMNS[p]} ms" for p in providers], "×eager", "×compile",
               *(["×chunked"] if chunked else []), "GB/s", "% copy"]
+    with_default = results.baseline is not None
+    if with_default:
+        header += ["×eager default env", "×compile default env"]
     if mem_providers:
         header.append("peak extra ×logits (" + " / ".join(COLUMNS[p] for p in mem_providers) + ")")
     lines = [header]
@@ -139,6 +179,8 @@ def table(results: Results) -> str:
                  _num(r["x_eager"], ".2f"), _num(r["x_compile"], ".2f"),
                  *([_num(r["x_chunked"], ".2f")] if chunked else []), _num(r["gbps"], ".1f"),
                  _num(r["pct_of_copy"], ".0f")]
+        if with_default:
+            cells += [_num(r["x_eager_default"], ".2f"), _num(r["x_compile_default"], ".2f")]
         if mem_providers:
             peak = r["peak_x_logits"]
             cells.append("" if peak is None else " / ".join(_num(peak.get(p), ".2f") for p in mem_providers))
@@ -154,6 +196,8 @@ def notes(results: Results) -> list[str]:
     """Failures, and how to read the figures."""
     out = [f"{t.workload} {t.mode} {t.provider}: {t.error}" for t in results.timings if t.error]
     out += [f"memory {p.workload} {p.provider}: {p.error}" for p in results.peaks if p.error]
+    if results.baseline is not None:
+        out += [f"default env: {line}" for line in notes(results.baseline)]
     return out
 
 
@@ -165,32 +209,22 @@ LEGEND = (
     "over its median time; % copy: that as a share of the copy's GB/s. Peak extra: the largest memory in\n"
     "use during one forward+backward beyond the inputs, gradient included, as a multiple of the logits."
 )
+ENVIRONMENT_LEGEND = (
+    "Every provider, torch's and fusedce's, ran in one process per environment: the figures with\n"
+    "THP_MEM_ALLOC_ENABLE=1 (torch's best: huge pages for its large tensors, fewer page faults), the\n"
+    "'default env' columns with it unset. fusedce madvises its own large outputs into huge pages in both."
+)
+
+
+def legend(results: Results) -> str:
+    return LEGEND + ("\n" + ENVIRONMENT_LEGEND if results.baseline is not None else "")
 
 
 def plot(results: Results, path: str) -> None:
     """Speed-up over torch eager per provider, one panel per mode. Needs matplotlib."""
-    plt = require_matplotlib()
-    rows = results.rows()
-    modes = list(dict.fromkeys(r["mode"] for r in rows))
-    fig, axes = plt.subplots(len(modes), 1, figsize=(10, 3.2 * len(modes)), squeeze=False)
-    for ax, mode in zip(axes[:, 0], modes, strict=True):
-        mode_rows = [r for r in rows if r["mode"] == mode]
-        providers = [p for p in COLUMNS if any(r["ms"].get(p) for r in mode_rows)]
-        width = 0.8 / max(len(providers), 1)
-        for i, provider in enumerate(providers):
-            heights = [speedup(r["ms"].get(provider), r["ms"].get("eager")) or float("nan") for r in mode_rows]
-            ax.bar([j + i * width for j in range(len(mode_rows))], heights, width, label=provider)
-        ax.set_xticks([j + 0.4 - width / 2 for j in range(len(mode_rows))])
-        ax.set_xticklabels([f"{r['name']}\n{r['dtype']}" for r in mode_rows], fontsize=8)
-        ax.axhline(1.0, color="grey", linewidth=0.8)
-        ax.set_yscale("log")  # the speed-ups span orders of magnitude, from tiny to lm-128k
-        ax.set_ylabel("speed-up over eager")
-        ax.set_title(mode)
-        ax.legend(fontsize=8)
-    fig.suptitle(f"fusedce on {results.env.get('device', '?')}")
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
+    from . import plot as figure  # matplotlib only when a figure is asked for
+
+    figure.plot(results, path)
 
 
 def require_matplotlib() -> Any:

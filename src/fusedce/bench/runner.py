@@ -1,19 +1,33 @@
-"""The run: which (workload, mode, provider) to time, in what order, and the loop that times them."""
+"""The run: which (workload, mode, provider) to time, in what order, and the loop that times them.
+
+On CPU the loop runs in a fresh process per torch environment (``execute_in``; ``main`` is that
+process), because torch reads THP_MEM_ALLOC_ENABLE
+once, at its first allocation: it cannot be switched inside a process that has imported torch.
+"""
 
 from __future__ import annotations
 
+import dataclasses
 import gc
+import json
+import os
+import subprocess
 import sys
+import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
 import torch
 
+from .._progress import Progress, note
 from . import memory, timing
+from .environment import ENVIRONMENT_LABELS, TORCH_ENVIRONMENTS, environment
 from .providers import Provider, providers
 from .report import Results, Timing
-from .workloads import Inputs, Workload, make_inputs, minimal_bytes, select
+from .workloads import Inputs, Workload, make_inputs, minimal_bytes, select, workloads
 
 QUICK_MODES = {"cross_entropy/lm-32k/fp32": ("full", "forward"), "cross_entropy/imagenet/fp32": ("full",),
                "cross_entropy/seg/fp32": ("full",), "cross_entropy/tiny/fp32": ("full",)}
@@ -58,7 +72,7 @@ def make_plan(device: str, quick: bool, selectors: list[str] | None, modes: list
 
 
 def _progress(message: str) -> None:
-    print(message, file=sys.stderr, flush=True)
+    note(message, sys.stderr)  # clears the live line on a terminal, and draws it again underneath
 
 
 def _copy_bytes(plan: Plan) -> int:
@@ -73,6 +87,7 @@ def execute(plan: Plan, env: dict[str, str]) -> Results:
     results = Results(env, copy_ms, copy_gbps, _copy_bytes(plan))
     total = sum(len(m) for _, m in plan.workloads)
     done = 0
+    bar = Progress("bench", total, unit="steps")
     for workload, modes in plan.workloads:
         chosen = providers(workload, plan.device, plan.providers)
         if any(p.name == "compile" for p in chosen):
@@ -83,13 +98,13 @@ def execute(plan: Plan, env: dict[str, str]) -> Results:
             for provider in chosen:
                 if mode == "no-grad-forward" and not provider.no_grad:
                     continue
-                _progress(f"bench [{done}/{total}] {workload.key} {mode} {provider.name} "
-                          f"({time.perf_counter() - started:.0f} s)")
+                bar.update(done - 1, total, f"{workload.key} {mode} {provider.name}")
                 results.timings.append(_time_one(plan, workload, inputs, provider, mode))
         del inputs
         gc.collect()
         if plan.device == "cuda":
             torch.cuda.empty_cache()
+    bar.update(total, total)
     results.peaks = _memory(plan, started)
     _progress(f"bench: done in {time.perf_counter() - started:.0f} s")
     return results
@@ -129,3 +144,58 @@ def _time_one(plan: Plan, workload: Workload, inputs: Inputs, provider: Provider
         if provider.overwrites_input:
             inputs.restore()
     return record
+
+
+# --------------------------------------------------------------------------------------------
+# One environment per process
+# --------------------------------------------------------------------------------------------
+
+CHILD_TIMEOUT_S = 6 * 3600
+
+
+def plan_to_json(plan: Plan) -> dict[str, Any]:
+    """The plan as JSON for the child process: workloads by key."""
+    return {**dataclasses.asdict(plan), "workloads": [[w.key, list(modes)] for w, modes in plan.workloads],
+            "memory": [w.key for w in plan.memory]}
+
+
+def plan_from_json(fields: dict[str, Any]) -> Plan:
+    by_key = {w.key: w for w in workloads(fields["device"])}
+    return Plan(**{**fields, "workloads": [(by_key[key], tuple(modes)) for key, modes in fields["workloads"]],
+                   "memory": [by_key[key] for key in fields["memory"]]})
+
+
+def execute_in(plan: Plan, name: str) -> Results:
+    """Run ``plan`` in a fresh process whose environment is TORCH_ENVIRONMENTS[name] (and the
+    plan's forced backend), and return its results."""
+    env = dict(os.environ)
+    for variable, value in TORCH_ENVIRONMENTS[name].items():
+        if value is None:
+            env.pop(variable, None)
+        else:
+            env[variable] = value
+    if plan.backend is not None:
+        env["FUSEDCE_BACKEND"] = plan.backend
+    _progress(f"bench: timing in a fresh process with {ENVIRONMENT_LABELS[name]}")
+    with tempfile.TemporaryDirectory(prefix="fusedce-bench-") as tmp:
+        plan_path, out_path = Path(tmp) / "plan.json", Path(tmp) / "results.json"
+        plan_path.write_text(json.dumps(plan_to_json(plan)))
+        # -c, not -m: fusedce.bench imports this module, and runpy warns when asked to run it again.
+        child = "import sys; from fusedce.bench.runner import main; sys.exit(main(sys.argv[1:]))"
+        command = [sys.executable, "-c", child, str(plan_path), str(out_path)]
+        done = subprocess.run(command, env=env, timeout=CHILD_TIMEOUT_S, check=False)  # progress shows live
+        if done.returncode != 0 or not out_path.exists():
+            raise RuntimeError(f"the benchmark process for {ENVIRONMENT_LABELS[name]} exited {done.returncode}")
+        results = Results.from_json(json.loads(out_path.read_text()))
+    results.env["torch environment"] = ENVIRONMENT_LABELS[name]
+    return results
+
+
+def main(argv: list[str] | None = None) -> int:
+    """The child: run the plan in this process's environment and write the results as JSON."""
+    plan_path, out_path = argv if argv is not None else sys.argv[1:]
+    plan = plan_from_json(json.loads(Path(plan_path).read_text()))
+    results = execute(plan, environment(plan.device, this_process=True))
+    results.write_json(out_path)
+    return 0
+

@@ -1,6 +1,6 @@
-"""The workloads of BENCHMARKS.md: which op, which input shape and dtype, and the inputs themselves.
+"""The workloads of docs/benchmarks.md: which op, which input shape and dtype, and the inputs themselves.
 
-A workload's ``name`` is the row of the table in BENCHMARKS.md (``lm-32k``); its ``key`` adds the op
+A workload's ``name`` is the row of the table in docs/benchmarks.md (``lm-32k``); its ``key`` adds the op
 and dtype (``cross_entropy/lm-32k/fp32``). ``--workload`` matches either, or an op name.
 """
 

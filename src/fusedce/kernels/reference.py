@@ -11,8 +11,14 @@ Conventions shared by all backends
   has its classes at ``x[o, :, i]``.
 * ``target`` (index path) is ``(outer, inner)``, int64 or uint8, any strides.
 * ``weight`` is ``None`` or a 1-D tensor of ``C`` elements in ``x``'s dtype.
-* Per-row results (``loss``, ``lse``) are ``(outer, inner)`` in the accumulation dtype:
-  float64 for float64 input, float32 otherwise.
+* Per-row results (``loss``) are ``(outer, inner)`` in the accumulation dtype: float64 for
+  float64 input, float32 otherwise.
+* ``stats`` (what the cross-entropy forwards return for their backward) is one
+  ``(outer, inner, 2)`` tensor in the accumulation dtype: ``stats[..., 0]`` is the row max ``m``
+  and ``stats[..., 1]`` is ``log Σ_c exp(x_c - m)``. The two are kept apart, never summed into a
+  rounded ``lse = m + log Σ``: a log-probability is formed as ``(x - m) - log Σ``, as torch forms
+  it, so the results do not lose digits when the logits share a large offset (at logits near
+  60000 a rounded float32 lse is off by 2e-3).
 * ``grad_loss`` is ``(outer, inner)`` in the accumulation dtype and may be broadcast (zero
   strides), e.g. the scalar upstream gradient of a 'mean' reduction expanded over the rows.
 * Gradients with respect to ``x`` come back contiguous ``(outer, C, inner)`` in ``x``'s dtype,
@@ -37,18 +43,34 @@ def _acc(x: Tensor) -> Tensor:
     return x.to(accumulation_dtype(x.dtype))
 
 
-def logsumexp(x: Tensor) -> Tensor:
-    """Max-subtracted log-sum-exp over the class dim, in the accumulation dtype.
+def row_stats(x: Tensor) -> Tensor:
+    """The ``(outer, inner, 2)`` stats of each row: its max ``m`` and ``log Σ_c exp(x_c - m)``.
 
-    Unlike ``torch.logsumexp``, a row that is all ``-inf`` gives NaN (``-inf - -inf``), and a row
-    holding ``+inf`` or NaN gives NaN. That is exactly what makes every derived quantity of such a
-    row NaN, as torch's log_softmax does for it.
+    Unlike ``torch.logsumexp``, a row that is all ``-inf`` gives a NaN log-sum (``-inf - -inf``),
+    and so does a row holding ``+inf`` or NaN. That is exactly what makes every derived quantity
+    of such a row NaN, as torch's log_softmax does for it. With no classes, both are ``-inf``
+    (the max and the log of an empty sum).
+
+    The max is detached: every derived quantity is invariant to it (shifting by any constant),
+    so the double-backward path differentiates through the log-sum alone and never sees amax's
+    subgradient at ties.
     """
     xf = _acc(x)
-    if x.shape[1] == 0:  # no classes: the log of an empty sum
-        return xf.new_full((x.shape[0], x.shape[2]), float("-inf"))
-    row_max = xf.amax(dim=1, keepdim=True)
-    return (row_max + (xf - row_max).exp().sum(dim=1, keepdim=True).log()).squeeze(1)
+    if x.shape[1] == 0:
+        return xf.new_full((x.shape[0], x.shape[2], 2), float("-inf"))
+    row_max = xf.amax(dim=1, keepdim=True).detach()
+    logsum = (xf - row_max).exp().sum(dim=1, keepdim=True).log()
+    return torch.stack((row_max.squeeze(1), logsum.squeeze(1)), dim=-1)
+
+
+def neg_log_prob(x: Tensor, stats: Tensor) -> Tensor:
+    """``-log p = (m - x) + log Σ``, per element, in the accumulation dtype."""
+    return (stats[..., 0].unsqueeze(1) - _acc(x)) + stats[..., 1].unsqueeze(1)
+
+
+def log_prob(x: Tensor, stats: Tensor) -> Tensor:
+    """``log p = (x - m) - log Σ``, torch's order of operations."""
+    return (_acc(x) - stats[..., 0].unsqueeze(1)) - stats[..., 1].unsqueeze(1)
 
 
 def check_targets(target: Tensor, num_classes: int, ignore_index: int) -> None:
@@ -56,7 +78,7 @@ def check_targets(target: Tensor, num_classes: int, ignore_index: int) -> None:
 
     This reads the targets on the host, so only backends whose tensors are on the host call it.
     """
-    target = target.long()
+    target = target.long()  # compared as int64: a uint8 target of 156 is not ignore_index -100
     bad = ((target < 0) | (target >= num_classes)) & (target != ignore_index)
     if bool(bad.any()):
         first = target.reshape(-1)[bad.reshape(-1)][0]
@@ -66,9 +88,11 @@ def check_targets(target: Tensor, num_classes: int, ignore_index: int) -> None:
 def _gather_targets(
     x: Tensor, target: Tensor, weight: Tensor | None, ignore_index: int
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """Per row: the mask of non-ignored rows, the safe class index, and the target's weight."""
+    """Per row: the mask of non-ignored rows, the safe class index, and the target's weight.
+    The target is compared as int64, as torch does (a uint8 156 would equal a wrapped -100)."""
+    target = target.long()
     valid = target != ignore_index
-    safe = torch.where(valid, target.long(), 0)
+    safe = torch.where(valid, target, 0)
     w_target = (
         torch.ones_like(safe, dtype=accumulation_dtype(x.dtype))
         if weight is None
@@ -99,21 +123,22 @@ def _class_weights(x: Tensor, weight: Tensor | None) -> Tensor:
 def ce_forward(
     x: Tensor, target: Tensor, weight: Tensor | None, ignore_index: int, smoothing: float
 ) -> tuple[Tensor, Tensor]:
-    """Per-row loss and lse.
+    """Per-row loss and the row stats.
 
-    ``loss = (1-ε)·w[t]·(lse - x[t]) + (ε/C)·Σ_c w_c·(lse - x_c)`` for a non-ignored row, and 0
-    for an ignored one (torch masks the row's loss, so an ignored NaN row still gives 0).
+    ``loss = (1-ε)·w[t]·(-log p_t) + (ε/C)·Σ_c w_c·(-log p_c)`` for a non-ignored row, and 0 for
+    an ignored one (torch masks the row's loss, so an ignored NaN row still gives 0), with
+    ``-log p_c = (m - x_c) + log Σ`` term by term.
     """
     num_classes = x.shape[1]
     check_targets(target, num_classes, ignore_index)
-    lse = logsumexp(x)
+    stats = row_stats(x)
     valid, safe, w_target = _gather_targets(x, target, weight, ignore_index)
     x_target = _acc(x.gather(1, safe.unsqueeze(1)).squeeze(1))
-    loss = w_target * (lse - x_target)
+    loss = w_target * ((stats[..., 0] - x_target) + stats[..., 1])
     if smoothing > 0:
-        smooth = (_class_weights(x, weight) * (lse.unsqueeze(1) - _acc(x))).sum(dim=1)
+        smooth = (_class_weights(x, weight) * neg_log_prob(x, stats)).sum(dim=1)
         loss = (1 - smoothing) * loss + (smoothing / num_classes) * smooth
-    return torch.where(valid, loss, 0), lse
+    return torch.where(valid, loss, 0), stats
 
 
 def ce_backward(
@@ -121,7 +146,7 @@ def ce_backward(
     x: Tensor,
     target: Tensor,
     weight: Tensor | None,
-    lse: Tensor,
+    stats: Tensor,
     ignore_index: int,
     smoothing: float,
     inplace: bool,
@@ -136,7 +161,7 @@ def ce_backward(
     g = torch.where(valid, grad_loss, 0)
     eps = max(smoothing, 0.0)
     w = _class_weights(x, weight)
-    prob = (_acc(x) - lse.unsqueeze(1)).exp()
+    prob = log_prob(x, stats).exp()
     target_coef = (1 - eps) * w_target  # weight of the one-hot part, per row
     smooth_coef = eps / num_classes if eps > 0 else 0.0
     prob_coef = target_coef + smooth_coef * w.sum()
@@ -162,11 +187,11 @@ def smoothed_target(target: Tensor, smoothing: float) -> Tensor:
 def ce_prob_forward(
     x: Tensor, target: Tensor, weight: Tensor | None, smoothing: float
 ) -> tuple[Tensor, Tensor]:
-    """``loss = Σ_c w_c·t'_c·(lse - x_c)``. No masking, and a 0 target at a -inf logit is NaN."""
-    lse = logsumexp(x)
-    neg_logprob = lse.unsqueeze(1) - _acc(x)
-    loss = (_class_weights(x, weight) * _acc(smoothed_target(target, smoothing)) * neg_logprob).sum(1)
-    return loss, lse
+    """``loss = Σ_c w_c·t'_c·((m - x_c) + log Σ)``, term by term: no ``lse·Σt - Σt·x``, which
+    cancels when the loss is small. No masking, and a 0 target at a -inf logit is NaN."""
+    stats = row_stats(x)
+    wt = _class_weights(x, weight) * _acc(smoothed_target(target, smoothing))
+    return (wt * neg_log_prob(x, stats)).sum(1), stats
 
 
 def ce_prob_backward(
@@ -174,13 +199,13 @@ def ce_prob_backward(
     x: Tensor,
     target: Tensor,
     weight: Tensor | None,
-    lse: Tensor,
+    stats: Tensor,
     smoothing: float,
     inplace: bool,
 ) -> Tensor:
     """``grad_c = g·(S·p_c - w_c·t'_c)`` with ``S = Σ_k w_k·t'_k`` per row."""
     wt = _class_weights(x, weight) * _acc(smoothed_target(target, smoothing))
-    prob = (_acc(x) - lse.unsqueeze(1)).exp()
+    prob = log_prob(x, stats).exp()
     grad = (wt.sum(1, keepdim=True) * prob - wt) * grad_loss.unsqueeze(1)
     if inplace:
         return x.copy_(grad)
@@ -188,20 +213,20 @@ def ce_prob_backward(
 
 
 def ce_prob_target_grad(
-    grad_loss: Tensor, x: Tensor, weight: Tensor | None, lse: Tensor, smoothing: float
+    grad_loss: Tensor, x: Tensor, weight: Tensor | None, stats: Tensor, smoothing: float
 ) -> Tensor:
-    """``∂loss/∂t_c = g·(1-ε)·w_c·(lse - x_c)``, in x's dtype."""
+    """``∂loss/∂t_c = g·(1-ε)·w_c·(-log p_c)``, in x's dtype."""
     scale = 1 - smoothing if smoothing > 0 else 1.0
-    neg_logprob = lse.unsqueeze(1) - _acc(x)
+    neg_logprob = neg_log_prob(x, stats)
     grad = (scale * grad_loss).unsqueeze(1) * _class_weights(x, weight) * neg_logprob
     return grad.to(x.dtype)
 
 
 def ce_prob_weight_grad(
-    grad_loss: Tensor, x: Tensor, target: Tensor, lse: Tensor, smoothing: float
+    grad_loss: Tensor, x: Tensor, target: Tensor, stats: Tensor, smoothing: float
 ) -> Tensor:
-    """``∂loss/∂w_c = Σ_rows g·t'_c·(lse - x_c)``, in x's dtype."""
-    neg_logprob = lse.unsqueeze(1) - _acc(x)
+    """``∂loss/∂w_c = Σ_rows g·t'_c·(-log p_c)``, in x's dtype."""
+    neg_logprob = neg_log_prob(x, stats)
     per_row = grad_loss.unsqueeze(1) * _acc(smoothed_target(target, smoothing)) * neg_logprob
     return per_row.sum(dim=(0, 2)).to(x.dtype)
 
@@ -232,8 +257,9 @@ def nll_backward(
     dtype: torch.dtype,
 ) -> Tensor:
     """Scatter ``-g·w[t]`` into zeros of shape (outer, C, inner); ignored rows stay 0."""
+    target = target.long()  # int64 comparison, as in _gather_targets
     valid = target != ignore_index
-    safe = torch.where(valid, target.long(), 0)
+    safe = torch.where(valid, target, 0)
     w_target = 1.0 if weight is None else _acc(weight)[safe]
     g = torch.where(valid, -grad_loss * w_target, 0)
     return torch.where(_onehot(safe, num_classes), g.unsqueeze(1), 0).to(dtype)
@@ -245,8 +271,8 @@ def nll_backward(
 
 
 def log_softmax_forward(x: Tensor) -> Tensor:
-    out = _acc(x) - logsumexp(x).unsqueeze(1)
-    return out.to(x.dtype).contiguous()
+    """``(x - m) - log Σ``: shift-invariant, as torch's."""
+    return log_prob(x, row_stats(x)).to(x.dtype).contiguous()
 
 
 def log_softmax_backward(grad_out: Tensor, out: Tensor) -> Tensor:
@@ -256,8 +282,13 @@ def log_softmax_backward(grad_out: Tensor, out: Tensor) -> Tensor:
 
 
 def softmax_forward(x: Tensor) -> Tensor:
-    out = (_acc(x) - logsumexp(x).unsqueeze(1)).exp()
-    return out.to(x.dtype).contiguous()
+    """``exp(x - m) / Σ exp(x - m)``, as torch forms it: the quotient keeps a few ulp of relative
+    error however small the probability, where ``exp(log p)`` would add ``|log p|`` ulp."""
+    xf = _acc(x)
+    if x.shape[1] == 0:
+        return xf.to(x.dtype).contiguous()
+    shifted = (xf - xf.amax(dim=1, keepdim=True)).exp()
+    return (shifted / shifted.sum(dim=1, keepdim=True)).to(x.dtype).contiguous()
 
 
 def softmax_backward(grad_out: Tensor, out: Tensor) -> Tensor:
@@ -277,14 +308,14 @@ def ce_jvp(
     x: Tensor,
     target: Tensor,
     weight: Tensor | None,
-    lse: Tensor,
+    stats: Tensor,
     ignore_index: int,
     smoothing: float,
     x_tangent: Tensor,
 ) -> Tensor:
     """``Σ_c ∂loss/∂x_c · dx_c``, per row."""
-    ones = torch.ones_like(lse)
-    jacobian = ce_backward(ones, x, target, weight, lse, ignore_index, smoothing, False)
+    ones = torch.ones_like(stats[..., 0])
+    jacobian = ce_backward(ones, x, target, weight, stats, ignore_index, smoothing, False)
     return (_acc(jacobian) * _acc(x_tangent)).sum(dim=1)
 
 
@@ -292,23 +323,22 @@ def ce_prob_jvp(
     x: Tensor,
     target: Tensor,
     weight: Tensor | None,
-    lse: Tensor,
+    stats: Tensor,
     smoothing: float,
     tangents: tuple[Tensor | None, Tensor | None, Tensor | None],
 ) -> Tensor:
     """The loss tangent from the tangents of x, the target and the weight."""
     x_tangent, target_tangent, weight_tangent = tangents
-    ones = torch.ones_like(lse)
-    out = torch.zeros_like(lse)
+    ones = torch.ones_like(stats[..., 0])
+    out = torch.zeros_like(stats[..., 0])
     if x_tangent is not None:
-        jacobian = ce_prob_backward(ones, x, target, weight, lse, smoothing, False)
+        jacobian = ce_prob_backward(ones, x, target, weight, stats, smoothing, False)
         out = out + (_acc(jacobian) * _acc(x_tangent)).sum(dim=1)
     if target_tangent is not None:
-        jacobian = ce_prob_target_grad(ones, x, weight, lse, smoothing)
+        jacobian = ce_prob_target_grad(ones, x, weight, stats, smoothing)
         out = out + (_acc(jacobian) * _acc(target_tangent)).sum(dim=1)
     if weight_tangent is not None:
-        neg_logprob = lse.unsqueeze(1) - _acc(x)
-        per_class = _acc(smoothed_target(target, smoothing)) * neg_logprob
+        per_class = _acc(smoothed_target(target, smoothing)) * neg_log_prob(x, stats)
         out = out + (per_class * _acc(weight_tangent).view(1, -1, 1)).sum(dim=1)
     return out
 

@@ -142,7 +142,7 @@ def _differentiable_backward(grad_rows: Tensor, x2: Tensor, w2: Tensor, b1: Tens
     """The backward as differentiable torch ops (for double backward). Materialises the logits."""
     logits = torch.nn.functional.linear(x2, w2, b1).view(x2.shape[0], spec.num_classes, spec.inner)
     x = logits.to(spec.dtype)
-    lse = reference.logsumexp(x)
+    lse = reference.row_stats(x)  # the row stats the reference formulas take
     grads: list[Tensor | None] = [None] * 5
     if spec.prob:
         g = reference.ce_prob_backward(grad_rows, x, target, weight, lse, spec.smoothing, False)

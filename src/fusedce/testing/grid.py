@@ -165,7 +165,7 @@ def _build_target(case: Case, gen: torch.Generator, device: str | torch.device) 
 
 
 # --------------------------------------------------------------------------------------------
-# Special recipes: degenerate values and every invalid input SEMANTICS.md section 5 lists.
+# Special recipes: degenerate values and every invalid input docs/semantics.md section 5 lists.
 # Each mutates the freshly built inputs.
 # --------------------------------------------------------------------------------------------
 
@@ -271,6 +271,10 @@ def _int_input_with_float_dtype(case: Case, inputs: Inputs) -> None:
     inputs.kwargs["dtype"] = torch.float32
 
 
+def _as_built(case: Case, inputs: Inputs) -> None:
+    """For a case whose shape or arguments make it special: the inputs stay as built."""
+
+
 SPECIALS: dict[str, Callable[[Case, Inputs], None]] = {
     # degenerate values (valid calls)
     "all_ignored": _all_ignored,
@@ -323,6 +327,14 @@ SPECIALS: dict[str, Callable[[Case, Inputs], None]] = {
     "dtype_f64": _set_kwarg("dtype", torch.float64),
     "dtype_long": _set_kwarg("dtype", torch.int64),
     "int_input_dtype_f32": _int_input_with_float_dtype,
+    # Cases special in their shape or arguments alone: the recipe only names them.
+    "scalar_input": _as_built,
+    "dtype_f32": _as_built,
+    "legacy_reduction": _as_built,
+    "no_classes": _as_built,
+    "no_rows": _as_built,
+    "empty_spatial": _as_built,
+    "prob_ignore_index": _as_built,
 }
 
 
@@ -356,19 +368,38 @@ def softmax_cases(op: str, dtypes: tuple[torch.dtype, ...] = DTYPES) -> Iterator
                 yield Case(op, shape, dtype, layout, dim=dim)
 
 
-def special_cases(op: str) -> Iterator[Case]:
-    """Degenerate and invalid inputs, each on a few shapes and dtypes."""
+def special_cases(op: str, dtypes: tuple[torch.dtype, ...] = DTYPES) -> Iterator[Case]:
+    """Degenerate and invalid inputs, each on a few shapes, in every dtype of ``dtypes``.
+
+    Every one carries a ``special`` tag (a recipe of ``SPECIALS``, possibly one that changes
+    nothing and only names the case), so a sample of the grid can always keep all of them.
+    """
+    for base in _special_bases(op):
+        for dtype in dtypes:
+            yield replace(base, dtype=dtype)
+
+
+def _special_bases(op: str) -> Iterator[Case]:
+    """The special cases of one op, in float32 (``special_cases`` repeats them per dtype)."""
     if op in SOFTMAX_OPS:
-        softmax_shapes: tuple[tuple[int, ...], ...] = ((7,), (4, 6), (2, 3, 4))
-        for shape in softmax_shapes:
-            for special in ("neg_inf_row", "pos_inf_logit", "nan_logit", "neg_inf_logits", "huge_logits",
-                            "dim_out_of_range", "dim_str", "dtype_f64", "dtype_long", "input_int",
-                            "int_input_dtype_f32"):
-                yield Case(op, shape, torch.float32, dim=1 if len(shape) > 1 else 0, special=special)
-        yield Case(op, (), torch.float32, dim=0)
-        yield Case(op, (), torch.float32, dim=None)
-        yield Case(op, (4, 6), torch.float16, dim=1, extra=(("dtype", torch.float32),))
-        return
+        yield from _softmax_special_bases(op)
+    else:
+        yield from _loss_special_bases(op)
+
+
+def _softmax_special_bases(op: str) -> Iterator[Case]:
+    softmax_shapes: tuple[tuple[int, ...], ...] = ((7,), (4, 6), (2, 3, 4))
+    for shape in softmax_shapes:
+        for special in ("neg_inf_row", "pos_inf_logit", "nan_logit", "neg_inf_logits", "huge_logits",
+                        "dim_out_of_range", "dim_str", "dtype_f64", "dtype_long", "input_int",
+                        "int_input_dtype_f32"):
+            yield Case(op, shape, dim=1 if len(shape) > 1 else 0, special=special)
+    yield Case(op, (), dim=0, special="scalar_input")
+    yield Case(op, (), dim=None, special="scalar_input")
+    yield Case(op, (4, 6), dim=1, extra=(("dtype", torch.float32),), special="dtype_f32")
+
+
+def _loss_special_bases(op: str) -> Iterator[Case]:
     index_specials: tuple[str, ...] = (
         "all_ignored", "empty_batch", "zero_weight", "neg_inf_logits", "neg_inf_row", "pos_inf_logit",
         "nan_logit", "huge_logits", "target_out_of_bounds", "target_negative", "batch_mismatch",
@@ -388,7 +419,7 @@ def special_cases(op: str) -> Iterator[Case]:
     shapes: tuple[tuple[int, ...], ...] = ((7,), (6, 5), (3, 5, 4), (2, 5, 3, 4), (2, 3, 2, 2, 3))
     for shape in shapes:
         for reduction, weight in (("none", "none"), (None, "positive"), ("sum", "some_zero")):
-            base = Case(op, shape, torch.float32, reduction=reduction, weight=weight)
+            base = Case(op, shape, reduction=reduction, weight=weight)
             for special in index_specials:
                 yield replace(base, special=special)
                 if op == "cross_entropy":
@@ -396,22 +427,23 @@ def special_cases(op: str) -> Iterator[Case]:
             if op == "cross_entropy":
                 for special in prob_specials:
                     yield replace(base, target="prob", special=special)
-                yield replace(base, target="prob", ignore_index=0)  # ignore_index >= 0 is refused
+                # ignore_index >= 0 is refused with a probability target.
+                yield replace(base, target="prob", ignore_index=0, special="prob_ignore_index")
     # Legacy size_average / reduce, every combination.
     for size_average, reduce in itertools.product((None, True, False), repeat=2):
         if size_average is None and reduce is None:
             continue
         extra = (("size_average", size_average), ("reduce", reduce))
-        yield Case(op, (6, 5), torch.float32, extra=extra)
-        yield Case(op, (6, 5), torch.float32, reduction="sum", weight="positive", extra=extra)
+        yield Case(op, (6, 5), extra=extra, special="legacy_reduction")
+        yield Case(op, (6, 5), reduction="sum", weight="positive", extra=extra, special="legacy_reduction")
     # C = 0 and a K-dimensional empty extent.
-    yield Case(op, (3, 0), torch.float32)
-    yield Case(op, (0, 0), torch.float32, weight="none")
-    yield Case(op, (2, 4, 0), torch.float32, reduction="none")
-    yield Case(op, (2, 4, 0), torch.float32)
+    yield Case(op, (3, 0), special="no_classes")
+    yield Case(op, (0, 0), special="no_classes")
+    yield Case(op, (2, 4, 0), reduction="none", special="empty_spatial")
+    yield Case(op, (2, 4, 0), special="empty_spatial")
     if op == "cross_entropy":
-        yield Case(op, (3, 0), torch.float32, target="prob")
-        yield Case(op, (0, 4), torch.float32, target="prob", reduction="sum")
+        yield Case(op, (3, 0), target="prob", special="no_classes")
+        yield Case(op, (0, 4), target="prob", reduction="sum", special="no_rows")
 
 
 def default_grid(ops: tuple[str, ...] = OPS, dtypes: tuple[torch.dtype, ...] = DTYPES) -> list[Case]:
@@ -427,7 +459,7 @@ def default_grid(ops: tuple[str, ...] = OPS, dtypes: tuple[torch.dtype, ...] = D
             continue
         cases.extend(hostile_cases(op, dtypes))
         cases.extend(loss_cases(op, dtypes) if op in LOSS_OPS else softmax_cases(op, dtypes))
-        cases.extend(special_cases(op))
+        cases.extend(special_cases(op, dtypes))
     return cases
 
 

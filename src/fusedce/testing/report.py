@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import re
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 
 from .grid import Case
 
@@ -45,17 +46,19 @@ class Report:
         labels = sorted({label for _, label in total})
         ops = sorted({op for op, _ in total})
         width = max(14, *(len(op) for op in ops))
-        lines = [f"{'op':<{width}}" + "".join(f"{label:>22}" for label in labels)]
+        # Wide enough for "12345/12345 passed, 12345 FAILED" and the longest label, plus a gap.
+        cell = 2 + max(32, *(len(label) for label in labels))
+        lines = [f"{'op':<{width}}" + "".join(f"{label:>{cell}}" for label in labels)]
         for op in ops:
             cells = []
             for label in labels:
                 t = total[(op, label)]
                 if not t:
-                    cells.append(f"{'-':>22}")
+                    cells.append(f"{'-':>{cell}}")
                     continue
                 failed = t - passed[(op, label)]
                 text = f"{passed[(op, label)]}/{t} passed" + (f", {failed} FAILED" if failed else "")
-                cells.append(f"{text:>22}")
+                cells.append(f"{text:>{cell}}")
             lines.append(f"{op:<{width}}" + "".join(cells))
         return "\n".join(lines)
 
@@ -70,6 +73,87 @@ class Report:
             lines.append(f"... and {hidden} more failures")
         return "\n".join(lines)
 
+    def diagnosis(self, groups: int = 5) -> str:
+        """The failures grouped by kind of problem, each group with the argument values all of
+        its cases share and that set them apart from the passing cases: the likely cause."""
+        failures = self.failures
+        if not failures:
+            return "diagnosis: every case passed"
+        by_kind: dict[str, list[CaseResult]] = {}
+        for r in failures:
+            by_kind.setdefault(problem_kind(r.problems[0]), []).append(r)
+        lines = [f"diagnosis of {len(failures)} failures:"]
+        ranked = sorted(by_kind.items(), key=lambda kv: -len(kv[1]))
+        for kind, group in ranked[:groups]:
+            lines.append(f"  {_group_line(kind, group, self.results)}")
+        rest = sum(len(g) for _, g in ranked[groups:])
+        if rest:
+            lines.append(f"  ... and {rest} failures of {len(ranked) - groups} other kinds")
+        return "\n".join(lines)
+
     def summary(self) -> str:
         n, f = len(self.results), len(self.failures)
         return f"{n} cases, {n - f} passed, {f} failed"
+
+
+def problem_kind(problem: str) -> str:
+    """What went wrong, without the numbers: "value", "grad 0", "error: IndexError vs torch none
+    raised", "warnings", "mutated one of its inputs"."""
+    if problem.startswith(("error:", "backward error:")):
+        head, _, rest = problem.partition(": ")
+        ours, _, theirs = rest.partition(" vs torch ")
+        return f"{head}: {_exception_type(ours)} vs torch {_exception_type(theirs)}"
+    return problem.split(":")[0]
+
+
+def _exception_type(text: str) -> str:
+    match = re.match(r"\w+", text)
+    return text if text.startswith(("none", "None")) or not match else match.group(0)
+
+
+def features(case: Case, label: str) -> set[str]:
+    """The argument values a case can share with others, as readable conditions."""
+    found = {f"checked={label}"}
+    for f in fields(case):
+        value = getattr(case, f.name)
+        if f.name == "dtype":
+            found.add(f"dtype={str(value).removeprefix('torch.')}")
+        elif f.name == "extra":
+            found.update(f"{k}={v}" for k, v in value)
+        elif f.name == "shape":
+            found.add(f"{len(value)}-d input")
+        elif f.name != "special" or value:
+            found.add(f"{f.name}={value}")
+    if case.label_smoothing:
+        found.add("label_smoothing > 0")
+    if case.weight != "none":
+        found.add("a weight")
+    if case.ignore_index is not None:
+        found.add("ignore_index given")
+    return found
+
+
+def _group_line(kind: str, group: list[CaseResult], everything: list[CaseResult]) -> str:
+    """One line: the group's size and kind, what all of its cases share that the passing cases
+    mostly lack, and the conditions under which every case fails."""
+    shared = set.intersection(*(features(r.case, r.label) for r in group))
+    counts: Counter[str] = Counter()
+    failing: Counter[str] = Counter()
+    for r in everything:
+        for feature in features(r.case, r.label) & shared:
+            counts[feature] += 1
+            failing[feature] += not r.passed
+    # A condition that every checked case meets explains nothing.
+    telling = [f for f in shared if counts[f] < len(everything)]
+    telling.sort(key=lambda f: (-failing[f] / counts[f], counts[f], f))
+    head = f"{len(group)} failures of kind '{kind}'"
+    if not telling:
+        return f"{head}: no argument value sets them apart"
+    always = [f for f in telling if failing[f] == counts[f]]
+    parts = [f"all have {', '.join(telling[:3])}"]
+    if always:
+        parts.append(f"every case with {always[0]} fails ({counts[always[0]]} cases)")
+    else:
+        best = telling[0]
+        parts.append(f"{failing[best]} of the {counts[best]} cases with {best} fail")
+    return f"{head}: {'; '.join(parts)}"

@@ -1,12 +1,14 @@
 """The C++ CPU backend: ATen ``Vectorized`` kernels, parallel over rows with ``at::parallel_for``.
 
 Every function has reference.py's signature and semantics; each wrapper is one call into the
-extension. The extension is compiled on first use with ``torch.utils.cpp_extension`` (ninja and a
-C++ compiler are needed) and cached per user, keyed on a hash of the sources, the torch and Python
-versions, the compiler and the flags (which include the vector ISA chosen for this CPU). Compiling
-prints one line to stderr; loading from the cache prints nothing. ``ensure_available()`` raises
-when the extension cannot be built or loaded, and the backend loader then falls back to the
-reference backend with one warning.
+extension. The extension is compiled on first use, or ahead of time by ``python -m fusedce build``,
+with ``torch.utils.cpp_extension`` (a C++ compiler, Python's headers and ninja are needed; ninja
+comes with fusedce as the PyPI wheel) and cached per user, keyed on a hash of the sources, the
+torch and Python versions, the compiler and the flags (which include the vector ISA chosen for
+this CPU). Compiling prints one line to stderr; loading from the cache prints nothing.
+``ensure_available()`` raises when the extension cannot be built or loaded, naming the missing
+piece and the command that installs it, and the backend loader then falls back to the reference
+backend with one warning.
 
 Environment:
   FUSEDCE_CACHE_DIR   where compiled kernels are cached (default: $XDG_CACHE_HOME/fusedce, or
@@ -21,6 +23,9 @@ import hashlib
 import importlib.machinery
 import importlib.util
 import os
+import shlex
+import shutil
+import subprocess
 import sys
 import sysconfig
 import threading
@@ -46,16 +51,21 @@ __all__ = [
     "ce_prob_forward",
     "ce_prob_target_grad",
     "ce_prob_weight_grad",
+    "ce_reduced_backward",
+    "ce_reduced_forward",
     "ensure_available",
+    "is_built",
+    "kernel_dir",
     "log_softmax_backward",
     "log_softmax_forward",
     "nll_backward",
     "nll_forward",
     "softmax_backward",
     "softmax_forward",
+    "toolchain",
 ]
 
-_SOURCES = ("cross_entropy.cpp", "nll.cpp", "softmax.cpp", "bindings.cpp")
+_SOURCES = ("cross_entropy.cpp", "cross_entropy_reduced.cpp", "nll.cpp", "softmax.cpp", "bindings.cpp")
 _HEADERS = ("common.h", "ops.h")
 
 # ATen picks its Vectorized implementation at compile time from CPU_CAPABILITY; these are the
@@ -138,24 +148,142 @@ def _import_built(name: str, path: Path) -> ModuleType:
     return module
 
 
+def _os_family() -> str:
+    """The Linux distribution family from /etc/os-release ('debian', 'fedora', ...), or ''."""
+    try:
+        with open("/etc/os-release", encoding="utf-8") as f:
+            fields = dict(line.rstrip("\n").split("=", 1) for line in f if "=" in line)
+    except OSError:
+        return ""
+    names = " ".join(fields.get(k, "").strip('"') for k in ("ID", "ID_LIKE")).split()
+    for family in ("debian", "ubuntu", "fedora", "rhel", "centos", "alpine", "arch", "suse"):
+        if family in names:
+            return family
+    return ""
+
+
+# The one command that installs each missing piece, per platform (shown without sudo; add it where needed).
+_INSTALL = {
+    "compiler": {"debian": "apt-get install g++", "ubuntu": "apt-get install g++", "fedora": "dnf install gcc-c++",
+                 "rhel": "dnf install gcc-c++", "centos": "dnf install gcc-c++", "alpine": "apk add g++",
+                 "arch": "pacman -S gcc", "suse": "zypper install gcc-c++", "darwin": "xcode-select --install"},
+    "headers": {"debian": "apt-get install python3-dev", "ubuntu": "apt-get install python3-dev",
+                "fedora": "dnf install python3-devel", "rhel": "dnf install python3-devel",
+                "centos": "dnf install python3-devel", "alpine": "apk add python3-dev",
+                "suse": "zypper install python3-devel", "darwin": "xcode-select --install"},
+}
+
+
+def install_command(piece: str) -> str:
+    """How to install ``piece`` ('compiler' or 'headers') here, as one command."""
+    family = "darwin" if sys.platform == "darwin" else _os_family()
+    generic = {"compiler": "install g++ (or clang++) with your system's package manager",
+               "headers": "install your Python's development headers (python3-dev) with your package manager"}
+    return _INSTALL[piece].get(family, generic[piece])
+
+
+def _compiler() -> str:
+    """The C++ compiler torch.utils.cpp_extension will call: $CXX, else c++."""
+    return os.environ.get("CXX") or "c++"
+
+
+def _find_ninja() -> str | None:
+    """ninja on PATH, else the one the ninja wheel installed beside this Python (a venv that is
+    used without being activated has its bin/ off PATH)."""
+    found = shutil.which("ninja")
+    if found:
+        return found
+    try:
+        import ninja  # the PyPI wheel, a runtime dependency of fusedce
+    except ImportError:
+        return None
+    candidate = Path(ninja.BIN_DIR) / "ninja"
+    return str(candidate) if candidate.exists() else None
+
+
+def _python_headers() -> Path:
+    return Path(sysconfig.get_paths()["include"]) / "Python.h"
+
+
+def _version_line(command: list[str]) -> str:
+    try:
+        done = subprocess.run(command, capture_output=True, text=True, timeout=20, check=False)
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        return f"did not run ({exc})"
+    return (done.stdout.strip().splitlines() or ["?"])[0]
+
+
+def toolchain() -> dict[str, str | None]:
+    """What building the kernels needs, as found here: the compiler, ninja and Python's headers
+    (each a path, or None when missing), the vector ISA, and ``problem``: why a build cannot run
+    (with the command that fixes it), or None."""
+    compiler_words = shlex.split(_compiler())
+    compiler = shutil.which(compiler_words[0]) if compiler_words else None
+    ninja = _find_ninja()
+    headers = _python_headers()
+    problems = []
+    if compiler is None:
+        problems.append(f"no C++ compiler ({_compiler()!r} is not on PATH; set CXX to use another): "
+                        f"{install_command('compiler')}")
+    if ninja is None:
+        problems.append("ninja is missing (it is a dependency of fusedce): pip install ninja")
+    if not headers.exists():
+        problems.append(f"Python's headers are missing ({headers}): {install_command('headers')}")
+    return {
+        "compiler": compiler,
+        "compiler_version": _version_line([compiler, "--version"]) if compiler else None,
+        "ninja": ninja,
+        "ninja_version": _version_line([ninja, "--version"]) if ninja else None,
+        "python_headers": str(headers) if headers.exists() else None,
+        "isa": _isa(),
+        "problem": "; ".join(problems) or None,
+    }
+
+
+def _flags() -> list[str]:
+    return [*_BASE_FLAGS, *_ISA_FLAGS[_isa()]]
+
+
+def kernel_dir() -> Path:
+    """Where the kernels for this machine's sources, torch, Python, compiler and flags are cached."""
+    source_dir = Path(__file__).resolve().parent
+    return _cache_root() / f"fusedce_cpu_{_build_key(source_dir, _flags())}"
+
+
+def _library(build_dir: Path) -> Path:
+    return build_dir / f"{build_dir.name}.so"
+
+
+def is_built() -> bool:
+    """Whether the kernels are in the cache, complete (so that loading them compiles nothing)."""
+    build_dir = kernel_dir()
+    # "complete" is written after a successful build, so a half-written .so is never loaded.
+    return (build_dir / "complete").exists() and _library(build_dir).exists()
+
+
 def _build() -> ModuleType:
     from torch.utils import cpp_extension
 
     source_dir = Path(__file__).resolve().parent
-    cflags = [*_BASE_FLAGS, *_ISA_FLAGS[_isa()]]
-    key = _build_key(source_dir, cflags)
-    name = f"fusedce_cpu_{key}"
-    build_dir = _cache_root() / name
-    library = build_dir / f"{name}.so"
-    done = build_dir / "complete"  # written after a successful build, so a half-written .so is never loaded
-    if done.exists() and library.exists():
-        return _import_built(name, library)
+    cflags = _flags()
+    build_dir = kernel_dir()
+    name = build_dir.name
+    if is_built():
+        return _import_built(name, _library(build_dir))
 
-    cpp_extension.verify_ninja_availability()  # raises RuntimeError without ninja
+    tools = toolchain()
+    if tools["problem"]:
+        raise RuntimeError(f"cannot build the C++ CPU kernels: {tools['problem']}. Until then fusedce runs "
+                           "its pure-PyTorch reference backend on CPU: correct, but at torch eager's speed or slower")
+    assert tools["ninja"] is not None
+    ninja_dir = str(Path(tools["ninja"]).parent)
+    if shutil.which("ninja") is None:  # cpp_extension runs plain `ninja`: put the wheel's on PATH
+        os.environ["PATH"] = ninja_dir + os.pathsep + os.environ.get("PATH", "")
     # Private to this user: a shared world-writable cache would let others plant a library.
     build_dir.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
     build_dir.mkdir(mode=0o700, exist_ok=True)
-    print("fusedce: compiling CPU kernels (one time, ~1 min)...", file=sys.stderr, flush=True)
+    print("fusedce: compiling CPU kernels (one time, ~1 min; `python -m fusedce build` does it ahead of time)...",
+          file=sys.stderr, flush=True)
     # load() serializes concurrent builds of one directory with a file baton.
     module = cpp_extension.load(
         name=name,
@@ -165,7 +293,7 @@ def _build() -> ModuleType:
         build_directory=str(build_dir),
         verbose=False,
     )
-    done.touch()
+    (build_dir / "complete").touch()
     return module
 
 
@@ -198,14 +326,14 @@ def ce_backward(
     x: Tensor,
     target: Tensor,
     weight: Tensor | None,
-    lse: Tensor,
+    stats: Tensor,
     ignore_index: int,
     smoothing: float,
     inplace: bool,
 ) -> Tensor:
     # max(ε, 0) exactly as reference: a negative ε is no smoothing, and NaN stays NaN.
     return _kernels().ce_backward(
-        grad_loss, x, target, weight, lse, ignore_index, max(smoothing, 0.0), inplace
+        grad_loss, x, target, weight, stats, ignore_index, max(smoothing, 0.0), inplace
     )
 
 
@@ -220,11 +348,23 @@ def ce_prob_backward(
     x: Tensor,
     target: Tensor,
     weight: Tensor | None,
-    lse: Tensor,
+    stats: Tensor,
     smoothing: float,
     inplace: bool,
 ) -> Tensor:
-    return _kernels().ce_prob_backward(grad_loss, x, target, weight, lse, smoothing, inplace)
+    return _kernels().ce_prob_backward(grad_loss, x, target, weight, stats, smoothing, inplace)
+
+
+def ce_reduced_forward(x: Tensor, target: Tensor, ignore_index: int, mean: bool) -> tuple[Tensor, Tensor, Tensor]:
+    # Not a reference function: the one-call form of functional's plain 2-D 'mean'/'sum' loss
+    # (_ops.py composes it from ce_forward for the backends that lack it).
+    return tuple(_kernels().ce_reduced_forward(x, target, ignore_index, mean))
+
+
+def ce_reduced_backward(
+    grad_out: Tensor, x: Tensor, target: Tensor, lse: Tensor, denominator: Tensor, ignore_index: int
+) -> Tensor:
+    return _kernels().ce_reduced_backward(grad_out, x, target, lse, denominator, ignore_index)
 
 
 def nll_forward(x: Tensor, target: Tensor, weight: Tensor | None, ignore_index: int) -> Tensor:

@@ -12,6 +12,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("ce_prob_backward", &fusedce::ce_prob_backward);
   m.def("nll_forward", &fusedce::nll_forward);
   m.def("nll_backward", &fusedce::nll_backward);
+  m.def("ce_reduced_forward", &fusedce::ce_reduced_forward);
+  m.def("ce_reduced_backward", &fusedce::ce_reduced_backward);
   m.def("log_softmax_forward", &fusedce::log_softmax_forward);
   m.def("log_softmax_backward", &fusedce::log_softmax_backward);
   m.def("softmax_forward", &fusedce::softmax_forward);

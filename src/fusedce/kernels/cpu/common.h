@@ -12,10 +12,11 @@
 //   every per-row reduction is a plain lane-wise loop over classes. When the rows of a tile share
 //   their outer index and the inner stride is 1, the gather reads whole contiguous runs.
 //
-// Numerics: half types accumulate in float32, float32 in float32, float64 in float64. Exponentials
-// use ATen's exp_u20 (about 20 ulp) where the argument is known to be finite or -inf; exp_u20 does
-// not propagate NaN or +inf, so rows whose reference value (max, lse) is not finite take the
-// precise path, which is std::exp per element.
+// Numerics: half types accumulate in float32, float32 in float32, float64 in float64. A row's max
+// and log Σ exp(x - max) are kept apart (reference.row_stats), and the sums that results are made
+// of use Sleef's 1-ulp exp (see FastExp). The gradients use ATen's exp_u20 where the argument is
+// known to be finite or -inf; exp_u20 does not propagate NaN or +inf, so rows whose reference
+// values (max, log-sum) are not finite take the precise path, which is std::exp per element.
 #pragma once
 
 #include <ATen/ATen.h>
@@ -50,8 +51,13 @@ using acc_t = at::opmath_type<scalar_t>;
 // dominated by the scheduling overhead.
 constexpr int64_t kGrainElements = 32768;
 // Tile path: scratch bytes per tensor, and the most rows a tile holds.
-constexpr int64_t kTileBytes = 48 * 1024;
-constexpr int64_t kMaxTileRows = 256;
+constexpr int64_t kTileBytes = 192 * 1024;
+constexpr int64_t kMaxTileRows = 1024;
+
+// The largest class index an accumulation dtype holds exactly (2^24 in float32, 2^53 in float64):
+// up to there the tile path compares targets with classes as floating-point lanes.
+template <typename T>
+constexpr int64_t kExactIndices = int64_t(1) << std::numeric_limits<T>::digits;
 
 template <typename T>
 constexpr T kInf = std::numeric_limits<T>::infinity();
@@ -76,7 +82,8 @@ inline View3<T> view3(const Tensor& t) {
   return {t.data_ptr<std::remove_const_t<T>>(), t.stride(0), t.stride(1), t.stride(2)};
 }
 
-// An (outer, inner) per-row tensor (target, grad_loss, lse): any strides, zero included.
+// An (outer, inner) per-row tensor (target, grad_loss, one half of the row stats): any strides,
+// zero included.
 template <typename T>
 struct View2 {
   const T* data;
@@ -100,9 +107,12 @@ inline auto dispatch_bool(bool flag, F&& f) {
   return flag ? f(std::true_type{}) : f(std::false_type{});
 }
 
-// exp_u20 is exact enough (tests allow 2e-5 in float32) and several times cheaper than Sleef's
-// exp, but it maps NaN and +inf to finite values. Use it only where the argument is finite or
-// -inf (it gives 0 there).
+// exp_u20 is several times cheaper than Sleef's exp, but its error (about 16 ulp measured) shows
+// in every result that is a sum of exponentials: the log-sum of a row, hence its losses and
+// log-probabilities, and softmax's outputs, where torch (Sleef's 1-ulp exp) is exact to an ulp or
+// two. Those use Vectorized::exp; exp_u20 serves the gradients, whose elements it moves by a
+// fraction of the gradient's scale. It maps NaN and +inf to finite values: use it only where the
+// argument is finite or -inf (it gives 0 there).
 struct FastExp {
   template <typename V>
   V operator()(const V& v) const {
@@ -110,7 +120,7 @@ struct FastExp {
   }
 };
 
-// For rows whose max or lse is not finite: std::exp propagates NaN and +inf as torch does.
+// For rows whose max or log-sum is not finite: std::exp propagates NaN and +inf as torch does.
 struct PreciseExp {
   template <typename V>
   V operator()(const V& v) const {
@@ -271,7 +281,7 @@ inline void map_row2(const scalar_t* src, const scalar_t* src2, scalar_t* dst, i
 }
 
 // Horizontal reductions. The max propagates NaN, so that a NaN anywhere in a row makes its max
-// (and from it the row's lse) NaN, as in torch.
+// (and from it the row's log-sum) NaN, as in torch.
 template <typename acc>
 inline acc hsum(const Vectorized<acc>& v) {
   __at_align__ acc lanes[Vectorized<acc>::size()];
@@ -354,7 +364,7 @@ inline int64_t row_grain(int64_t classes) {
 }
 
 // Large CPU allocations are fresh mmaps, and faulting them in 4 KiB page by page costs several
-// times the kernel's own pass over memory (BENCHMARKS.md: 90-570 ms for 524 MB). Asking for
+// times the kernel's own pass over memory (docs/benchmarks.md: 90-570 ms for 524 MB). Asking for
 // transparent huge pages before the first touch cuts the faults 512-fold. It is a hint: a no-op
 // where THP is off, and on buffers too small to hold an aligned 2 MiB page.
 inline void advise_huge_pages(const Tensor& t) {
@@ -621,27 +631,75 @@ inline void for_each_tile(int64_t outer, int64_t inner, int64_t classes, int buf
   });
 }
 
-// Lane-wise max and Σ exp(x - max) over the classes of a tile; lse per lane into `lse`.
+// A compensated (Kahan) lane-wise sum, for the tile path, which adds a row's classes one after
+// another in one lane: plain, its rounding error grows with C (7 ulp at C = 300), where torch's
+// vectorised reductions stay within an ulp or two. A carry that is not a number (an infinite
+// term, which the sum keeps) is dropped, so that it cannot turn the sum into NaN.
 template <typename acc>
-inline void tile_lse(const acc* tile, int64_t ld, int64_t classes, int64_t n, acc* max_out,
-                     acc* lse) {
+struct KahanSum {
+  Vectorized<acc> sum{acc(0)}, carry{acc(0)};
+
+  void add(const Vectorized<acc>& v) {
+    const Vectorized<acc> y = v - carry;
+    const Vectorized<acc> t = sum + y;
+    carry = (t - sum) - y;
+    carry = carry & (carry == carry);
+    sum = t;
+  }
+};
+
+// Lane-wise row stats of a tile: the max into `max_out`, and log Σ exp(x - max) into `logsum`.
+// The two are kept apart (see reference.row_stats): a rounded max + log Σ loses digits when the
+// logits share a large offset. `inv_sum`, when given, receives 1 / Σ exp(x - max) (NaN where
+// the log-sum is), for softmax.
+//
+// The loops run class by class, each over the tile's whole run of lanes: a class is one
+// contiguous run of memory in the K-dimensional case, which the hardware prefetcher streams,
+// where a lane-block-major order would touch `classes` distant cache lines per vector. The
+// running max, sum and Kahan carry live in small lane arrays (L1) between classes.
+template <typename acc>
+inline void tile_stats(const acc* tile, int64_t ld, int64_t classes, int64_t n, acc* max_out,
+                       acc* logsum, acc* inv_sum = nullptr) {
   using AVec = Vectorized<acc>;
-  for (int64_t lb = 0; lb < n; lb += AVec::size()) {
-    AVec m(-kInf<acc>);
-    for (int64_t c = 0; c < classes; ++c) {
-      m = at::vec::maximum(m, AVec::loadu(tile + c * ld + lb));
+  const int64_t lanes = (n + AVec::size() - 1) / AVec::size() * AVec::size();  // within ld
+  __at_align__ acc carry[kMaxTileRows + AVec::size()];
+  for (int64_t lb = 0; lb < lanes; lb += AVec::size()) {
+    AVec(-kInf<acc>).store(max_out + lb);
+    AVec(0).store(logsum + lb);  // the running sum until the last loop
+    AVec(0).store(carry + lb);
+  }
+  // The max pass reads the tile from memory. Each class's run is short (a page or so), and the
+  // hardware prefetcher stops at page boundaries, so the next class's run is prefetched while
+  // this one is read (the later passes hit the cache).
+  for (int64_t c = 0; c < classes; ++c) {
+    const acc* run = tile + c * ld;
+    const acc* next = c + 1 < classes ? run + ld : nullptr;
+    for (int64_t lb = 0; lb < lanes; lb += AVec::size()) {
+      if (next != nullptr) {
+        __builtin_prefetch(next + lb);
+      }
+      at::vec::maximum(AVec::loadu(max_out + lb), AVec::loadu(run + lb)).store(max_out + lb);
     }
-    // Lanes whose max is not finite come out NaN below; what exp_u20 makes of them in between
-    // does not matter.
-    AVec s(0);
-    for (int64_t c = 0; c < classes; ++c) {
-      s += (AVec::loadu(tile + c * ld + lb) - m).exp_u20();
+  }
+  // Lanes whose max is not finite come out NaN below. Sleef's exp, not exp_u20: see FastExp.
+  for (int64_t c = 0; c < classes; ++c) {
+    const acc* run = tile + c * ld;
+    for (int64_t lb = 0; lb < lanes; lb += AVec::size()) {
+      KahanSum<acc> sum{AVec::loadu(logsum + lb), AVec::loadu(carry + lb)};
+      sum.add((AVec::loadu(run + lb) - AVec::loadu(max_out + lb)).exp());
+      sum.sum.store(logsum + lb);
+      sum.carry.store(carry + lb);
     }
-    m.store(max_out + lb);
-    // lse = max + log(sum), a vector at a time (a scalar log per row was most of a small-C
-    // tile's time). max - max is 0 for a finite max and NaN otherwise, so a row that is all
-    // -inf, or holds +inf or NaN, gets a NaN lse, as in reference.logsumexp.
-    (m + s.log() + (m - m)).store(lse + lb);
+  }
+  // log Σ, a vector at a time (a scalar log per row was most of a small-C tile's time).
+  // max - max is 0 for a finite max and NaN otherwise, so a row that is all -inf, or holds
+  // +inf or NaN, gets a NaN log-sum, as in reference.row_stats.
+  for (int64_t lb = 0; lb < lanes; lb += AVec::size()) {
+    const AVec m = AVec::loadu(max_out + lb), s = AVec::loadu(logsum + lb);
+    (s.log() + (m - m)).store(logsum + lb);
+    if (inv_sum != nullptr) {
+      (s.reciprocal() + (m - m)).store(inv_sum + lb);
+    }
   }
 }
 

@@ -1,4 +1,5 @@
-// cross_entropy with index targets and with probability targets: forward (per-row loss and lse)
+// cross_entropy with index targets and with probability targets: forward (per-row loss and row
+// stats)
 // and backward (the gradient with respect to the logits). The formulas are reference.py's.
 #include "common.h"
 #include "ops.h"
@@ -16,12 +17,20 @@ Tensor per_row(const Tensor& t, at::ScalarType acc_dtype) {
 // Index targets
 // ---------------------------------------------------------------------------------------------
 
-// Forward: lse = m + log Σ exp(x - m), and loss = (1-ε)·w[t]·(lse - x[t]) + (ε/C)·Σ w_c(lse - x_c).
-// The smoothing sum is taken relative to the row max, Σ w_c(lse - x_c) = W·(lse - m) - Σ w_c(x_c - m),
-// so that it does not cancel when the logits sit far from zero.
+// Rows stats are written as (outer, inner, 2): the max m, then ls = log Σ exp(x - m).
+template <typename acc>
+inline void store_stats(acc* stats, int64_t r, acc m, acc ls) {
+  stats[2 * r] = m;
+  stats[2 * r + 1] = ls;
+}
+
+// Forward: the row stats m and ls = log Σ exp(x - m), and
+// loss = (1-ε)·w[t]·((m - x[t]) + ls) + (ε/C)·Σ w_c((m - x_c) + ls). m and ls are never summed into
+// a rounded lse, and the smoothing sum is W·ls - Σ w_c(x_c - m), so that nothing cancels when the
+// logits sit far from zero.
 template <typename scalar_t>
 void ce_forward_kernel(const Tensor& x, const Tensor& target, const std::optional<Tensor>& weight,
-                       int64_t ignore_index, double smoothing, Tensor& loss, Tensor& lse) {
+                       int64_t ignore_index, double smoothing, Tensor& loss, Tensor& stats) {
   using acc = acc_t<scalar_t>;
   using AVec = Vectorized<acc>;
   const int64_t outer = x.size(0), classes = x.size(1), inner = x.size(2);
@@ -34,17 +43,17 @@ void ce_forward_kernel(const Tensor& x, const Tensor& target, const std::optiona
   const acc eps = smooth ? static_cast<acc>(smoothing) : acc(0);
   const acc eps_per_class = eps / static_cast<acc>(classes);
   acc* loss_p = loss.data_ptr<acc>();
-  acc* lse_p = lse.data_ptr<acc>();
+  acc* stats_p = stats.data_ptr<acc>();
 
-  // A row's loss from its lse, its target logit, lse - m and Σ w_c(x_c - m).
-  auto row_loss = [&](int64_t t, acc row_lse, acc x_t, acc lse_minus_max, acc shifted) -> acc {
+  // A row's loss from its max, its log-sum, its target logit and Σ w_c(x_c - m).
+  auto row_loss = [&](int64_t t, acc m, acc ls, acc x_t, acc shifted) -> acc {
     if (t == ignore_index) {
       return 0;  // torch masks the loss of an ignored row, even a NaN one
     }
     const acc w_t = wp ? wp[t] : acc(1);
-    acc l = w_t * (row_lse - x_t);
+    acc l = w_t * ((m - x_t) + ls);
     if (smooth) {
-      l = (1 - eps) * l + eps_per_class * (total_w * lse_minus_max - shifted);
+      l = (1 - eps) * l + eps_per_class * (total_w * ls - shifted);
     }
     return l;
   };
@@ -57,15 +66,15 @@ void ce_forward_kernel(const Tensor& x, const Tensor& target, const std::optiona
             const int64_t o = r / inner, i = r - o * inner;
             const scalar_t* row = xv.row(o, i);
             const acc m = row_max(row, classes);
-            acc row_lse = kNaN<acc>, shifted = 0;
-            if (std::isfinite(m)) {  // otherwise the row's lse is NaN, and so is its loss
+            acc ls = kNaN<acc>, shifted = 0;
+            if (std::isfinite(m)) {  // otherwise the row's log-sum is NaN, and so is its loss
               const AVec vm(m);
               AVec sum(0), wsum(0);
               const scalar_t* next = next_row(xv, r, end, inner);
               for_each_vec(row, classes, -kInf<acc>, [&](const AVec& v, int64_t j, int64_t n) {
                 prefetch(next, j);
                 const AVec d = v - vm;  // padding is -inf: exp gives 0
-                sum += d.exp_u20();
+                sum += d.exp();  // the loss's precision: not exp_u20 (see FastExp)
                 if constexpr (kSmooth) {
                   if constexpr (kWeight) {
                     wsum += mask_tail(load_acc(wp + j, n) * d, n);
@@ -74,19 +83,69 @@ void ce_forward_kernel(const Tensor& x, const Tensor& target, const std::optiona
                   }
                 }
               });
-              row_lse = m + std::log(hsum(sum));
+              ls = std::log(hsum(sum));
               shifted = hsum(wsum);
             }
             const int64_t t = tv(o, i);
             const acc x_t = t == ignore_index ? acc(0) : static_cast<acc>(row[t * xv.s1]);
-            lse_p[r] = row_lse;
-            loss_p[r] = row_loss(t, row_lse, x_t, row_lse - m, shifted);
+            store_stats(stats_p, r, m, ls);
+            loss_p[r] = row_loss(t, m, ls, x_t, shifted);
           }
         });
       });
     });
     return;
   }
+
+  // A tile's losses, vectorised across its rows: x_t (and w_t, and Σ w_c(x_c - m) when
+  // smoothing) are picked class by class, in tile_stats's streaming order, by comparing each
+  // lane's target with the class (a scalar gather per row was most of a small-C tile's time).
+  // Targets are held as accumulation values, -1 for an ignored row, which matches no class; the
+  // caller keeps C within the values the accumulation dtype counts exactly.
+  auto tile_losses = [&](const acc* src, int64_t sld, int64_t classes, const TileRows& rows,
+                         const acc* m, const acc* ls, acc* shifted) {
+    const int64_t lanes = (rows.n + AVec::size() - 1) / AVec::size() * AVec::size();
+    __at_align__ acc tf[kMaxTileRows + AVec::size()], xt[kMaxTileRows + AVec::size()];
+    __at_align__ acc wt[kMaxTileRows + AVec::size()], carry[kMaxTileRows + AVec::size()];
+    for (int64_t b = 0; b < lanes; ++b) {
+      const int64_t t = b < rows.n ? tv(rows.o[b], rows.i[b]) : ignore_index;
+      tf[b] = t == ignore_index ? acc(-1) : static_cast<acc>(t);
+      xt[b] = shifted[b] = carry[b] = 0;
+      wt[b] = wp ? acc(0) : acc(1);
+    }
+    for (int64_t c = 0; c < classes; ++c) {
+      const acc* run = src + c * sld;
+      const AVec vc(static_cast<acc>(c)), wc(wp ? wp[c] : acc(1));
+      for (int64_t lb = 0; lb < lanes; lb += AVec::size()) {
+        const AVec x = AVec::loadu(run + lb);
+        const AVec hit = AVec::loadu(tf + lb) == vc;
+        AVec::blendv(AVec::loadu(xt + lb), x, hit).store(xt + lb);
+        if (wp) {
+          AVec::blendv(AVec::loadu(wt + lb), wc, hit).store(wt + lb);
+        }
+        if (smooth) {  // compensated, as tile_stats's sum
+          KahanSum<acc> sum{AVec::loadu(shifted + lb), AVec::loadu(carry + lb)};
+          sum.add(wc * (x - AVec::loadu(m + lb)));
+          sum.sum.store(shifted + lb);
+          sum.carry.store(carry + lb);
+        }
+      }
+    }
+    const AVec one_minus_eps(1 - eps), vepc(eps_per_class), vtotal(total_w), zero(0);
+    for (int64_t lb = 0; lb < rows.n; lb += AVec::size()) {
+      const AVec vm = AVec::loadu(m + lb), vl = AVec::loadu(ls + lb);
+      AVec l = AVec::loadu(wt + lb) * ((vm - AVec::loadu(xt + lb)) + vl);
+      if (smooth) {
+        l = one_minus_eps * l + vepc * (vtotal * vl - AVec::loadu(shifted + lb));
+      }
+      // torch masks the loss of an ignored row, even a NaN one.
+      l = AVec::blendv(l, zero, AVec::loadu(tf + lb) == AVec(-1));
+      l.store(loss_p + rows.r0 + lb, std::min<int64_t>(AVec::size(), rows.n - lb));
+    }
+    for (int64_t b = 0; b < rows.n; ++b) {
+      store_stats(stats_p, rows.r0 + b, m[b], ls[b]);
+    }
+  };
 
   for_each_tile<acc>(outer, inner, classes, 1, [&](const TileRows& rows, acc* tile, int64_t ld) {
     // Read float32/float64 tiles in place (sld = class stride); gather the others.
@@ -97,24 +156,28 @@ void ce_forward_kernel(const Tensor& x, const Tensor& target, const std::optiona
       src = tile;
       sld = ld;
     }
-    __at_align__ acc m[kMaxTileRows], row_lse[kMaxTileRows], shifted[kMaxTileRows];
-    tile_lse(src, sld, classes, rows.n, m, row_lse);
+    __at_align__ acc m[kMaxTileRows], ls[kMaxTileRows], shifted[kMaxTileRows];
+    tile_stats(src, sld, classes, rows.n, m, ls);
+    if (classes <= kExactIndices<acc>) {
+      tile_losses(src, sld, classes, rows, m, ls, shifted);
+      return;
+    }
+    // More classes than the accumulation dtype counts exactly: a scalar gather per row.
     if (smooth) {
       for (int64_t lb = 0; lb < rows.n; lb += AVec::size()) {
         const AVec vm = AVec::loadu(m + lb);
-        AVec wsum(0);
+        KahanSum<acc> wsum;
         for (int64_t c = 0; c < classes; ++c) {
-          wsum += AVec(wp ? wp[c] : acc(1)) * (AVec::loadu(src + c * sld + lb) - vm);
+          wsum.add(AVec(wp ? wp[c] : acc(1)) * (AVec::loadu(src + c * sld + lb) - vm));
         }
-        wsum.store(shifted + lb);
+        wsum.sum.store(shifted + lb);
       }
     }
     for (int64_t b = 0; b < rows.n; ++b) {
       const int64_t t = tv(rows.o[b], rows.i[b]);
       const acc x_t = t == ignore_index ? acc(0) : src[t * sld + b];
-      lse_p[rows.r0 + b] = row_lse[b];
-      loss_p[rows.r0 + b] =
-          row_loss(t, row_lse[b], x_t, row_lse[b] - m[b], smooth ? shifted[b] : acc(0));
+      store_stats(stats_p, rows.r0 + b, m[b], ls[b]);
+      loss_p[rows.r0 + b] = row_loss(t, m[b], ls[b], x_t, smooth ? shifted[b] : acc(0));
     }
   });
 }
@@ -122,9 +185,10 @@ void ce_forward_kernel(const Tensor& x, const Tensor& target, const std::optiona
 // Backward: grad_c = g·[(1-ε)·w[t]·(p_c - δ_ct) + (ε/C)·(W·p_c - w_c)], written as
 // coef·p_c - sw·w_c - δ_ct·tg with coef = ((1-ε)·w[t] + (ε/C)·W)·g, sw = (ε/C)·g, tg = (1-ε)·w[t]·g.
 // g is 0 on ignored rows and multiplies everything, so an ignored NaN row stays NaN (reference).
+// p_c = exp((x_c - m) - ls), torch's log-probability rounding, from the forward's row stats.
 template <typename scalar_t>
 void ce_backward_kernel(const Tensor& grad_loss, const Tensor& x, const Tensor& target,
-                        const std::optional<Tensor>& weight, const Tensor& lse,
+                        const std::optional<Tensor>& weight, const Tensor& stats,
                         int64_t ignore_index, double smoothing, Tensor& out) {
   using acc = acc_t<scalar_t>;
   using AVec = Vectorized<acc>;
@@ -133,7 +197,7 @@ void ce_backward_kernel(const Tensor& grad_loss, const Tensor& x, const Tensor& 
   const auto ov = view3<scalar_t>(out);
   const auto tv = view2<int64_t>(target);
   const auto gv = view2<acc>(grad_loss);
-  const auto lv = view2<acc>(lse);
+  const auto mv = view2<acc>(stats.select(2, 0)), lv = view2<acc>(stats.select(2, 1));
   const auto w = acc_weight<scalar_t>(weight, classes);
   const acc* wp = w.data();
   const acc total_w = w.total;
@@ -165,13 +229,13 @@ void ce_backward_kernel(const Tensor& grad_loss, const Tensor& x, const Tensor& 
             const scalar_t* row = xv.row(o, i);
             scalar_t* dst = ov.row(o, i);
             const Coefs k = coefs(o, i);
-            const acc row_lse = lv(o, i);
+            const acc m = mv(o, i), ls = lv(o, i);
             // Read before the row is overwritten (out may be x itself).
             const acc x_t = static_cast<acc>(row[k.t * xv.s1]);
-            const AVec vl(row_lse), vc(k.coef), vsw(k.sw);
-            dispatch_exp(std::isfinite(row_lse), [&](auto exp_fn) {
+            const AVec vm(m), vl(ls), vc(k.coef), vsw(k.sw);
+            dispatch_exp(std::isfinite(ls), [&](auto exp_fn) {
               map_row(row, dst, classes, [&](const AVec& v, int64_t j, int64_t n) {
-                AVec grad = vc * exp_fn(v - vl);
+                AVec grad = vc * exp_fn((v - vm) - vl);
                 if constexpr (kSmooth) {
                   if constexpr (kWeight) {
                     grad = grad - vsw * load_acc(wp + j, n);
@@ -186,7 +250,7 @@ void ce_backward_kernel(const Tensor& grad_loss, const Tensor& x, const Tensor& 
             // the (possibly 16-bit) output.
             const acc w_t = wp ? wp[k.t] : acc(1);
             dst[k.t * ov.s1] =
-                static_cast<scalar_t>(k.coef * std::exp(x_t - row_lse) - k.sw * w_t - k.tg);
+                static_cast<scalar_t>(k.coef * std::exp((x_t - m) - ls) - k.sw * w_t - k.tg);
           }
         });
       });
@@ -199,34 +263,49 @@ void ce_backward_kernel(const Tensor& grad_loss, const Tensor& x, const Tensor& 
     const acc* src = io.src;
     acc* dst = io.dst;
     const int64_t sld = io.sld, dld = io.dld;
-    __at_align__ acc row_lse[kMaxTileRows], coef[kMaxTileRows], sw[kMaxTileRows];
+    __at_align__ acc m[kMaxTileRows], ls[kMaxTileRows], coef[kMaxTileRows], sw[kMaxTileRows];
+    acc x_t[kMaxTileRows];
     Coefs k[kMaxTileRows];
     for (int64_t b = 0; b < ld; ++b) {
       if (b < rows.n) {
         k[b] = coefs(rows.o[b], rows.i[b]);
-        row_lse[b] = lv(rows.o[b], rows.i[b]);
+        m[b] = mv(rows.o[b], rows.i[b]);
+        ls[b] = lv(rows.o[b], rows.i[b]);
       } else {
         k[b] = {0, 0, 0, 0, 0};
-        row_lse[b] = 0;
+        m[b] = ls[b] = 0;
       }
       coef[b] = k[b].coef;
       sw[b] = k[b].sw;
+      x_t[b] = b < rows.n ? src[k[b].t * sld + b] : acc(0);
     }
-    dispatch_exp(all_finite(row_lse, rows.n), [&](auto exp_fn) {
-      for (int64_t lb = 0; lb < rows.n; lb += AVec::size()) {
-        const AVec vl = AVec::loadu(row_lse + lb), vc = AVec::loadu(coef + lb);
-        const AVec vsw = AVec::loadu(sw + lb);
-        for (int64_t c = 0; c < classes; ++c) {
-          AVec grad = vc * exp_fn(AVec::loadu(src + c * sld + lb) - vl);
-          if (smooth) {
-            grad = grad - vsw * AVec(wp ? wp[c] : acc(1));
+    // Class by class, each over the tile's run of lanes: streams x and out (see tile_stats).
+    // p_c = exp((x_c - m) - ls), as in the row path.
+    dispatch_exp(all_finite(ls, rows.n), [&](auto exp_fn) {
+      for (int64_t c = 0; c < classes; ++c) {
+        const acc* run = src + c * sld;
+        acc* out_run = dst + c * dld;
+        const AVec wc(smooth && wp ? wp[c] : acc(1));
+        const acc* next = c + 1 < classes ? run + sld : nullptr;  // as tile_stats's max pass
+        for (int64_t lb = 0; lb < rows.n; lb += AVec::size()) {
+          if (next != nullptr) {
+            __builtin_prefetch(next + lb);
           }
-          grad.store(dst + c * dld + lb);
+          const AVec shifted = (AVec::loadu(run + lb) - AVec::loadu(m + lb)) - AVec::loadu(ls + lb);
+          AVec grad = AVec::loadu(coef + lb) * exp_fn(shifted);
+          if (smooth) {
+            grad = grad - AVec::loadu(sw + lb) * wc;
+          }
+          grad.store(out_run + lb);
         }
       }
     });
     for (int64_t b = 0; b < rows.n; ++b) {
-      dst[k[b].t * dld + b] -= k[b].tg;
+      // The target class: recomputed with the precise exp from x_t, read before the class loop
+      // (src may be dst), as in the row path. p_t ≈ 1 in a confident row, and the fast exp's
+      // error would survive the cancellation in p_t - 1.
+      const acc w_t = wp ? wp[k[b].t] : acc(1);
+      dst[k[b].t * dld + b] = k[b].coef * std::exp((x_t[b] - m[b]) - ls[b]) - k[b].sw * w_t - k[b].tg;
     }
     io.finish();
   });
@@ -249,12 +328,13 @@ struct SmoothedTarget {
   }
 };
 
-// Forward: loss = Σ_c w_c·t'_c·(lse - x_c). Three passes over the row (max, exp-sum, loss); the
-// second and third hit the cache, so the logits come from memory once.
+// Forward: loss = Σ_c w_c·t'_c·((m - x_c) + ls), term by term: the form lse·Σ w·t' - Σ w·t'·x
+// cancels when the loss is small. Three passes over the row (max, exp-sum, loss); the second and
+// third hit the cache, so the logits come from memory once.
 template <typename scalar_t>
 void ce_prob_forward_kernel(const Tensor& x, const Tensor& target,
                             const std::optional<Tensor>& weight, double smoothing, Tensor& loss,
-                            Tensor& lse) {
+                            Tensor& stats) {
   using acc = acc_t<scalar_t>;
   using AVec = Vectorized<acc>;
   const int64_t outer = x.size(0), classes = x.size(1), inner = x.size(2);
@@ -264,7 +344,7 @@ void ce_prob_forward_kernel(const Tensor& x, const Tensor& target,
   const acc* wp = w.data();
   const SmoothedTarget<acc> smoothed(smoothing, classes);
   acc* loss_p = loss.data_ptr<acc>();
-  acc* lse_p = lse.data_ptr<acc>();
+  acc* stats_p = stats.data_ptr<acc>();
 
   if (row_contiguous(xv.s1, classes) && row_contiguous(tv.s1, classes)) {
     at::parallel_for(0, outer * inner, row_grain(classes), [&](int64_t begin, int64_t end) {
@@ -273,7 +353,9 @@ void ce_prob_forward_kernel(const Tensor& x, const Tensor& target,
         const scalar_t* row = xv.row(o, i);
         const acc m = row_max(row, classes);
         if (!std::isfinite(m)) {
-          lse_p[r] = loss_p[r] = kNaN<acc>;  // lse is NaN, and every term of the loss with it
+          // The log-sum is NaN, and every term of the loss with it.
+          store_stats(stats_p, r, m, kNaN<acc>);
+          loss_p[r] = kNaN<acc>;
           continue;
         }
         const AVec vm(m);
@@ -281,20 +363,20 @@ void ce_prob_forward_kernel(const Tensor& x, const Tensor& target,
         const scalar_t* next = next_row(xv, r, end, inner);
         for_each_vec(row, classes, -kInf<acc>, [&](const AVec& v, int64_t j, int64_t) {
           prefetch(next, j);
-          sum += (v - vm).exp_u20();
+          sum += (v - vm).exp();  // the loss's precision: not exp_u20 (see FastExp)
         });
-        const acc row_lse = m + std::log(hsum(sum));
-        const AVec vl(row_lse);
+        const acc ls = std::log(hsum(sum));
+        const AVec vl(ls);
         AVec l(0);
         for_each_vec2(row, tv.row(o, i), classes,
                       [&](const AVec& v, const AVec& t, int64_t j, int64_t n) {
-                        AVec term = smoothed(t) * (vl - v);
+                        AVec term = smoothed(t) * ((vm - v) + vl);
                         if (wp) {
                           term = load_acc(wp + j, n) * term;
                         }
                         l += mask_tail(term, n);
                       });
-        lse_p[r] = row_lse;
+        store_stats(stats_p, r, m, ls);
         loss_p[r] = hsum(l);
       }
     });
@@ -305,20 +387,20 @@ void ce_prob_forward_kernel(const Tensor& x, const Tensor& target,
     acc* ttile = tile + classes * ld;
     gather_tile(xv, classes, rows, tile, ld);
     gather_tile(tv, classes, rows, ttile, ld);
-    __at_align__ acc m[kMaxTileRows], row_lse[kMaxTileRows];
-    tile_lse(tile, ld, classes, rows.n, m, row_lse);
+    __at_align__ acc m[kMaxTileRows], ls[kMaxTileRows], l_out[kMaxTileRows];
+    tile_stats(tile, ld, classes, rows.n, m, ls);
     for (int64_t lb = 0; lb < rows.n; lb += AVec::size()) {
-      const AVec vl = AVec::loadu(row_lse + lb);
-      AVec l(0);
+      const AVec vm = AVec::loadu(m + lb), vl = AVec::loadu(ls + lb);
+      KahanSum<acc> l;
       for (int64_t c = 0; c < classes; ++c) {
         const AVec t = smoothed(AVec::loadu(ttile + c * ld + lb));
-        l += AVec(wp ? wp[c] : acc(1)) * t * (vl - AVec::loadu(tile + c * ld + lb));
+        l.add(AVec(wp ? wp[c] : acc(1)) * t * ((vm - AVec::loadu(tile + c * ld + lb)) + vl));
       }
-      l.store(m + lb);  // m is no longer needed: reuse it for the loss
+      l.sum.store(l_out + lb);
     }
     for (int64_t b = 0; b < rows.n; ++b) {
-      lse_p[rows.r0 + b] = row_lse[b];
-      loss_p[rows.r0 + b] = m[b];
+      store_stats(stats_p, rows.r0 + b, m[b], ls[b]);
+      loss_p[rows.r0 + b] = l_out[b];
     }
   });
 }
@@ -326,7 +408,7 @@ void ce_prob_forward_kernel(const Tensor& x, const Tensor& target,
 // Backward: grad_c = g·(S·p_c - w_c·t'_c) with S = Σ_k w_k·t'_k.
 template <typename scalar_t>
 void ce_prob_backward_kernel(const Tensor& grad_loss, const Tensor& x, const Tensor& target,
-                             const std::optional<Tensor>& weight, const Tensor& lse,
+                             const std::optional<Tensor>& weight, const Tensor& stats,
                              double smoothing, Tensor& out) {
   using acc = acc_t<scalar_t>;
   using AVec = Vectorized<acc>;
@@ -335,7 +417,7 @@ void ce_prob_backward_kernel(const Tensor& grad_loss, const Tensor& x, const Ten
   const auto tv = view3<const scalar_t>(target);
   const auto ov = view3<scalar_t>(out);
   const auto gv = view2<acc>(grad_loss);
-  const auto lv = view2<acc>(lse);
+  const auto mv = view2<acc>(stats.select(2, 0)), lv = view2<acc>(stats.select(2, 1));
   const auto w = acc_weight<scalar_t>(weight, classes);
   const acc* wp = w.data();
   const SmoothedTarget<acc> smoothed(smoothing, classes);
@@ -351,17 +433,17 @@ void ce_prob_backward_kernel(const Tensor& grad_loss, const Tensor& x, const Ten
           const AVec wt = smoothed(t);
           s += mask_tail(wp ? load_acc(wp + j, n) * wt : wt, n);
         });
-        const acc row_lse = lv(o, i);
+        const acc ls = lv(o, i);
         const acc g = gv(o, i);
-        const AVec vs(hsum(s) * g), vg(g), vl(row_lse);
-        dispatch_exp(std::isfinite(row_lse), [&](auto exp_fn) {
+        const AVec vs(hsum(s) * g), vg(g), vm(mv(o, i)), vl(ls);
+        dispatch_exp(std::isfinite(ls), [&](auto exp_fn) {
           map_row2(xv.row(o, i), trow, ov.row(o, i), classes,
                    [&](const AVec& v, const AVec& t, int64_t j, int64_t n) {
                      AVec wt = smoothed(t);
                      if (wp) {
                        wt = load_acc(wp + j, n) * wt;
                      }
-                     return vs * exp_fn(v - vl) - vg * wt;
+                     return vs * exp_fn((v - vm) - vl) - vg * wt;
                    });
         });
       }
@@ -373,27 +455,34 @@ void ce_prob_backward_kernel(const Tensor& grad_loss, const Tensor& x, const Ten
     acc* ttile = tile + classes * ld;
     gather_tile(xv, classes, rows, tile, ld);
     gather_tile(tv, classes, rows, ttile, ld);
-    __at_align__ acc row_lse[kMaxTileRows], g[kMaxTileRows];
+    __at_align__ acc m[kMaxTileRows], ls[kMaxTileRows], g[kMaxTileRows];
     for (int64_t b = 0; b < ld; ++b) {
-      row_lse[b] = b < rows.n ? lv(rows.o[b], rows.i[b]) : acc(0);
+      m[b] = b < rows.n ? mv(rows.o[b], rows.i[b]) : acc(0);
+      ls[b] = b < rows.n ? lv(rows.o[b], rows.i[b]) : acc(0);
       g[b] = b < rows.n ? gv(rows.o[b], rows.i[b]) : acc(0);
     }
-    dispatch_exp(all_finite(row_lse, rows.n), [&](auto exp_fn) {
+    dispatch_exp(all_finite(ls, rows.n), [&](auto exp_fn) {
       for (int64_t lb = 0; lb < rows.n; lb += AVec::size()) {
-        AVec s(0);
+        KahanSum<acc> s;
         for (int64_t c = 0; c < classes; ++c) {
-          s += AVec(wp ? wp[c] : acc(1)) * smoothed(AVec::loadu(ttile + c * ld + lb));
+          s.add(AVec(wp ? wp[c] : acc(1)) * smoothed(AVec::loadu(ttile + c * ld + lb)));
         }
-        const AVec vg = AVec::loadu(g + lb), vl = AVec::loadu(row_lse + lb), vs = s * vg;
+        const AVec vg = AVec::loadu(g + lb), vm = AVec::loadu(m + lb), vl = AVec::loadu(ls + lb);
+        const AVec vs = s.sum * vg;
         for (int64_t c = 0; c < classes; ++c) {
           acc* p = tile + c * ld + lb;
           const AVec wt = AVec(wp ? wp[c] : acc(1)) * smoothed(AVec::loadu(ttile + c * ld + lb));
-          (vs * exp_fn(AVec::loadu(p) - vl) - vg * wt).store(p);
+          (vs * exp_fn((AVec::loadu(p) - vm) - vl) - vg * wt).store(p);
         }
       }
     });
     scatter_tile(tile, ld, classes, rows, ov);
   });
+}
+
+// The (outer, inner, 2) row stats for a per-row (outer, inner) result.
+Tensor empty_stats(const Tensor& loss) {
+  return at::empty({loss.size(0), loss.size(1), 2}, loss.options());
 }
 
 void check_canonical(const Tensor& x) {
@@ -419,17 +508,17 @@ std::tuple<Tensor, Tensor> ce_forward(const Tensor& x, const Tensor& target,
   check_has_classes(x);
   const auto acc_dtype = x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   Tensor loss = at::empty({x.size(0), x.size(2)}, x.options().dtype(acc_dtype));
-  Tensor lse = at::empty_like(loss);
+  Tensor stats = empty_stats(loss);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "fusedce_ce_forward",
                                   [&] {
                                     ce_forward_kernel<scalar_t>(x, t, weight, ignore_index,
-                                                                smoothing, loss, lse);
+                                                                smoothing, loss, stats);
                                   });
-  return {loss, lse};
+  return {loss, stats};
 }
 
 Tensor ce_backward(const Tensor& grad_loss, const Tensor& x, const Tensor& target,
-                   const std::optional<Tensor>& weight, const Tensor& lse, int64_t ignore_index,
+                   const std::optional<Tensor>& weight, const Tensor& stats, int64_t ignore_index,
                    double smoothing, bool inplace) {
   check_canonical(x);
   const Tensor t = long_targets(target);
@@ -440,7 +529,7 @@ Tensor ce_backward(const Tensor& grad_loss, const Tensor& x, const Tensor& targe
   AT_DISPATCH_FLOATING_TYPES_AND2(
       at::kHalf, at::kBFloat16, x.scalar_type(), "fusedce_ce_backward", [&] {
         ce_backward_kernel<scalar_t>(per_row(grad_loss, acc_dtype), x, t, weight,
-                                     per_row(lse, acc_dtype), ignore_index, smoothing, out);
+                                     per_row(stats, acc_dtype), ignore_index, smoothing, out);
       });
   return out;
 }
@@ -451,20 +540,20 @@ std::tuple<Tensor, Tensor> ce_prob_forward(const Tensor& x, const Tensor& target
   check_canonical(x);
   const auto acc_dtype = x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   Tensor loss = at::empty({x.size(0), x.size(2)}, x.options().dtype(acc_dtype));
-  Tensor lse = at::empty_like(loss);
-  if (x.size(1) == 0) {  // the log of an empty sum, and an empty loss sum (reference)
-    return {loss.fill_(0), lse.fill_(-std::numeric_limits<double>::infinity())};
+  Tensor stats = empty_stats(loss);
+  if (x.size(1) == 0) {  // the max of no classes, the log of an empty sum, an empty loss sum
+    return {loss.fill_(0), stats.fill_(-std::numeric_limits<double>::infinity())};
   }
   AT_DISPATCH_FLOATING_TYPES_AND2(
       at::kHalf, at::kBFloat16, x.scalar_type(), "fusedce_ce_prob_forward", [&] {
         ce_prob_forward_kernel<scalar_t>(x, target.to(x.scalar_type()), weight, smoothing, loss,
-                                         lse);
+                                         stats);
       });
-  return {loss, lse};
+  return {loss, stats};
 }
 
 Tensor ce_prob_backward(const Tensor& grad_loss, const Tensor& x, const Tensor& target,
-                        const std::optional<Tensor>& weight, const Tensor& lse, double smoothing,
+                        const std::optional<Tensor>& weight, const Tensor& stats, double smoothing,
                         bool inplace) {
   check_canonical(x);
   const auto acc_dtype = x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
@@ -476,7 +565,7 @@ Tensor ce_prob_backward(const Tensor& grad_loss, const Tensor& x, const Tensor& 
       at::kHalf, at::kBFloat16, x.scalar_type(), "fusedce_ce_prob_backward", [&] {
         ce_prob_backward_kernel<scalar_t>(per_row(grad_loss, acc_dtype), x,
                                           target.to(x.scalar_type()), weight,
-                                          per_row(lse, acc_dtype), smoothing, out);
+                                          per_row(stats, acc_dtype), smoothing, out);
       });
   return out;
 }

@@ -1,5 +1,5 @@
 // The kernel entry points, one per function of fusedce.kernels.reference (same arguments, same
-// semantics; see reference.py for the specification). Defined in cross_entropy.cpp, nll.cpp and
+// semantics; see reference.py for the specification, and for the (outer, inner, 2) row stats). Defined in cross_entropy.cpp, nll.cpp and
 // softmax.cpp; bound to Python in bindings.cpp.
 #pragma once
 
@@ -15,7 +15,7 @@ std::tuple<at::Tensor, at::Tensor> ce_forward(const at::Tensor& x, const at::Ten
                                               int64_t ignore_index, double smoothing);
 
 at::Tensor ce_backward(const at::Tensor& grad_loss, const at::Tensor& x, const at::Tensor& target,
-                       const std::optional<at::Tensor>& weight, const at::Tensor& lse,
+                       const std::optional<at::Tensor>& weight, const at::Tensor& stats,
                        int64_t ignore_index, double smoothing, bool inplace);
 
 std::tuple<at::Tensor, at::Tensor> ce_prob_forward(const at::Tensor& x, const at::Tensor& target,
@@ -24,7 +24,7 @@ std::tuple<at::Tensor, at::Tensor> ce_prob_forward(const at::Tensor& x, const at
 
 at::Tensor ce_prob_backward(const at::Tensor& grad_loss, const at::Tensor& x,
                             const at::Tensor& target, const std::optional<at::Tensor>& weight,
-                            const at::Tensor& lse, double smoothing, bool inplace);
+                            const at::Tensor& stats, double smoothing, bool inplace);
 
 at::Tensor nll_forward(const at::Tensor& x, const at::Tensor& target,
                        const std::optional<at::Tensor>& weight, int64_t ignore_index);
@@ -32,6 +32,16 @@ at::Tensor nll_forward(const at::Tensor& x, const at::Tensor& target,
 at::Tensor nll_backward(const at::Tensor& grad_loss, const at::Tensor& target,
                         const std::optional<at::Tensor>& weight, int64_t ignore_index,
                         int64_t num_classes, at::ScalarType dtype);
+
+// The plain (N, C) 'mean'/'sum' loss in one call (cross_entropy_reduced.cpp): returns the scalar
+// loss in x's dtype, the per-row lse and the denominator it divided by, for the backward.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> ce_reduced_forward(const at::Tensor& x,
+                                                                  const at::Tensor& target,
+                                                                  int64_t ignore_index, bool mean);
+
+at::Tensor ce_reduced_backward(const at::Tensor& grad_out, const at::Tensor& x,
+                               const at::Tensor& target, const at::Tensor& lse,
+                               const at::Tensor& denominator, int64_t ignore_index);
 
 at::Tensor log_softmax_forward(const at::Tensor& x);
 at::Tensor log_softmax_backward(const at::Tensor& grad_out, const at::Tensor& out);

@@ -6,8 +6,10 @@
 namespace fusedce {
 namespace {
 
-// Forward: out = x - lse (log_softmax) or exp(x - lse) (softmax). A row whose max is not finite
-// has a NaN lse, hence a NaN output everywhere, as in reference.
+// Forward: out = (x - m) - ls (log_softmax) with ls = log Σ exp(x - m), or exp(x - m) / Σ exp(x - m)
+// (softmax): torch's order of operations, exact under a large common offset (never x - rounded
+// lse), and a small probability keeps its few ulp. A row whose max is not finite has a NaN ls
+// and 1/Σ, hence a NaN output everywhere, as in reference.
 template <typename scalar_t, bool kLog>
 void softmax_forward_kernel(const Tensor& x, Tensor& out) {
   using acc = acc_t<scalar_t>;
@@ -22,26 +24,25 @@ void softmax_forward_kernel(const Tensor& x, Tensor& out) {
         const int64_t o = r / inner, i = r - o * inner;
         const scalar_t* row = xv.row(o, i);
         const acc m = row_max(row, classes);
-        acc row_lse = kNaN<acc>;
+        acc ls = kNaN<acc>, inv = kNaN<acc>;
         if (std::isfinite(m)) {
           const AVec vm(m);
           AVec sum(0);
           const scalar_t* next = next_row(xv, r, end, inner);
           for_each_vec(row, classes, -kInf<acc>, [&](const AVec& v, int64_t j, int64_t) {
             prefetch(next, j);
-            sum += (v - vm).exp_u20();
+            sum += (v - vm).exp();  // the outputs' precision: not exp_u20 (see FastExp)
           });
-          row_lse = m + std::log(hsum(sum));
+          ls = std::log(hsum(sum));
+          inv = acc(1) / hsum(sum);
         }
-        const AVec vl(row_lse);
-        dispatch_exp(std::isfinite(row_lse), [&](auto exp_fn) {
-          map_row(row, ov.row(o, i), classes, [&](const AVec& v, int64_t, int64_t) {
-            if constexpr (kLog) {
-              return v - vl;
-            } else {
-              return exp_fn(v - vl);
-            }
-          });
+        const AVec vm(m), vl(ls), vinv(inv);
+        map_row(row, ov.row(o, i), classes, [&](const AVec& v, int64_t, int64_t) {
+          if constexpr (kLog) {
+            return (v - vm) - vl;
+          } else {
+            return (v - vm).exp() * vinv;
+          }
         });
       }
     });
@@ -53,21 +54,20 @@ void softmax_forward_kernel(const Tensor& x, Tensor& out) {
     const acc* src = io.src;
     acc* dst = io.dst;
     const int64_t sld = io.sld, dld = io.dld;
-    __at_align__ acc m[kMaxTileRows], row_lse[kMaxTileRows];
-    tile_lse(src, sld, classes, rows.n, m, row_lse);
-    dispatch_exp(all_finite(row_lse, rows.n), [&](auto exp_fn) {
-      for (int64_t lb = 0; lb < rows.n; lb += AVec::size()) {
-        const AVec vl = AVec::loadu(row_lse + lb);
-        for (int64_t c = 0; c < classes; ++c) {
-          const AVec shifted = AVec::loadu(src + c * sld + lb) - vl;
-          if constexpr (kLog) {
-            shifted.store(dst + c * dld + lb);
-          } else {
-            exp_fn(shifted).store(dst + c * dld + lb);
-          }
+    __at_align__ acc m[kMaxTileRows], ls[kMaxTileRows], inv[kMaxTileRows];
+    tile_stats(src, sld, classes, rows.n, m, ls, kLog ? nullptr : inv);
+    for (int64_t lb = 0; lb < rows.n; lb += AVec::size()) {
+      const AVec vm = AVec::loadu(m + lb), vl = AVec::loadu(ls + lb);
+      const AVec vinv = kLog ? AVec(0) : AVec::loadu(inv + lb);
+      for (int64_t c = 0; c < classes; ++c) {
+        const AVec shifted = AVec::loadu(src + c * sld + lb) - vm;
+        if constexpr (kLog) {
+          (shifted - vl).store(dst + c * dld + lb);
+        } else {
+          (shifted.exp() * vinv).store(dst + c * dld + lb);
         }
       }
-    });
+    }
     io.finish();
   });
 }

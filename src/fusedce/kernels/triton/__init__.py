@@ -2,7 +2,7 @@
 
 It implements every function of ``fusedce.kernels.reference`` with the same signature and
 semantics; see that module for the conventions. The kernels follow the performance contract of
-DESIGN.md: the cross-entropy forward reads the logits once (an online log-sum-exp in float32, or
+docs/design.md: the cross-entropy forward reads the logits once (an online log-sum-exp in float32, or
 float64 for float64 input, over column blocks), and its backward reads them once and writes the
 gradient once. Nothing in forward or backward synchronises with the host.
 

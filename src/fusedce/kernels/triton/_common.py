@@ -251,7 +251,40 @@ def online_lse_step(m, s, xf, cmask):
 
 
 @triton.jit
-def finish_lse(m, s):
-    """``m + log(s)``, NaN for a row that is all -inf (as ``-inf - -inf`` is in the reference)."""
+def finish_logsum(m, s):
+    """``log(s) = log Σ exp(x - m)``, NaN for a row that is all -inf (as ``-inf - -inf`` is in the
+    reference). It is kept apart from ``m``: a rounded ``m + log(s)`` loses digits when the logits
+    share a large offset (see ``reference.row_stats``)."""
     empty = m == float("-inf")
-    return tl.where(empty, float("nan"), m + tl.log(tl.where(empty, 1.0, s)))
+    return tl.where(empty, float("nan"), tl.log(tl.where(empty, 1.0, s)))
+
+
+@triton.jit
+def online_shifted_sum_step(total, weight_sum, m, m_new, wt, xf, cmask):
+    """Fold a block into ``total = Σ wt_c·(m - x_c)``, the sum relative to the running max.
+
+    ``weight_sum`` is ``Σ wt_c`` over the blocks already folded: when the max grows from ``m`` to
+    ``m_new``, each of their terms grows by ``m_new - m``. Every term is ``≥ 0`` for non-negative
+    weights, so the sum does not cancel, however far from zero the logits sit. A -inf logit's
+    term is ``wt·inf`` (NaN for a zero weight) whatever the running max, as the reference's
+    ``wt·((m - x) + log Σ)`` is once the row has a finite max (a row without one is NaN anyway).
+    """
+    d = tl.where(xf == float("-inf"), float("inf"), m_new[:, None] - xf)
+    block = tl.sum(tl.where(cmask, wt * d, 0.0), axis=1)
+    rescale = tl.where(m == float("-inf"), 0.0, weight_sum * (m_new - m))
+    return total + rescale + block
+
+
+@triton.jit
+def store_stats(stats_ptr, r, m, logsum, rmask):
+    """The ``(outer, inner, 2)`` row stats: the max, then ``log Σ exp(x - max)``."""
+    tl.store(stats_ptr + 2 * r, m, mask=rmask)
+    tl.store(stats_ptr + 2 * r + 1, logsum, mask=rmask)
+
+
+@triton.jit
+def load_stats(stats_ptr, r, rmask):
+    """The row max and log-sum saved by ``store_stats`` (contiguous stats)."""
+    m = tl.load(stats_ptr + 2 * r, mask=rmask, other=0.0)
+    logsum = tl.load(stats_ptr + 2 * r + 1, mask=rmask, other=0.0)
+    return m, logsum

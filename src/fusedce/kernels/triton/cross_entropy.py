@@ -1,9 +1,12 @@
 """cross_entropy kernels: index targets and probability targets, forward and backward.
 
 Forward is one streaming pass over the logits: an online log-sum-exp (plus the sums the label
-smoothing and probability-target losses need) gives the per-row loss and lse. Backward is one
-streaming pass too: it reads the logits, recomputes ``p = exp(x - lse)`` and writes the gradient,
-into a fresh contiguous ``(outer, C, inner)`` tensor or into ``x`` itself when ``inplace``.
+smoothing and probability-target losses need) gives the per-row loss and the row stats (the max
+``m`` and ``log Σ exp(x - m)``, kept apart: see ``reference.row_stats``). The losses are formed
+as ``(m - x) + log Σ`` term by term, their sums relative to the running max, so that nothing
+cancels under a large common offset or when the loss is small. Backward is one streaming pass
+too: it reads the logits, recomputes ``p = exp((x - m) - log Σ)`` and writes the gradient, into a
+fresh contiguous ``(outer, C, inner)`` tensor or into ``x`` itself when ``inplace``.
 """
 
 from __future__ import annotations
@@ -20,12 +23,15 @@ from ._common import (
     check_device,
     check_has_classes,
     col_offsets,
-    finish_lse,
+    finish_logsum,
     launch,
+    load_stats,
     online_lse_step,
+    online_shifted_sum_step,
     plan,
     scalar,
     split_scalar,
+    store_stats,
     tile_rows,
     tl_acc,
     to_output,
@@ -70,13 +76,13 @@ def _ce_fwd_kernel(
     target_ptr,
     weight_ptr,
     loss_ptr,
-    lse_ptr,
+    stats_ptr,
     # shapes
     n_rows,
     num_classes,
     inner,
     inner_tiles,
-    # strides (elements); loss and lse are contiguous (outer, inner)
+    # strides (elements); loss (outer, inner) and stats (outer, inner, 2) are contiguous
     stride_xo,
     stride_xc,
     stride_xi,
@@ -102,21 +108,22 @@ def _ce_fwd_kernel(
 
     m = tl.full([BLOCK_R], float("-inf"), ACC)
     s = tl.zeros([BLOCK_R], ACC)
-    sum_wx = tl.zeros([BLOCK_R], ACC)  # Σ w_c·x_c (smoothing only)
-    sum_w = tl.zeros([BLOCK_R], ACC)  # Σ w_c (smoothing with weight only)
+    sum_wd = tl.zeros([BLOCK_R], ACC)  # Σ w_c·(m - x_c) (smoothing only)
+    sum_w = tl.zeros([BLOCK_R], ACC)  # Σ w_c over the blocks folded so far (smoothing only)
     for c0 in range(0, num_classes, BLOCK_C):
         cols, offs = col_offsets(c0, stride_xc, BLOCK_C, COL_I64)
         cmask = rmask[:, None] & (cols < num_classes)[None, :]
         xf = tl.load(x_ptr + x_row[:, None] + offs[None, :], mask=cmask, other=0.0).to(ACC)
+        m_old = m
         m, s = online_lse_step(m, s, xf, cmask)
         if HAS_SMOOTHING:
             if HAS_WEIGHT:
                 w = tl.load(weight_ptr + cols, mask=cols < num_classes, other=0.0).to(ACC)
-                sum_wx += tl.sum(tl.where(cmask, w[None, :] * xf, 0.0), axis=1)
-                sum_w += tl.sum(w, axis=0)
             else:
-                sum_wx += tl.sum(tl.where(cmask, xf, 0.0), axis=1)
-    lse = finish_lse(m, s)
+                w = tl.where(cols < num_classes, 1.0, 0.0).to(ACC)
+            sum_wd = online_shifted_sum_step(sum_wd, sum_w, m_old, m, w[None, :], xf, cmask)
+            sum_w += tl.sum(w, axis=0)
+    logsum = finish_logsum(m, s)
 
     kept, bad, safe, w_t = _load_index_targets(
         target_ptr,
@@ -132,15 +139,14 @@ def _ce_fwd_kernel(
         HAS_WEIGHT,
     )
     x_t = tl.load(x_ptr + x_row + safe * stride_xc, mask=rmask & kept & ~bad, other=0.0).to(ACC)
-    loss = w_t * (lse - x_t)
+    loss = w_t * ((m - x_t) + logsum)
     if HAS_SMOOTHING:
-        total_w = sum_w if HAS_WEIGHT else tl.full([BLOCK_R], 1.0, ACC) * num_classes
-        smooth = total_w * lse - sum_wx  # Σ_c w_c·(lse - x_c)
+        smooth = sum_w * logsum + sum_wd  # Σ_c w_c·((m - x_c) + log Σ)
         loss = scalar(keep_hi, keep_lo, ACC) * loss + scalar(smooth_hi, smooth_lo, ACC) * smooth
     loss = tl.where(kept, loss, 0.0)
     loss = tl.where(bad, float("nan"), loss)
     tl.store(loss_ptr + r, loss, mask=rmask)
-    tl.store(lse_ptr + r, lse, mask=rmask)
+    store_stats(stats_ptr, r, m, logsum, rmask)
 
 
 @triton.jit(do_not_specialize=[*NO_SPECIALIZE, "stride_go", "stride_gi", "stride_to", "stride_ti", "ignore_index"])
@@ -151,14 +157,14 @@ def _ce_bwd_kernel(
     target_ptr,
     weight_ptr,
     weight_sum_ptr,
-    lse_ptr,
+    stats_ptr,
     out_ptr,
     # shapes
     n_rows,
     num_classes,
     inner,
     inner_tiles,
-    # strides (elements); lse is contiguous (outer, inner)
+    # strides (elements); stats is contiguous (outer, inner, 2)
     stride_go,
     stride_gi,
     stride_xo,
@@ -202,7 +208,7 @@ def _ce_bwd_kernel(
     # g = 0 on ignored rows multiplies the bracket, so a NaN row that is ignored stays NaN.
     g = tl.where(kept, g, 0.0)
     g = tl.where(bad, float("nan"), g)
-    lse = tl.load(lse_ptr + r, mask=rmask, other=0.0)
+    m, logsum = load_stats(stats_ptr, r, rmask)
 
     if HAS_SMOOTHING:
         smooth = scalar(smooth_hi, smooth_lo, ACC)
@@ -220,7 +226,7 @@ def _ce_bwd_kernel(
         cols, out_offs = col_offsets(c0, stride_oc, BLOCK_C, COL_I64)
         cmask = rmask[:, None] & (cols < num_classes)[None, :]
         xf = tl.load(x_ptr + x_row[:, None] + offs[None, :], mask=cmask, other=0.0).to(ACC)
-        grad = prob_coef[:, None] * tl.exp(xf - lse[:, None])
+        grad = prob_coef[:, None] * tl.exp((xf - m[:, None]) - logsum[:, None])
         if HAS_SMOOTHING:
             if HAS_WEIGHT:
                 w = tl.load(weight_ptr + cols, mask=cols < num_classes, other=0.0).to(ACC)
@@ -252,13 +258,13 @@ def _ce_prob_fwd_kernel(
     target_ptr,
     weight_ptr,
     loss_ptr,
-    lse_ptr,
+    stats_ptr,
     # shapes
     n_rows,
     num_classes,
     inner,
     inner_tiles,
-    # strides (elements); loss and lse are contiguous (outer, inner)
+    # strides (elements); loss (outer, inner) and stats (outer, inner, 2) are contiguous
     stride_xo,
     stride_xc,
     stride_xi,
@@ -288,12 +294,13 @@ def _ce_prob_fwd_kernel(
     m = tl.full([BLOCK_R], float("-inf"), ACC)
     s = tl.zeros([BLOCK_R], ACC)
     sum_wt = tl.zeros([BLOCK_R], ACC)  # S = Σ w_c·t'_c
-    sum_wtx = tl.zeros([BLOCK_R], ACC)  # Σ w_c·t'_c·x_c
+    sum_wtd = tl.zeros([BLOCK_R], ACC)  # Σ w_c·t'_c·(m - x_c)
     for c0 in range(0, num_classes, BLOCK_C):
         cols, offs = col_offsets(c0, stride_xc, BLOCK_C, COL_I64)
         cols, t_offs = col_offsets(c0, stride_tc, BLOCK_C, COL_I64)
         cmask = rmask[:, None] & (cols < num_classes)[None, :]
         xf = tl.load(x_ptr + x_row[:, None] + offs[None, :], mask=cmask, other=0.0).to(ACC)
+        m_old = m
         m, s = online_lse_step(m, s, xf, cmask)
         t = tl.load(target_ptr + t_row[:, None] + t_offs[None, :], mask=cmask, other=0.0)
         wt = _smoothed_target(t, keep, smooth, HAS_SMOOTHING, ACC)
@@ -301,13 +308,15 @@ def _ce_prob_fwd_kernel(
             w = tl.load(weight_ptr + cols, mask=cols < num_classes, other=0.0).to(ACC)
             wt = w[None, :] * wt
         wt = tl.where(cmask, wt, 0.0)
+        # A zero target at a -inf logit gives 0·inf = NaN, as the reference's 0·((m - x) + log Σ).
+        sum_wtd = online_shifted_sum_step(sum_wtd, sum_wt, m_old, m, wt, xf, cmask)
         sum_wt += tl.sum(wt, axis=1)
-        # A zero target at a -inf logit gives 0·-inf = NaN, as the reference's 0·(lse - x) does.
-        sum_wtx += tl.sum(tl.where(cmask, wt * xf, 0.0), axis=1)
-    lse = finish_lse(m, s)
-    loss = sum_wt * lse - sum_wtx  # Σ_c w_c·t'_c·(lse - x_c)
+    logsum = finish_logsum(m, s)
+    # Σ_c w_c·t'_c·((m - x_c) + log Σ): two sums of non-negative terms for non-negative targets
+    # and weights, so a small loss keeps its digits (lse·S - Σ w·t'·x would cancel).
+    loss = sum_wt * logsum + sum_wtd
     tl.store(loss_ptr + r, loss, mask=rmask)
-    tl.store(lse_ptr + r, lse, mask=rmask)
+    store_stats(stats_ptr, r, m, logsum, rmask)
 
 
 @triton.jit(do_not_specialize=[*NO_SPECIALIZE, "stride_go", "stride_gi"])
@@ -317,14 +326,14 @@ def _ce_prob_bwd_kernel(
     x_ptr,
     target_ptr,
     weight_ptr,
-    lse_ptr,
+    stats_ptr,
     out_ptr,
     # shapes
     n_rows,
     num_classes,
     inner,
     inner_tiles,
-    # strides (elements); lse is contiguous (outer, inner)
+    # strides (elements); stats is contiguous (outer, inner, 2)
     stride_go,
     stride_gi,
     stride_xo,
@@ -357,7 +366,7 @@ def _ce_prob_bwd_kernel(
     keep = scalar(keep_hi, keep_lo, ACC)
     smooth = scalar(smooth_hi, smooth_lo, ACC)
     g = tl.load(grad_loss_ptr + o * stride_go + i * stride_gi, mask=rmask, other=0.0).to(ACC)
-    lse = tl.load(lse_ptr + r, mask=rmask, other=0.0)
+    m, logsum = load_stats(stats_ptr, r, rmask)
 
     # First pass, over the targets only: S = Σ w_c·t'_c.
     sum_wt = tl.zeros([BLOCK_R], ACC)
@@ -383,7 +392,7 @@ def _ce_prob_bwd_kernel(
         if HAS_WEIGHT:
             w = tl.load(weight_ptr + cols, mask=cols < num_classes, other=0.0).to(ACC)
             wt = w[None, :] * wt
-        grad = (sum_wt[:, None] * tl.exp(xf - lse[:, None]) - wt) * g[:, None]
+        grad = (sum_wt[:, None] * tl.exp((xf - m[:, None]) - logsum[:, None]) - wt) * g[:, None]
         tl.store(
             out_ptr + out_row[:, None] + out_offs[None, :],
             to_output(grad, out_ptr.dtype.element_ty),
@@ -405,6 +414,19 @@ def _coefficients(smoothing: float, num_classes: int) -> tuple[bool, float, floa
     return has_smoothing, keep_hi, keep_lo, smooth_hi, smooth_lo
 
 
+def _per_row_outputs(x: Tensor) -> tuple[Tensor, Tensor]:
+    """The per-row loss and the ``(outer, inner, 2)`` row stats, in the accumulation dtype."""
+    outer, _, inner = x.shape
+    acc = acc_dtype(x.dtype)
+    loss = torch.empty(outer, inner, dtype=acc, device=x.device)
+    return loss, torch.empty(outer, inner, 2, dtype=acc, device=x.device)
+
+
+def _saved_stats(stats: Tensor, x: Tensor) -> Tensor:
+    """The row stats as the backward kernels read them: contiguous, in the accumulation dtype."""
+    return stats.to(acc_dtype(x.dtype)).contiguous()
+
+
 def _gradient_buffer(x: Tensor, inplace: bool) -> Tensor:
     return x if inplace else torch.empty(x.shape, dtype=x.dtype, device=x.device)
 
@@ -418,16 +440,14 @@ def ce_forward(
         # Free on the host (the interpreter); on CUDA the kernel poisons the row instead.
         reference.check_targets(target, num_classes, ignore_index)
     check_has_classes(x)
-    acc = acc_dtype(x.dtype)
-    loss = torch.empty(outer, inner, dtype=acc, device=x.device)
-    lse = torch.empty(outer, inner, dtype=acc, device=x.device)
+    loss, stats = _per_row_outputs(x)
     if loss.numel() == 0:
-        return loss, lse
+        return loss, stats
     tiling = plan(outer, num_classes, inner, (x.stride(1),), (x.stride(2),), x.element_size(), x.device)
     has_smoothing, keep_hi, keep_lo, smooth_hi, smooth_lo = _coefficients(smoothing, num_classes)
     launch(
         _ce_fwd_kernel, tiling.grid,
-        x, target, x if weight is None else weight, loss, lse,
+        x, target, x if weight is None else weight, loss, stats,
         outer * inner, num_classes, inner, tiling.inner_tiles,
         x.stride(0), x.stride(1), x.stride(2),
         target.stride(0), target.stride(1),
@@ -435,7 +455,7 @@ def ce_forward(
         ACC=tl_acc(x.dtype), HAS_WEIGHT=weight is not None, HAS_SMOOTHING=has_smoothing,
         num_warps=tiling.num_warps, **tiling.meta(),
     )  # fmt: skip
-    return loss, lse
+    return loss, stats
 
 
 def ce_backward(
@@ -443,7 +463,7 @@ def ce_backward(
     x: Tensor,
     target: Tensor,
     weight: Tensor | None,
-    lse: Tensor,
+    stats: Tensor,
     ignore_index: int,
     smoothing: float,
     inplace: bool,
@@ -453,7 +473,7 @@ def ce_backward(
     out = _gradient_buffer(x, inplace)
     if x.numel() == 0:
         return out
-    lse = lse.contiguous()
+    stats = _saved_stats(stats, x)
     tiling = plan(
         outer,
         num_classes,
@@ -465,10 +485,10 @@ def ce_backward(
     )
     has_smoothing, keep_hi, keep_lo, smooth_hi, smooth_lo = _coefficients(smoothing, num_classes)
     # W = Σ_c w_c for the smoothing term: a tiny reduction in torch, no host sync.
-    weight_sum = weight.to(lse.dtype).sum() if weight is not None and has_smoothing else lse
+    weight_sum = weight.to(stats.dtype).sum() if weight is not None and has_smoothing else stats
     launch(
         _ce_bwd_kernel, tiling.grid,
-        grad_loss, x, target, x if weight is None else weight, weight_sum, lse, out,
+        grad_loss, x, target, x if weight is None else weight, weight_sum, stats, out,
         outer * inner, num_classes, inner, tiling.inner_tiles,
         grad_loss.stride(0), grad_loss.stride(1),
         x.stride(0), x.stride(1), x.stride(2),
@@ -484,13 +504,11 @@ def ce_backward(
 def ce_prob_forward(x: Tensor, target: Tensor, weight: Tensor | None, smoothing: float) -> tuple[Tensor, Tensor]:
     check_device(x)
     outer, num_classes, inner = x.shape
-    acc = acc_dtype(x.dtype)
-    loss = torch.empty(outer, inner, dtype=acc, device=x.device)
-    lse = torch.empty(outer, inner, dtype=acc, device=x.device)
+    loss, stats = _per_row_outputs(x)
     if loss.numel() == 0:
-        return loss, lse
-    if num_classes == 0:  # as the reference: the log of an empty sum, and an empty loss sum
-        return loss.zero_(), lse.fill_(float("-inf"))
+        return loss, stats
+    if num_classes == 0:  # as the reference: no max, the log of an empty sum, an empty loss sum
+        return loss.zero_(), stats.fill_(float("-inf"))
     tiling = plan(
         outer,
         num_classes,
@@ -503,7 +521,7 @@ def ce_prob_forward(x: Tensor, target: Tensor, weight: Tensor | None, smoothing:
     has_smoothing, keep_hi, keep_lo, smooth_hi, smooth_lo = _coefficients(smoothing, num_classes)
     launch(
         _ce_prob_fwd_kernel, tiling.grid,
-        x, target, x if weight is None else weight, loss, lse,
+        x, target, x if weight is None else weight, loss, stats,
         outer * inner, num_classes, inner, tiling.inner_tiles,
         x.stride(0), x.stride(1), x.stride(2),
         target.stride(0), target.stride(1), target.stride(2),
@@ -511,7 +529,7 @@ def ce_prob_forward(x: Tensor, target: Tensor, weight: Tensor | None, smoothing:
         ACC=tl_acc(x.dtype), HAS_WEIGHT=weight is not None, HAS_SMOOTHING=has_smoothing,
         num_warps=tiling.num_warps, **tiling.meta(),
     )  # fmt: skip
-    return loss, lse
+    return loss, stats
 
 
 def ce_prob_backward(
@@ -519,7 +537,7 @@ def ce_prob_backward(
     x: Tensor,
     target: Tensor,
     weight: Tensor | None,
-    lse: Tensor,
+    stats: Tensor,
     smoothing: float,
     inplace: bool,
 ) -> Tensor:
@@ -528,7 +546,7 @@ def ce_prob_backward(
     out = _gradient_buffer(x, inplace)
     if x.numel() == 0:
         return out
-    lse = lse.contiguous()
+    stats = _saved_stats(stats, x)
     tiling = plan(
         outer, num_classes, inner,
         (x.stride(1), target.stride(1), out.stride(1)), (x.stride(2), target.stride(2), out.stride(2)),
@@ -537,7 +555,7 @@ def ce_prob_backward(
     has_smoothing, keep_hi, keep_lo, smooth_hi, smooth_lo = _coefficients(smoothing, num_classes)
     launch(
         _ce_prob_bwd_kernel, tiling.grid,
-        grad_loss, x, target, x if weight is None else weight, lse, out,
+        grad_loss, x, target, x if weight is None else weight, stats, out,
         outer * inner, num_classes, inner, tiling.inner_tiles,
         grad_loss.stride(0), grad_loss.stride(1),
         x.stride(0), x.stride(1), x.stride(2),

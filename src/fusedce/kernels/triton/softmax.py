@@ -16,7 +16,7 @@ from ._common import (
     NO_SPECIALIZE,
     check_device,
     col_offsets,
-    finish_lse,
+    finish_logsum,
     launch,
     online_lse_step,
     plan,
@@ -57,7 +57,8 @@ def _softmax_fwd_kernel(
         cmask = rmask[:, None] & (cols < num_classes)[None, :]
         xf = tl.load(x_ptr + x_row[:, None] + offs[None, :], mask=cmask, other=0.0).to(ACC)
         m, s = online_lse_step(m, s, xf, cmask)
-    lse = finish_lse(m, s)
+    logsum = finish_logsum(m, s)
+    inv_sum = tl.where(logsum == logsum, 1.0 / s, float("nan"))
 
     out_row = o * num_classes * inner + i
     for c0 in range(0, num_classes, BLOCK_C):
@@ -65,9 +66,10 @@ def _softmax_fwd_kernel(
         cols, out_offs = col_offsets(c0, inner, BLOCK_C, COL_I64)
         cmask = rmask[:, None] & (cols < num_classes)[None, :]
         xf = tl.load(x_ptr + x_row[:, None] + offs[None, :], mask=cmask, other=0.0).to(ACC)
-        y = xf - lse[:, None]
-        if not LOG:
-            y = tl.exp(y)
+        # torch's order: (x - m) - log Σ, exact under a large common offset (unlike x - lse), and
+        # exp(x - m) / Σ, whose relative error does not grow with |log p|. A row with a NaN
+        # log-sum is NaN everywhere either way.
+        y = (xf - m[:, None]) - logsum[:, None] if LOG else tl.exp(xf - m[:, None]) * inv_sum[:, None]
         tl.store(out_ptr + out_row[:, None] + out_offs[None, :], to_output(y, out_ptr.dtype.element_ty), mask=cmask)
 
 

@@ -1,0 +1,209 @@
+"""Exact under hostile input (issue 8), on every backend: each result must be no further from the
+float64 truth than torch's own result, element by element, plus a few ulp of the element.
+
+* Shift invariance: logits that share a large common offset (log-probabilities formed as
+  ``(x - max) - log Σ``, never ``x - rounded lse``).
+* Small probability-target losses, which ``lse·Σt - Σt·x`` computes with catastrophic
+  cancellation.
+* uint8 targets compared as int64 values: ignore_index -100 is not class 156, 368 is not 112.
+* An empty K-dimensional batch with a uint8 target under 'mean' and 'sum'.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import fusedce
+from fusedce.kernels import available_backends, use_backend
+
+BACKENDS = [pytest.param(name, id=name) for name in available_backends("cpu")]
+
+# Slack beyond torch's own error, in ulp of the element's magnitude in the output dtype.
+ULPS = 4
+
+
+def assert_no_worse_than_torch(
+    ours: torch.Tensor, theirs: torch.Tensor, truth: torch.Tensor, what: str, scale: float = 0.0
+) -> None:
+    """Per element: ``|ours - truth| <= |torch - truth| + ULPS·eps·(|truth| + scale)``, and NaNs
+    and infinities where torch has them.
+
+    ``scale`` is the size of the terms an element is a difference or a sum of, where that exceeds
+    the element: a gradient ``g - p·Σg`` (one ulp of difference in the saved forward output, a
+    different but equally exact summation order, moves it by that much), or a loss
+    ``Σ t·((m - x) + log Σ)``, whose ``log Σ`` is the log of a sum ``≥ 1`` rounded at the ulp of 1.
+    """
+    assert ours.dtype == theirs.dtype and ours.shape == theirs.shape, what
+    a, b, t = ours.detach().double(), theirs.detach().double(), truth.detach().double()
+    assert torch.equal(a.isnan(), b.isnan()), f"{what}: NaN pattern differs from torch's"
+    finite = b.isfinite()
+    assert torch.equal(a[~finite].nan_to_num(), b[~finite].nan_to_num()), f"{what}: infinities differ"
+    eps = torch.finfo(ours.dtype).eps
+    tiny = torch.finfo(ours.dtype).tiny
+    allowed = (b - t).abs() + ULPS * eps * (t.abs() + scale) + tiny
+    excess = ((a - t).abs() - allowed).where(finite, 0)
+    if (excess > 0).any():
+        i = tuple(int(k) for k in (excess == excess.max()).nonzero()[0])
+        raise AssertionError(
+            f"{what}: {int((excess > 0).sum())} of {a.numel()} elements further from the float64 "
+            f"truth than torch's; worst at {i}: ours {a[i].item()!r}, torch {b[i].item()!r}, "
+            f"truth {t[i].item()!r}"
+        )
+
+
+def _layouts(x: torch.Tensor) -> list[tuple[str, torch.Tensor]]:
+    """(N, C, d) logits as contiguous (class stride d: the tile path), channels-last (class
+    stride 1) and a transposed 2-D view (the row path reads rows of a strided tensor)."""
+    n, c, d = x.shape
+    return [
+        ("kdim", x),
+        ("class_last", x.permute(0, 2, 1).contiguous().permute(0, 2, 1)),
+        ("rows", x.permute(0, 2, 1).reshape(n * d, c)),
+        ("transposed", x.permute(0, 2, 1).reshape(n * d, c).t().contiguous().t()),
+    ]
+
+
+def _offset_logits(offset: float, classes: int = 300, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    gen = torch.Generator().manual_seed(int(offset) % 1000 + classes)
+    return (torch.randn(3, classes, 4, generator=gen, dtype=torch.float64) * 2 + offset).to(dtype)
+
+
+def _run(backend: str, fn, x: torch.Tensor, *args, **kwargs) -> tuple[torch.Tensor, torch.Tensor]:
+    """The value and the gradient of ``fn(x, ...)`` under a fixed random upstream gradient."""
+    leaf = x.detach().clone().requires_grad_()
+    with use_backend(backend):
+        out = fn(leaf, *args, **kwargs)
+        upstream = torch.rand(out.shape, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
+        (grad,) = torch.autograd.grad(out, leaf, upstream.to(out.dtype))
+    return out.detach(), grad
+
+
+def _check_against_torch(backend, ours_fn, torch_fn, x, *args, value_scale=0.0, **kwargs):
+    value, grad = _run(backend, ours_fn, x, *args, **kwargs)
+    t_value, t_grad = _run("reference", torch_fn, x, *args, **kwargs)
+    def up(a):
+        return a.double() if isinstance(a, torch.Tensor) and a.is_floating_point() else a
+
+    truth_args = [up(a) for a in args]
+    truth_kwargs = {k: up(v) for k, v in kwargs.items()}
+    truth_value, truth_grad = _run("reference", torch_fn, x.double(), *truth_args, **truth_kwargs)
+    assert_no_worse_than_torch(value, t_value, truth_value, "value", value_scale)
+    # A gradient element is a difference of terms of size up to 1 (p·coefficient and the target
+    # weight, or g and p·Σg, with an upstream gradient in [0, 1)), or up to its largest element.
+    grad_scale = max(1.0, float(truth_grad.abs().where(truth_grad.isfinite(), 0).max()))
+    assert_no_worse_than_torch(grad, t_grad, truth_grad, "gradient", grad_scale)
+
+
+@pytest.mark.parametrize("offset", [300.0, 60000.0])
+@pytest.mark.parametrize("op", ["log_softmax", "softmax"])
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_softmax_is_shift_invariant(backend, op, offset):
+    x = _offset_logits(offset)
+    for name, view in _layouts(x):
+        dim = 1 if view.dim() == 3 else -1
+        try:
+            _check_against_torch(backend, getattr(fusedce, op), getattr(F, op), view, dim)
+        except AssertionError as exc:
+            raise AssertionError(f"{op} {name}: {exc}") from None
+
+
+@pytest.mark.parametrize("offset", [300.0, 60000.0])
+@pytest.mark.parametrize("extra", [{}, {"label_smoothing": 0.3}, {"label_smoothing": 0.3, "weight": True}],
+                         ids=["plain", "smoothing", "smoothing_weight"])
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_cross_entropy_is_shift_invariant(backend, extra, offset):
+    x = _offset_logits(offset)
+    kwargs = dict(extra)
+    if kwargs.pop("weight", False):
+        kwargs["weight"] = torch.rand(x.shape[1], generator=torch.Generator().manual_seed(2)) + 0.5
+    gen = torch.Generator().manual_seed(3)
+    for name, view in _layouts(x):
+        target = torch.randint(0, x.shape[1], (view.shape[0], *view.shape[2:]), generator=gen)
+        for target_kind, tgt in (("index", target), ("prob", F.one_hot(target, x.shape[1]).movedim(-1, 1).float())):
+            if target_kind == "prob":
+                # Soft targets close to the prediction: a small loss, and every class weighs in.
+                tgt = (0.9 * tgt + 0.1 * torch.rand(tgt.shape, generator=gen).softmax(1)).to(view.dtype)
+            try:
+                _check_against_torch(backend, fusedce.cross_entropy, F.cross_entropy, view, tgt,
+                                     reduction="none", value_scale=2.0, **kwargs)
+            except AssertionError as exc:
+                raise AssertionError(f"{name} {target_kind}: {exc}") from None
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_small_probability_target_loss_keeps_its_digits(backend):
+    """Targets equal to the model's own softmax: each row's loss is its entropy, and a peaked
+    softmax makes that small. K-dimensional fp32, several column blocks on triton."""
+    gen = torch.Generator().manual_seed(11)
+    x = torch.randn(2, 700, 3, 2, generator=gen) * 0.5
+    x[:, 5] += 14.0  # a confident prediction
+    for offset in (0.0, 500.0):
+        logits = x + offset
+        target = logits.double().softmax(1).float()
+        _check_against_torch(backend, fusedce.cross_entropy, F.cross_entropy, logits, target, reduction="none",
+                             value_scale=1.0)
+
+
+UINT8_CASES = [(-100, 156), (368, 112)]
+
+
+@pytest.mark.parametrize("ignore_index,colliding_class", UINT8_CASES)
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_uint8_targets_are_compared_as_int64(backend, ignore_index, colliding_class):
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(64, 200, generator=gen)
+    target = torch.full((64,), colliding_class, dtype=torch.uint8)
+    target[:32] = 3
+    weight = torch.rand(200, generator=gen) + 0.5
+    log_probs = x.log_softmax(1)
+    for reduction in ("mean", "sum", "none"):
+        for kwargs in ({}, {"weight": weight}):
+            expected = F.cross_entropy(x, target.long(), ignore_index=ignore_index, reduction=reduction, **kwargs)
+            expected_nll = F.nll_loss(log_probs, target.long(), ignore_index=ignore_index, reduction=reduction,
+                                      **kwargs)
+            with use_backend(backend):
+                got = fusedce.cross_entropy(x, target, ignore_index=ignore_index, reduction=reduction, **kwargs)
+                got_nll = fusedce.nll_loss(log_probs, target, ignore_index=ignore_index, reduction=reduction,
+                                           **kwargs)
+            what = f"{reduction} {'weighted' if kwargs else ''}"
+            torch.testing.assert_close(got, expected, msg=lambda m, w=what: f"cross_entropy {w}: {m}")
+            torch.testing.assert_close(got_nll, expected_nll, msg=lambda m, w=what: f"nll_loss {w}: {m}")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_uint8_issue_example(backend):
+    """The figures of issue 8: torch gives 5.8284 (mean) and 373.0177 (sum)."""
+    x = torch.randn(64, 200, generator=torch.Generator().manual_seed(8))
+    target = torch.full((64,), 156, dtype=torch.uint8)
+    target[:32] = 3
+    with use_backend(backend):
+        mean = fusedce.cross_entropy(x, target)
+        total = fusedce.cross_entropy(x, target, reduction="sum")
+    torch.testing.assert_close(mean, F.cross_entropy(x, target.long()))
+    torch.testing.assert_close(total, F.cross_entropy(x, target.long(), reduction="sum"))
+    torch.testing.assert_close(total / mean, torch.tensor(64.0))  # no row is ignored
+
+
+@pytest.mark.parametrize("shape", [(0, 10, 3), (0, 5, 2, 2), (2, 5, 0)])
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_empty_kdim_batch_with_uint8_target(backend, shape):
+    """torch returns NaN ('mean') or 0 ('sum') here, and raises only for 'none'."""
+    x = torch.randn(shape)
+    target = torch.zeros((shape[0], *shape[2:]), dtype=torch.uint8)
+    weight = torch.rand(shape[1])
+    for fn, ours in ((F.cross_entropy, fusedce.cross_entropy), (F.nll_loss, fusedce.nll_loss)):
+        for kwargs in ({}, {"weight": weight}, {"label_smoothing": 0.1, "weight": weight}):
+            if fn is F.nll_loss and "label_smoothing" in kwargs:
+                continue
+            for reduction in ("mean", "sum", "none"):
+                try:
+                    expected = fn(x, target, reduction=reduction, **kwargs)
+                except RuntimeError as exc:
+                    with use_backend(backend), pytest.raises(RuntimeError, match=str(exc)):
+                        ours(x, target, reduction=reduction, **kwargs)
+                    continue
+                with use_backend(backend):
+                    got = ours(x, target, reduction=reduction, **kwargs)
+                torch.testing.assert_close(got, expected, equal_nan=True)

@@ -1,0 +1,93 @@
+"""The per-call overhead of the common loss, counted: every torch op and every fusedce op that one
+forward plus backward of ``cross_entropy(x, target)`` dispatches on CPU.
+
+A small loss is bound by these calls, not by its arithmetic (on a 256×10 input each op costs
+about as much as the whole kernel), so an op added to the hot path is a slowdown that timings on
+a shared machine would not catch. The counts are exact: a change that adds or removes one must
+update them here, with its reason.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+import fusedce
+from fusedce.kernels import available_backends
+
+pytestmark = pytest.mark.skipif("cpu" not in available_backends("cpu"), reason="the C++ CPU backend is unavailable")
+
+
+class OpRecorder(TorchDispatchMode):
+    """Records the name of every op dispatched while it is active. Under a dispatch mode fusedce
+    calls its registered torch.library ops, so its kernels show up here as fusedce.* ops."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.ops: list[str] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
+        self.ops.append(str(func.overloadpacket).removeprefix("torch.ops."))
+        return func(*args, **(kwargs or {}))
+
+
+def _forward_and_backward(call) -> tuple[Counter[str], Counter[str]]:  # type: ignore[no-untyped-def]
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(256, 10, generator=gen, requires_grad=True)
+    target = torch.randint(0, 10, (256,), generator=gen)
+    target[::9] = -100
+    call(x, target).backward()  # warm: the first call loads the extension
+    x.grad = None
+    with OpRecorder() as recorder:
+        loss = call(x, target)
+        forward = len(recorder.ops)
+        loss.backward()
+    return Counter(recorder.ops[:forward]), Counter(recorder.ops[forward:])
+
+
+# Autograd's own ops around any custom Function's backward, which fusedce cannot avoid:
+AUTOGRAD = Counter({
+    "aten.ones_like": 1,  # loss.backward() seeds the scalar loss's gradient with ones
+    "aten.detach": 1,  # AccumulateGrad stores x.grad as a detached tensor
+})
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+def test_plain_call_is_one_op_each_way(reduction):
+    """The plain (N, C) call with int64 targets: validation, the canonical views, the per-row loss,
+    the sum, the count of non-ignored rows and the division all happen inside one fused op, and
+    the backward is one fused op too (no zero-filled gradients for the non-differentiable lse and
+    denominator outputs, no autograd nodes for views or the reduction)."""
+    forward, backward = _forward_and_backward(
+        lambda x, t: fusedce.cross_entropy(x, t, ignore_index=-100, reduction=reduction))
+    assert forward == Counter({"fusedce.ce_reduced_forward": 1})
+    assert backward == AUTOGRAD + Counter({"fusedce.ce_reduced_backward": 1})
+
+
+def test_module_call_takes_the_same_path():
+    """nn.Module users get the same two ops (CrossEntropyLoss forwards its arguments)."""
+    module = fusedce.CrossEntropyLoss()
+    forward, backward = _forward_and_backward(module)
+    assert forward == Counter({"fusedce.ce_reduced_forward": 1})
+    assert backward == AUTOGRAD + Counter({"fusedce.ce_reduced_backward": 1})
+
+
+def test_general_path_op_count():
+    """Any other call (here label smoothing) takes the general path. Its count guards that path's
+    overhead too: the canonical views of x and target (2 views), the fused per-row forward, the
+    'mean' (sum of the rows; ne and sum to count the non-ignored ones; eq, scalar_tensor,
+    _to_copy and where to turn a zero denominator into NaN, as torch's smoothed mean does; div);
+    in backward, div and expand for the mean's gradient, a zero gradient for the lse output, the
+    fused backward, and the view back to x's shape."""
+    forward, backward = _forward_and_backward(
+        lambda x, t: fusedce.cross_entropy(x, t, label_smoothing=0.1))
+    assert forward == Counter({
+        "aten.view": 2, "fusedce.ce_forward": 1, "aten.sum": 2, "aten.ne": 1, "aten.eq": 1,
+        "aten.scalar_tensor": 1, "aten._to_copy": 1, "aten.where": 1, "aten.div": 1,
+    })
+    assert backward == AUTOGRAD + Counter({
+        "aten.div": 1, "aten.expand": 1, "aten.zeros": 1, "fusedce.ce_backward": 1, "aten.view": 1,
+    })
