@@ -17,7 +17,7 @@ from torch import Tensor
 from torch.autograd import Function
 from torch.autograd.function import once_differentiable
 
-from . import _collectives, _rows
+from . import _collectives, _local, _rows
 
 
 class VocabParallelCrossEntropy(Function):
@@ -29,6 +29,7 @@ class VocabParallelCrossEntropy(Function):
         x: Tensor,
         target: Tensor,
         weight: Tensor | None,
+        local: _local.LocalStats,
         global_max: Tensor,
         offset: int,
         num_classes: int,
@@ -37,7 +38,7 @@ class VocabParallelCrossEntropy(Function):
         group: dist.ProcessGroup | None,
     ) -> Tensor:
         loss, rows = _rows.index_forward(
-            x, target, weight, global_max, offset, num_classes, ignore_index, smoothing, group
+            x, target, weight, local, global_max, offset, num_classes, ignore_index, smoothing, group
         )
         ctx.smoothing, ctx.num_classes, ctx.offset = smoothing, num_classes, offset
         ctx.save_for_backward(x, weight, *rows)
@@ -47,7 +48,7 @@ class VocabParallelCrossEntropy(Function):
     @once_differentiable
     def backward(ctx: Any, grad_loss: Tensor) -> tuple[Tensor | None, ...]:
         x, weight, *saved = ctx.saved_tensors
-        nones = (None,) * 8
+        nones = (None,) * 9
         if not ctx.needs_input_grad[0]:
             return (None, *nones)
         grad = torch.empty(x.shape, dtype=x.dtype, device=x.device)

@@ -51,15 +51,21 @@ class ParallelSpec:
 def _chunk_forward(
     logits: Tensor, target: Tensor, weight: Tensor | None, spec: ParallelSpec
 ) -> tuple[Tensor, tuple[Tensor, ...]]:
-    """The chunk's global per-row loss and statistics: two collectives."""
-    global_max, _ = _collectives.max_and_class_counts(
-        _local.row_max(logits), logits.shape[1], False, spec.group
-    )
+    """The chunk's global per-row loss and statistics: two collectives. The index path reads
+    the chunk's logits once, in the fused kernel (``_local.fused_stats``)."""
     s = spec.local
+    if s.prob:
+        local = _local.LocalStats(_local.row_max(logits), None, None)
+    else:
+        w_local = None
+        if weight is not None and s.smoothing > 0:
+            w_local = weight[spec.offset : spec.offset + logits.shape[1]]
+        local = _local.fused_stats(logits, w_local, s.smoothing > 0)
+    global_max, _ = _collectives.max_and_class_counts(local.row_max, logits.shape[1], False, spec.group)
     if s.prob:
         return _rows.prob_forward(logits, target, weight, global_max, spec.offset, spec.num_classes,
                                   s.smoothing, spec.group)
-    return _rows.index_forward(logits, target, weight, global_max, spec.offset, spec.num_classes,
+    return _rows.index_forward(logits, target, weight, local, global_max, spec.offset, spec.num_classes,
                                s.ignore_index, s.smoothing, spec.group)
 
 

@@ -56,6 +56,7 @@ def index_forward(
     x: Tensor,
     target: Tensor,
     weight: Tensor | None,
+    local: _local.LocalStats,
     global_max: Tensor,
     offset: int,
     num_classes: int,
@@ -63,7 +64,8 @@ def index_forward(
     smoothing: float,
     group: dist.ProcessGroup | None,
 ) -> tuple[Tensor, IndexRows]:
-    """The global per-row loss (0 on ignored rows) and the backward's statistics.
+    """The global per-row loss (0 on ignored rows) and the backward's statistics, from this
+    rank's statistics ``local`` (``_local.fused_stats``) and the all-reduced row max.
 
     The SUM all-reduce carries per row: ``Σ exp(x - M)``, ``x[t] - M`` (from the rank holding
     the target; 0 elsewhere) and, with smoothing, ``Σ w·(M - x)``: 2 or 3 floats a row.
@@ -72,7 +74,10 @@ def index_forward(
     local_classes = x.shape[1]
     w_local = local_weight(weight, offset, local_classes, acc)
     packed = torch.zeros((3 if smoothing > 0 else 2, x.shape[0], x.shape[2]), dtype=acc, device=x.device)
-    _local.index_sums(x, global_max, w_local, smoothing > 0, packed)
+    if local.log_sum is None:  # the kernel could not run: the torch pass
+        _local.index_sums(x, global_max, w_local, smoothing > 0, packed)
+    else:
+        _local.index_sums_from_stats(x, local, global_max, w_local, smoothing > 0, packed)
 
     t = target.long()
     valid = t != ignore_index
