@@ -197,9 +197,7 @@ class VocabParallelLinearCrossEntropy(Function):
                     grads[i] = g
         if grads[0] is not None:
             # The one collective of this backward: every rank's share of the input gradient.
-            partial = grads[0].to(accumulation_dtype(x2.dtype))
-            dist.all_reduce(partial, op=dist.ReduceOp.SUM, group=spec.group)
-            grads[0] = partial.to(x2.dtype)
+            grads[0] = _collectives.sum_shares(grads[0], spec.group)
         if grads[1] is not None:
             grads[1] = grads[1].to(w2.dtype)
         if grads[2] is not None and b1 is not None:
