@@ -124,8 +124,13 @@ def _gaps(x: Tensor, global_max: Tensor, weight: Tensor | None, out: Tensor) -> 
     """``Σ_c w_c·(M - x_c)`` into ``out[2]``: the torch pass of the smoothing sum alone."""
     for rows in _chunks(x):
         d = _shifted(x, global_max, rows)
-        gaps = d.sum(1) if weight is None else torch.einsum("ocr,c->or", d, weight)
-        out[2, rows] = gaps.neg_()
+        out[2, rows] = _weighted_gaps(d, weight)
+
+
+def _weighted_gaps(shifted: Tensor, weight: Tensor | None) -> Tensor:
+    """``Σ_c w_c·(M - x_c)`` per row of a chunk, from its ``x - M``."""
+    gaps = shifted.sum(1) if weight is None else torch.einsum("ocr,c->or", shifted, weight)
+    return gaps.neg_()
 
 
 def _shifted(x: Tensor, global_max: Tensor, rows: slice) -> Tensor:
@@ -144,8 +149,7 @@ def index_sums(x: Tensor, global_max: Tensor, weight: Tensor | None, smoothing: 
     for rows in _chunks(x):
         d = _shifted(x, global_max, rows)
         if smoothing:
-            gaps = d.sum(1) if weight is None else torch.einsum("ocr,c->or", d, weight)
-            out[2, rows] = gaps.neg_()
+            out[2, rows] = _weighted_gaps(d, weight)
         out[0, rows] = d.exp_().sum(1)
 
 
@@ -161,8 +165,7 @@ def prob_sums(
         out[1, rows] = wt.sum(1)
         out[2, rows] = (wt * d).sum(1).neg_()
         if smoothing:
-            gaps = d.sum(1) if weight is None else torch.einsum("ocr,c->or", d, weight)
-            out[3, rows] = gaps.neg_()
+            out[3, rows] = _weighted_gaps(d, weight)
         out[0, rows] = d.exp_().sum(1)
 
 
