@@ -2,8 +2,10 @@
 
     python benchmarks/bench_distributed.py                     # 2 gloo ranks, 2048 x 32000 fp32
     python benchmarks/bench_distributed.py --rows 512 --classes 8000 --steps 3
+    python benchmarks/bench_distributed.py --hidden 0          # without the linear-head rows
 
-Each rank holds ``classes / world`` columns of the logits. For each implementation the script
+Each rank holds ``classes / world`` columns of the logits (and, for the linear-head rows, the
+same rows of an LM head of ``--hidden`` inputs). For each implementation the script
 reports the payload bytes handed to collectives per row of logits (forward + backward), the
 number of collectives, and the median time of a forward + backward step. fusedce's collectives
 and torch's are counted by one TorchDispatchMode that sees every collective op with its tensors
@@ -104,6 +106,28 @@ def _worker(rank: int, world: int, port: int, opts: argparse.Namespace, results:
     }
     if opts.smoothing == 0:
         steps["torch loss_parallel()"] = torch_step
+    if opts.hidden:
+        # The LM head sharded by rows: fusedce's fused head + loss against the head's matmul then
+        # loss_parallel(); both end with the full input gradient on every rank.
+        hidden = torch.randn(opts.rows, opts.hidden, generator=gen)
+        head = torch.randn(local_classes, opts.hidden, generator=gen) * opts.hidden**-0.5
+        sizes = [local_classes] * world
+
+        def fusedce_linear_step() -> None:
+            x, w = hidden.clone().requires_grad_(), head.clone().requires_grad_()
+            fdist.linear_cross_entropy(x, w, target, label_smoothing=opts.smoothing, shard_sizes=sizes).backward()
+
+        def torch_linear_step() -> None:
+            x, w = hidden.clone().requires_grad_(), head.clone().requires_grad_()
+            logits = DTensor.from_local(x @ w.t(), mesh, [Shard(1)])
+            with loss_parallel():
+                F.cross_entropy(logits, target).backward()
+            assert x.grad is not None
+            dist.all_reduce(x.grad)  # each rank's share of the replicated input's gradient
+
+        steps["fusedce.distributed.linear_cross_entropy"] = fusedce_linear_step
+        if opts.smoothing == 0:
+            steps["linear, then torch loss_parallel()"] = torch_linear_step
     report = {}
     for name, step in steps.items():
         counter = _Counter()
@@ -128,6 +152,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--classes", type=int, default=32000)
     parser.add_argument("--world", type=int, default=2)
     parser.add_argument("--steps", type=int, default=5)
+    parser.add_argument("--hidden", type=int, default=512,
+                        help="hidden size of the linear-head rows (0: no linear_cross_entropy rows)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads per rank")
     parser.add_argument("--smoothing", type=float, default=0.0, help="(torch's loss_parallel has none)")
     opts = parser.parse_args(argv)
@@ -145,10 +171,13 @@ def main(argv: list[str] | None = None) -> None:
     print(f"{opts.world} gloo ranks, {opts.rows} x {opts.classes} fp32 logits ({opts.classes // opts.world} classes "
           f"a rank), {opts.threads} thread(s) a rank, median of {opts.steps} steps, torch {torch.__version__}, "
           f"{os.cpu_count()} CPUs")
-    print(f"{'implementation':36} {'collectives':>11} {'CommDebugMode':>13} {'bytes/row':>10} {'ms/step':>9}")
+    if opts.hidden:
+        print(f"linear rows: hidden state {opts.rows} x {opts.hidden} fp32, the head's {opts.classes // opts.world} "
+              "rows a rank; their bytes include the input gradient's all-reduce")
+    print(f"{'implementation':40} {'collectives':>11} {'CommDebugMode':>13} {'bytes/row':>10} {'ms/step':>9}")
     for name, (calls, per_row, comm_counts, _) in reports[0].items():
         slowest = max(r[name][3] for r in reports.values())
-        print(f"{name:36} {calls:>11} {comm_counts:>13} {per_row:>10.1f} {slowest * 1e3:>9.1f}")
+        print(f"{name:40} {calls:>11} {comm_counts:>13} {per_row:>10.1f} {slowest * 1e3:>9.1f}")
 
 
 if __name__ == "__main__":

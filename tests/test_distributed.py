@@ -136,6 +136,10 @@ class Case:
         if targets == "neg_inf":
             # A row whose slice on the last rank is masked, and one masked everywhere but its target.
             self.logits.narrow(self.class_dim, classes - 2, 2).select(0, 0).fill_(float("-inf"))
+        if targets == "neg_inf_shard":
+            # The last 3 classes of row 0 masked: the whole row on the last rank of 2 (4 + 3) and of
+            # 3 (3 + 3 + 1), where the fused kernel's sums of that row cannot serve.
+            self.logits.narrow(self.class_dim, classes - 3, 3).select(0, 0).fill_(float("-inf"))
         self.weight = torch.rand(classes, generator=gen, dtype=torch.float64).add(0.5).to(dtype) if weight else None
         self.kwargs: dict[str, Any] = dict(ignore_index=ignore, label_smoothing=smoothing)
         self.kwargs.update(legacy if legacy else {"reduction": reduction})
@@ -204,6 +208,8 @@ def _grid() -> list[Case]:
         cases.append(Case(next(seed), (4, 7), "index", weight=True, smoothing=smoothing, targets="neg_inf",
                           reduction="none"))
         cases.append(Case(next(seed), (4, 7), "prob", smoothing=smoothing, targets="neg_inf", reduction="none"))
+        cases.append(Case(next(seed), (4, 7), "index", smoothing=smoothing, targets="neg_inf_shard",
+                          reduction="none"))
         for kind in ("index", "prob"):
             cases.append(Case(next(seed), (4, 9), kind, weight=True, smoothing=smoothing, split="empty"))
             cases.append(Case(next(seed), (8, 11), kind, weight=True, smoothing=smoothing, dtype=torch.float32))
@@ -348,9 +354,235 @@ def _job_dtensor_2d(rank: int, world: int) -> list[str]:
     return failures
 
 
+# --------------------------------------------------------------------------------------------
+# linear_cross_entropy: the weight sharded by rows, against F.linear_cross_entropy on the whole
+# --------------------------------------------------------------------------------------------
+
+
+class LinearCase:
+    """One linear_cross_entropy combination: hidden state (N, H) or (H,), weight (C, *out, H)."""
+
+    def __init__(self, seed: int, batch: tuple[int, ...], hidden: int, classes: int, kind: str, *,
+                 out: tuple[int, ...] = (), weight: bool = False, bias: bool = True, ignore: int | None = None,
+                 smoothing: float = 0.0, reduction: str = "mean", dtype: torch.dtype = torch.float64,
+                 targets: str = "random", split: str = "uneven", chunk: int | None = None,
+                 target_grad: bool = True, sizes_given: bool = False, shift: float = 0.0) -> None:
+        self.label = (f"linear #{seed} batch={batch} H={hidden} C={classes} out={out} {kind} w={weight} "
+                      f"bias={bias} ignore={ignore} eps={smoothing} {reduction} {dtype} targets={targets} "
+                      f"split={split} chunk={chunk} target_grad={target_grad} sizes={sizes_given} shift={shift}")
+        gen = torch.Generator().manual_seed(seed)
+        self.input = torch.randn((*batch, hidden), generator=gen, dtype=torch.float64).to(dtype)
+        self.linear_weight = torch.randn((classes, *out, hidden), generator=gen, dtype=torch.float64).to(dtype)
+        # `shift` moves every logit by about that much, through the bias (shift invariance).
+        bias_values = torch.randn((classes, *out), generator=gen, dtype=torch.float64) + shift
+        self.bias = bias_values.to(dtype) if bias else None
+        rows = (*batch, *out)
+        self.class_dim = 1 if batch else 0
+        if kind == "prob":
+            shape = (*batch, classes, *out)
+            self.target = torch.randn(shape, generator=gen, dtype=torch.float64).softmax(self.class_dim).to(dtype)
+        else:
+            high = {"first_rank_only": 2}.get(targets, classes)
+            self.target = torch.randint(0, high, rows, generator=gen)
+            fill = -100 if ignore is None else ignore
+            if targets == "some_ignored" and self.target.dim():
+                self.target.view(-1)[::2] = fill
+            if targets == "all_ignored":
+                self.target.fill_(fill)
+        self.weight = torch.rand(classes, generator=gen, dtype=torch.float64).add(0.5).to(dtype) if weight else None
+        self.kwargs: dict[str, Any] = dict(reduction=reduction, ignore_index=ignore, label_smoothing=smoothing)
+        out_shape = () if reduction != "none" else rows
+        self.grad_out = torch.randn(out_shape, generator=gen, dtype=torch.float64).to(dtype)
+        self.kind, self.split, self.chunk = kind, split, chunk
+        self.target_grad = target_grad and kind == "prob"
+        self.sizes_given = sizes_given
+        self.tol = F64 if dtype == torch.float64 else F32
+
+
+def _check_linear_case(case: LinearCase, rank: int, world: int) -> list[str]:
+    from fusedce import distributed as fdist
+
+    classes = case.linear_weight.shape[0]
+    sizes = _splits(classes, world, case.split)
+    offset, count = sum(sizes[:rank]), sizes[rank]
+    prob = case.kind == "prob"
+
+    def leaf(t: torch.Tensor | None, grad: bool = True) -> Any:
+        return None if t is None else t.clone().requires_grad_(grad)
+
+    x_full, w_full, b_full = leaf(case.input), leaf(case.linear_weight), leaf(case.bias)
+    t_full, cw_full = leaf(case.target, case.target_grad), leaf(case.weight, case.target_grad)
+    expected, expected_err = _outcome(lambda: F.linear_cross_entropy(
+        x_full, w_full, t_full, linear_bias=b_full, weight=cw_full, **case.kwargs))
+
+    x = leaf(case.input)
+    w = leaf(case.linear_weight[offset : offset + count])
+    b = None if case.bias is None else leaf(case.bias[offset : offset + count])
+    t = case.target.narrow(case.class_dim, offset, count) if prob else case.target
+    t, cw = leaf(t, case.target_grad), leaf(case.weight, case.target_grad)
+    options = None if case.chunk is None else torch.nn.LinearCrossEntropyOptions(batch_chunk_size=case.chunk)
+    got, got_err = _outcome(lambda: fdist.linear_cross_entropy(
+        x, w, t, linear_bias=b, weight=cw, options=options, shard_sizes=sizes if case.sizes_given else None,
+        **case.kwargs))
+    if expected_err or got_err:
+        return [] if expected_err == got_err else [f"{case.label}: torch raised {expected_err}, fusedce {got_err}"]
+    try:
+        _close(got, expected, case.tol, f"{case.label}: loss")
+        (expected * case.grad_out).sum().backward()
+        (got * case.grad_out).sum().backward()
+        _close(x.grad, x_full.grad, case.tol, f"{case.label}: input grad")
+        _close(w.grad, w_full.grad[offset : offset + count], case.tol, f"{case.label}: weight slice grad")
+        if b is not None:
+            _close(b.grad, b_full.grad[offset : offset + count], case.tol, f"{case.label}: bias slice grad")
+        if case.target_grad:
+            expected_t = t_full.grad.narrow(case.class_dim, offset, count)
+            _close(t.grad, expected_t, case.tol, f"{case.label}: target grad")
+            if cw is not None:
+                _close(cw.grad, cw_full.grad, case.tol, f"{case.label}: class weight grad")
+    except AssertionError as e:
+        return [str(e)]
+    return []
+
+
+def _linear_grid() -> list[LinearCase]:
+    cases: list[LinearCase] = []
+    seed = itertools.count(5000)
+    # (batch, H, C, out): batched, unbatched, K-dim; the chunk size 2 makes several row chunks.
+    shapes = [((5,), 4, 7, (), 2), ((), 4, 7, (), None), ((3,), 4, 7, (2,), 2)]
+    for (batch, hidden, classes, out, chunk), weight, smoothing, reduction in itertools.product(
+        shapes, (False, True), (0.0, 0.25), ("none", "mean", "sum")
+    ):
+        bias = next(seed) % 2 == 0
+        cases.append(LinearCase(next(seed), batch, hidden, classes, "index", out=out, weight=weight, bias=bias,
+                                ignore=3 if bias else None, smoothing=smoothing, reduction=reduction,
+                                targets="some_ignored", chunk=chunk))
+        cases.append(LinearCase(next(seed), batch, hidden, classes, "prob", out=out, weight=weight, bias=bias,
+                                smoothing=smoothing, reduction=reduction, chunk=chunk,
+                                target_grad=next(seed) % 2 == 0))
+    # The special cases: all ignored, a rank that holds no target, an empty shard, float32 (with
+    # logits near 2000: shift invariance), no rows, shard_sizes given.
+    for smoothing, reduction in itertools.product((0.0, 0.25), ("none", "mean", "sum")):
+        cases.append(LinearCase(next(seed), (4,), 3, 7, "index", weight=True, smoothing=smoothing,
+                                reduction=reduction, targets="all_ignored", chunk=3))
+    for smoothing in (0.0, 0.25):
+        cases.append(LinearCase(next(seed), (6,), 3, 7, "index", smoothing=smoothing, targets="first_rank_only"))
+        for kind in ("index", "prob"):
+            cases.append(LinearCase(next(seed), (4,), 3, 9, kind, weight=True, smoothing=smoothing, split="empty",
+                                    chunk=3))
+            cases.append(LinearCase(next(seed), (8,), 6, 11, kind, weight=True, smoothing=smoothing,
+                                    dtype=torch.float32, shift=2000.0, chunk=3, sizes_given=True))
+            cases.append(LinearCase(next(seed), (0,), 3, 7, kind, smoothing=smoothing, reduction="mean"))
+    return cases
+
+
+def _linear_errors() -> list[LinearCase]:
+    """Arguments torch refuses: the same exception type and message on every rank."""
+    def case(seed: int, **kw: Any) -> LinearCase:
+        return LinearCase(6000 + seed, (4,), 3, 7, kw.pop("kind", "index"), **kw)
+
+    out_of_range = case(0)
+    out_of_range.target[1] = 7  # the global C
+    wrong_weight = case(1, weight=True)
+    wrong_weight.weight = torch.ones(6, dtype=torch.float64)
+    prob_ignore = case(2, kind="prob", ignore=-100)
+    smoothing = case(3, smoothing=1.5)
+    batch = case(4)
+    batch.target = batch.target[:3]
+    hidden = case(5)
+    hidden.input = hidden.input[:, :2]
+    return [out_of_range, wrong_weight, prob_ignore, smoothing, batch, hidden]
+
+
+def _linear_traffic(rank: int, world: int) -> list[str]:
+    """No op allocates more than a row chunk of logits, each chunk makes two all-reduces of
+    O(rows) floats, and the backward one (the input gradient)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from fusedce import distributed as fdist
+
+    rows, hidden, classes, chunk = 64, 3, 40, 8
+    sizes = _splits(classes, world, "uneven")
+    offset = sum(sizes[:rank])
+    gen = torch.Generator().manual_seed(7000)
+    x = torch.randn(rows, hidden, generator=gen).requires_grad_()
+    w = torch.randn(classes, hidden, generator=gen)[offset : offset + sizes[rank]].clone().requires_grad_()
+    target = torch.randint(0, classes, (rows,), generator=gen)
+
+    class Largest(TorchDispatchMode):
+        numel = 0
+
+        def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+            out = func(*args, **(kwargs or {}))
+            for t in out if isinstance(out, (tuple, list)) else (out,):
+                if isinstance(t, torch.Tensor):  # its storage: an expanded stand-in holds one element
+                    Largest.numel = max(Largest.numel, t.untyped_storage().nbytes() // t.element_size())
+            return out
+
+    calls: list[int] = []
+    all_reduce = dist.all_reduce
+
+    def counting(tensor: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+        calls.append(tensor.numel())
+        return all_reduce(tensor, *args, **kwargs)
+
+    failures = []
+    dist.all_reduce = counting  # type: ignore[assignment]
+    try:
+        for reduction in ("mean", "none"):
+            calls.clear()
+            options = torch.nn.LinearCrossEntropyOptions(batch_chunk_size=chunk)
+            with Largest():
+                loss = fdist.linear_cross_entropy(x, w, target, reduction=reduction, options=options,
+                                                  shard_sizes=sizes)
+            forward = list(calls)
+            loss.sum().backward()
+            backward = calls[len(forward):]
+            if forward != [chunk, 2 * chunk] * (rows // chunk):
+                failures.append(f"linear traffic {reduction}: forward all-reduces {forward}")
+            if backward != [rows * hidden]:
+                failures.append(f"linear traffic {reduction}: backward all-reduces {backward}, expected one")
+            largest_logits = max(sizes) * chunk
+            if Largest.numel > max(largest_logits, rows * hidden, sizes[rank] * hidden):
+                failures.append(f"linear traffic {reduction}: a {Largest.numel}-element tensor was allocated")
+    finally:
+        dist.all_reduce = all_reduce
+    return failures
+
+
+def _linear_backward_twice(rank: int, world: int) -> list[str]:
+    """A second backward through the same graph (the forward's precomputed gradients are used
+    once, then recomputed) accumulates the same gradients again."""
+    from fusedce import distributed as fdist
+
+    case = LinearCase(7100, (5,), 4, 7, "index", weight=True, smoothing=0.1, chunk=2)
+    sizes = _splits(7, world, "uneven")
+    offset = sum(sizes[:rank])
+    x, w = case.input.clone().requires_grad_(), case.linear_weight[offset : offset + sizes[rank]].clone()
+    w.requires_grad_()
+    loss = fdist.linear_cross_entropy(x, w, case.target, weight=case.weight, label_smoothing=0.1,
+                                      options=torch.nn.LinearCrossEntropyOptions(batch_chunk_size=2))
+    loss.backward(retain_graph=True)
+    assert x.grad is not None and w.grad is not None
+    once = (x.grad.clone(), w.grad.clone())
+    loss.backward()
+    try:
+        _close(x.grad, 2 * once[0], F64, "linear backward twice: input grad")
+        _close(w.grad, 2 * once[1], F64, "linear backward twice: weight grad")
+    except AssertionError as e:
+        return [str(e)]
+    return []
+
+
+def _job_linear(rank: int, world: int) -> list[str]:
+    failures: list[str] = []
+    for case in _linear_grid() + _linear_errors():
+        failures += _check_linear_case(case, rank, world)
+    return failures + _linear_traffic(rank, world) + _linear_backward_twice(rank, world)
+
+
 JOBS = {
-    "grid+dtensor": _job_grid_and_dtensor,
-    "grid": _job_grid,
+    "grid+dtensor+linear": lambda rank, world: _job_grid_and_dtensor(rank, world) + _job_linear(rank, world),
+    "grid+linear": lambda rank, world: _job_grid(rank, world) + _job_linear(rank, world),
     "dtensor2d": _job_dtensor_2d,
 }
 
@@ -363,12 +595,12 @@ JOBS = {
 def test_grid_and_dtensor_world_2():
     """2 ranks (classes split 4 + 3, or 9 + 0 for the empty shard): the grid, the refusals, and
     DTensor on a 1-D mesh."""
-    _run_world(2, "grid+dtensor")
+    _run_world(2, "grid+dtensor+linear")
 
 
 def test_grid_world_3():
     """3 ranks with uneven shards (3 + 3 + 1), and an empty middle shard."""
-    _run_world(3, "grid")
+    _run_world(3, "grid+linear")
 
 
 def test_dtensor_2d_mesh_world_4():
@@ -379,3 +611,4 @@ def test_dtensor_2d_mesh_world_4():
 def test_grid_size():
     """The grid the worlds run (so that a change that empties it fails here)."""
     assert len(_grid()) >= 100 and len(_errors()) == 7
+    assert len(_linear_grid()) >= 80 and len(_linear_errors()) == 6

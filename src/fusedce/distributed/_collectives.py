@@ -1,4 +1,6 @@
-"""The two collectives of the forward, and the one the probability path's weight gradient needs.
+"""The collectives: the forward's two (per call, or per row chunk of linear_cross_entropy), and
+the backward's only ones: a probability path's weight gradient, and linear_cross_entropy's input
+gradient.
 
 Every call goes through ``torch.distributed`` by attribute (``dist.all_reduce``), so a wrapper
 installed on the module (the benchmark's byte counter, a profiler) sees each of them.
@@ -6,9 +8,13 @@ installed on the module (the benchmark's byte counter, a profiler) sees each of 
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 import torch.distributed as dist
 from torch import Tensor
+
+from ..kernels.reference import accumulation_dtype
 
 # A shard's class count travels inside the MAX all-reduce of the row maxima, as two float
 # "digits" base 4096, so that it stays exact in float32 (24-bit mantissa) for any vocabulary
@@ -42,6 +48,21 @@ def max_and_class_counts(
     return buffer[: flat.numel()].view_as(row_max), counts
 
 
+def checked_shard_sizes(
+    shard_sizes: Sequence[int], local_classes: int, group: dist.ProcessGroup | None
+) -> list[int]:
+    """The caller's ``shard_sizes`` as ints, refused unless they name every rank and this rank's
+    count is its own."""
+    sizes = [int(s) for s in shard_sizes]
+    world, rank = dist.get_world_size(group), dist.get_rank(group)
+    if len(sizes) != world or sizes[rank] != local_classes:
+        raise ValueError(
+            f"fusedce.distributed: shard_sizes={sizes} does not match this rank's "
+            f"{local_classes} classes (rank {rank} of {world})"
+        )
+    return sizes
+
+
 def sum_rows(packed: Tensor, group: dist.ProcessGroup | None) -> Tensor:
     """All-reduce (SUM) the packed per-row sums, ``(k, outer, inner)``, in place."""
     dist.all_reduce(packed, op=dist.ReduceOp.SUM, group=group)
@@ -55,3 +76,11 @@ def gather_class_slices(local: Tensor, offset: int, num_classes: int, group: dis
     full[offset : offset + local.numel()] = local
     dist.all_reduce(full, op=dist.ReduceOp.SUM, group=group)
     return full
+
+
+def sum_shares(partial: Tensor, group: dist.ProcessGroup | None) -> Tensor:
+    """The sum over ranks of each rank's share of a replicated tensor's gradient (linear_cross_entropy's
+    input gradient), all-reduced once, in the accumulation dtype."""
+    total = partial.to(accumulation_dtype(partial.dtype))
+    dist.all_reduce(total, op=dist.ReduceOp.SUM, group=group)
+    return total.to(partial.dtype)

@@ -1,25 +1,28 @@
-"""The per-rank arithmetic on the local slice of the classes: torch ops, in row chunks.
+"""The per-rank arithmetic on the local slice of the classes.
 
-Each function walks the rows in chunks of about ``_CHUNK_ELEMENTS`` logits, so that the chunk's
-temporaries stay in cache: from memory's point of view each function reads the local logits once
-(and the backward writes the gradient once), although torch runs several elementwise passes over
-each chunk. No temporary of the local logits' full size is ever allocated.
+The index path's forward reads the local logits ONCE, in fusedce's fused kernel
+(``fused_stats``): its row statistics ``[m, log Σ exp(x - m)]`` (and, with label smoothing, the
+row's ``Σ w·(m - x)``) are rescaled to the global max in O(rows) afterwards
+(``index_sums_from_stats``). The rest is torch ops on row chunks of about ``_CHUNK_ELEMENTS``
+logits, so that the chunk's temporaries stay in cache: from memory's point of view each such
+function reads the local logits once (and the backward writes the gradient once), although
+torch runs several elementwise passes over each chunk. No temporary of the local logits' full
+size is ever allocated.
 
-Every shift is by the *global* row max ``M`` (all-reduced before these run), so the quantities
-are torch's shift-invariant ``(x - M) - log S``, never ``x - lse`` with a rounded ``lse``.
-
-After the kernel change that makes ``ops.ce_forward`` return per-row ``[max, log Σ exp(x - max)]``
-the forward sums here can come from the fused kernel instead (see ``row_max``); the formulas
-stay the same.
+Every shift in the torch-op passes is by the *global* row max ``M`` (all-reduced before they
+run), so the quantities are torch's shift-invariant ``(x - M) - log S``, never ``x - lse`` with
+a rounded ``lse``.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator
+from typing import NamedTuple
 
 import torch
 from torch import Tensor
 
+from .._ops import ops
 from ..kernels.reference import accumulation_dtype
 
 # About 512 KiB of float32 per chunk: small enough for a core's L2, large enough that the
@@ -51,6 +54,85 @@ def row_max(x: Tensor) -> Tensor:
     return x.amax(dim=1).to(acc)
 
 
+class LocalStats(NamedTuple):
+    """This rank's statistics of each row ``(outer, inner)``, in the accumulation dtype."""
+
+    row_max: Tensor  # m over the local classes; -inf for an empty shard
+    log_sum: Tensor | None  # log Σ exp(x - m); None: the sums pass computes Σ exp(x - M) itself
+    gaps: Tensor | None  # Σ_c w_c·(m - x_c), for label smoothing; None: not computed here
+
+
+def fused_stats(x: Tensor, weight: Tensor | None, gaps: bool) -> LocalStats:
+    """``[m, log Σ exp(x - m)]`` per row from fusedce's fused forward, in one read of the
+    logits; with ``gaps``, also ``Σ w·(m - x)``, weighted by ``weight`` (this rank's slice).
+
+    The kernel runs with label smoothing 1 on a dummy target (class 0, never ignored): its loss
+    is then ``(1/C)·Σ_c w_c·((m - x_c) + log Σ)``, from which ``Σ w·(m - x)`` comes back as
+    ``C·loss - W·log Σ``. Two non-negative terms of the same order: a few ulp, no cancellation
+    of large offsets. Rows whose class 0 is ``-inf`` make that loss NaN (``0·inf`` in the
+    kernel's target term); ``index_sums_from_stats`` recomputes them.
+
+    Anything the kernel would refuse before the first collective (an empty shard, integer
+    logits, a weight of the wrong dtype or size) gets the plain row max instead, and the torch
+    passes later, after the checks that raise torch's errors on every rank alike.
+    """
+    usable = weight is None or (
+        weight.dim() == 1 and weight.numel() == x.shape[1] and weight.dtype == x.dtype
+        and weight.device == x.device
+    )
+    if x.shape[1] == 0 or not x.is_floating_point() or not usable:
+        return LocalStats(row_max(x), None, None)
+    rows = (x.shape[0], x.shape[2])
+    dummy = torch.zeros((), dtype=torch.long, device=x.device).expand(rows)
+    loss, stats = ops.ce_forward(x, dummy, weight if gaps else None, -1, 1.0 if gaps else 0.0)
+    log_sum = stats[..., 1]
+    shifted = None
+    if gaps:
+        total = float(x.shape[1]) if weight is None else weight.to(loss.dtype).sum()
+        shifted = x.shape[1] * loss - total * log_sum
+    return LocalStats(stats[..., 0], log_sum, shifted)
+
+
+def index_sums_from_stats(
+    x: Tensor, local: LocalStats, global_max: Tensor, weight: Tensor | None, smoothing: bool, out: Tensor
+) -> None:
+    """``index_sums`` from the fused kernel's statistics: ``Σ exp(x - M) = exp(log Σ + (m - M))``
+    into ``out[0]`` and, with smoothing, ``Σ w·(M - x) = Σ w·(m - x) + W·(M - m)`` into
+    ``out[2]``, in O(rows). A rank whose row is all ``-inf`` adds nothing to the first sum.
+
+    Rows the kernel's sums cannot serve (class 0 at ``-inf``, see ``fused_stats``; or no gaps
+    computed) take the torch pass's values; that pass runs only if such a row exists.
+    """
+    assert local.log_sum is not None
+    m = local.row_max
+    out[0] = torch.where(m == float("-inf"), 0, torch.exp(local.log_sum + (m - global_max)))
+    if not smoothing:
+        return
+    if local.gaps is None:
+        _gaps(x, global_max, weight, out)
+        return
+    total = float(x.shape[1]) if weight is None else weight.sum()
+    out[2] = local.gaps + total * (global_max - m)
+    redo = x[:, 0, :] == float("-inf")
+    if bool(redo.any()):  # a host read (a GPU synchronisation), with label smoothing only
+        recomputed = torch.empty_like(out)
+        _gaps(x, global_max, weight, recomputed)
+        out[2] = torch.where(redo, recomputed[2], out[2])
+
+
+def _gaps(x: Tensor, global_max: Tensor, weight: Tensor | None, out: Tensor) -> None:
+    """``Σ_c w_c·(M - x_c)`` into ``out[2]``: the torch pass of the smoothing sum alone."""
+    for rows in _chunks(x):
+        d = _shifted(x, global_max, rows)
+        out[2, rows] = _weighted_gaps(d, weight)
+
+
+def _weighted_gaps(shifted: Tensor, weight: Tensor | None) -> Tensor:
+    """``Σ_c w_c·(M - x_c)`` per row of a chunk, from its ``x - M``."""
+    gaps = shifted.sum(1) if weight is None else torch.einsum("ocr,c->or", shifted, weight)
+    return gaps.neg_()
+
+
 def _shifted(x: Tensor, global_max: Tensor, rows: slice) -> Tensor:
     """``x - M`` for a chunk of rows, in the accumulation dtype (a chunk-sized temporary)."""
     acc = accumulation_dtype(x.dtype)
@@ -67,8 +149,7 @@ def index_sums(x: Tensor, global_max: Tensor, weight: Tensor | None, smoothing: 
     for rows in _chunks(x):
         d = _shifted(x, global_max, rows)
         if smoothing:
-            gaps = d.sum(1) if weight is None else torch.einsum("ocr,c->or", d, weight)
-            out[2, rows] = gaps.neg_()
+            out[2, rows] = _weighted_gaps(d, weight)
         out[0, rows] = d.exp_().sum(1)
 
 
@@ -84,8 +165,7 @@ def prob_sums(
         out[1, rows] = wt.sum(1)
         out[2, rows] = (wt * d).sum(1).neg_()
         if smoothing:
-            gaps = d.sum(1) if weight is None else torch.einsum("ocr,c->or", d, weight)
-            out[3, rows] = gaps.neg_()
+            out[3, rows] = _weighted_gaps(d, weight)
         out[0, rows] = d.exp_().sum(1)
 
 

@@ -77,23 +77,37 @@ def cross_entropy(
 
 
 class _Layout:
-    """Where this rank's classes sit: its canonical view, the global max and the class range."""
+    """Where this rank's classes sit: its canonical view, this rank's row statistics, the global
+    max and the class range.
 
-    def __init__(self, x: Tensor, group: dist.ProcessGroup | None, shard_sizes: Sequence[int] | None) -> None:
+    With ``fused`` (the index path), the statistics come from one read of the logits in the fused
+    kernel (``_local.fused_stats``), label smoothing's weighted sum included when this rank's
+    slice of ``weight`` is known before the first collective (``shard_sizes`` given, or no
+    weight); otherwise the row max alone.
+    """
+
+    def __init__(
+        self, x: Tensor, group: dist.ProcessGroup | None, shard_sizes: Sequence[int] | None,
+        fused: bool = False, weight: Tensor | None = None, smoothing: bool = False,
+    ) -> None:
         self.class_dim = 0 if x.dim() == 1 else 1
         self.x = canonical(x, self.class_dim)
         local_classes = self.x.shape[1]
+        sizes = None
         if shard_sizes is not None:
-            sizes = [int(s) for s in shard_sizes]
-            if len(sizes) != dist.get_world_size(group) or sizes[dist.get_rank(group)] != local_classes:
-                raise ValueError(
-                    f"fusedce.distributed: shard_sizes={sizes} does not match this rank's "
-                    f"{local_classes} classes (rank {dist.get_rank(group)} of {dist.get_world_size(group)})"
-                )
+            sizes = _collectives.checked_shard_sizes(shard_sizes, local_classes, group)
+        detached = self.x.detach()
+        if fused:
+            known = sizes is not None or weight is None
+            start = sum(sizes[: dist.get_rank(group)]) if sizes is not None else 0
+            w_local = None if weight is None or not (smoothing and known) else weight[start : start + local_classes]
+            self.local = _local.fused_stats(detached, w_local, smoothing and known)
+        else:
+            self.local = _local.LocalStats(_local.row_max(detached), None, None)
         self.global_max, learned = _collectives.max_and_class_counts(
-            _local.row_max(self.x.detach()), local_classes, shard_sizes is None, group
+            self.local.row_max, local_classes, shard_sizes is None, group
         )
-        counts = sizes if shard_sizes is not None else learned
+        counts = sizes if sizes is not None else learned
         assert counts is not None
         rank = dist.get_rank(group)
         self.offset = sum(counts[:rank])
@@ -117,7 +131,8 @@ def _index(
     # torch's order: the smoothing range, then log_softmax's dtype, then nll_loss's checks.
     smoothing = _checks.check_label_smoothing(smoothing)
     _checks.check_softmax_dtype("log_softmax", x, _checks.wrap_dim(0 if x.dim() == 1 else 1, x.dim()))
-    layout = _Layout(x, group, shard_sizes)
+    flat_weight = single._flat_weight(weight)
+    layout = _Layout(x, group, shard_sizes, fused=True, weight=flat_weight, smoothing=smoothing > 0)
     full = layout.global_input
     _checks.check_nll(full, target, weight, mode)
     if smoothing > 0:
@@ -125,9 +140,8 @@ def _index(
     rows = canonical_rows(target, layout.x.shape[0], layout.x.shape[2])
     if not rows.is_cuda:  # a host read: skipped on a GPU, where such rows become NaN instead
         check_targets(rows, layout.num_classes, ignore_index)
-    flat_weight = single._flat_weight(weight)
     loss = VocabParallelCrossEntropy.apply(
-        layout.x, rows, flat_weight, layout.global_max, layout.offset, layout.num_classes,
+        layout.x, rows, flat_weight, layout.local, layout.global_max, layout.offset, layout.num_classes,
         ignore_index, smoothing, group,
     )
     loss = single._unbatched_target_quirk(full, target, loss, smoothing)
