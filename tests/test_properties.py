@@ -21,10 +21,15 @@ def cases(draw) -> testing.Case:
     shape = (*shape[:class_dim], draw(st.integers(1, 40)), *shape[class_dim + 1:])
     dtype = draw(st.sampled_from([torch.float32, torch.float64]))
     layout = draw(st.sampled_from(["contiguous", "class_last", "strided"])) if ndim >= 2 else "contiguous"
+    if op == "linear_cross_entropy":
+        # Its shape is (H, *logits_shape) and its layouts are its own (testing.linear_grid).
+        shape = (draw(st.integers(1, 8)), *shape[:3])
+        layout = draw(st.sampled_from(["contiguous", "tied", "strided"])) + draw(st.sampled_from(["", "+bias"]))
     if op in ("log_softmax", "softmax"):
         return testing.Case(op, shape, dtype, layout, dim=draw(st.integers(-ndim, ndim - 1)))
-    target = draw(st.sampled_from(["index", "prob"])) if op == "cross_entropy" else "index"
-    smoothing = draw(st.sampled_from([None, 0.0, 0.05, 0.5, 1.0])) if op == "cross_entropy" else None
+    smoothed = op in ("cross_entropy", "linear_cross_entropy")
+    target = draw(st.sampled_from(["index", "prob"])) if smoothed else "index"
+    smoothing = draw(st.sampled_from([None, 0.0, 0.05, 0.5, 1.0])) if smoothed else None
     return testing.Case(
         op, shape, dtype, layout, target,
         weight=draw(st.sampled_from(["none", "positive", "some_zero"])),
