@@ -107,30 +107,75 @@ def weight_grad_dtype(w2: Tensor) -> torch.dtype:
     return accumulation_dtype(w2.dtype) if w2.device.type == "cpu" else w2.dtype
 
 
+# Rows of the float32 scratch that widens a half-precision block's weight gradient a slice at a
+# time (see ``_Gradients._accumulate``): a few MB, a rounding error next to the weight gradient.
+_WIDEN_BYTES = 4 << 20
+
+
 class _Gradients:
     """Accumulators for the gradients of the hidden state, the weight and the bias (the latter
-    two in ``weight_grad_dtype``)."""
+    two in ``weight_grad_dtype``).
+
+    The weight and bias gradients are not zero-filled up front: the first block writes them
+    (``mm``/``copy_``), later blocks add to them, and only a call with no rows zeroes them. A
+    zero fill of a fresh LM-head-sized buffer costs as much as a block's matmul (page faults).
+    """
 
     def __init__(self, x2: Tensor, w2: Tensor, b1: Tensor | None, wanted: tuple[bool, bool, bool]) -> None:
         want_x, want_w, want_b = wanted
         acc = weight_grad_dtype(w2)
         self.x = torch.empty(x2.shape, dtype=x2.dtype, device=x2.device) if want_x else None
-        self.w = torch.zeros(w2.shape, dtype=acc, device=w2.device) if want_w else None
-        self.b = torch.zeros(w2.shape[0], dtype=acc, device=w2.device) if want_b and b1 is not None else None
-        # A reused scratch for one block's weight gradient when it cannot be added in place.
+        self.w = torch.empty(w2.shape, dtype=acc, device=w2.device) if want_w else None
+        self.b = torch.empty(w2.shape[0], dtype=acc, device=w2.device) if want_b and b1 is not None else None
+        self._started = False
+        # A reused scratch for one block's weight gradient when it cannot be added in place, and
+        # a small float32 one to widen it through, a slice at a time.
         self._w_block = None if not want_w or acc == w2.dtype else torch.empty_like(w2)
+        self._widen = None
+        if self._w_block is not None:
+            slice_rows = max(1, min(w2.shape[0], _WIDEN_BYTES // max(1, w2.shape[1] * 4)))
+            self._widen = torch.empty((slice_rows, w2.shape[1]), dtype=acc, device=w2.device)
 
     def add(self, start: int, stop: int, grad: Tensor, x_rows: Tensor, w2: Tensor) -> None:
+        first, self._started = not self._started, True
         if self.x is not None:
             torch.mm(grad, w2, out=self.x[start:stop])
         if self.w is not None:
-            if self._w_block is None:
-                self.w.addmm_(grad.t(), x_rows)
+            if self._w_block is None:  # same dtype: one gemm, straight into the accumulator
+                if first:
+                    torch.mm(grad.t(), x_rows, out=self.w)
+                else:
+                    self.w.addmm_(grad.t(), x_rows)
             else:
                 torch.mm(grad.t(), x_rows, out=self._w_block)
-                self.w.add_(self._w_block)
+                self._accumulate(self._w_block, first)
         if self.b is not None:
-            self.b.add_(grad.sum(0, dtype=self.b.dtype))
+            if first:
+                torch.sum(grad, 0, dtype=self.b.dtype, out=self.b)
+            else:
+                self.b.add_(grad.sum(0, dtype=self.b.dtype))
+
+    def _accumulate(self, block: Tensor, first: bool) -> None:
+        """``self.w (+)= block``, widening ``block`` to float32 a slice at a time: ``add_`` of a
+        bf16 tensor into a float32 one is an order of magnitude slower than ``copy_`` into
+        float32 then a same-dtype ``add_``, and a whole float32 copy would cost memory."""
+        assert self.w is not None and self._widen is not None
+        if first:
+            self.w.copy_(block)
+            return
+        step = self._widen.shape[0]
+        for lo in range(0, block.shape[0], step):
+            hi = min(lo + step, block.shape[0])
+            widened = self._widen[: hi - lo]
+            widened.copy_(block[lo:hi])
+            self.w[lo:hi].add_(widened)
+
+    def finish(self) -> None:
+        """Zero the weight and bias gradients when no block ran (no rows)."""
+        if not self._started:
+            for acc in (self.w, self.b):
+                if acc is not None:
+                    acc.zero_()
 
 
 def _fused_forward(logits: Tensor, target: Tensor, weight: Tensor | None, spec: LossSpec) -> tuple[Tensor, Tensor]:
@@ -177,6 +222,7 @@ def forward(
         _, logits = block.logits(x2, w2, b1)
         loss, stat = _fused_forward(logits, target, weight, spec)
         losses, stats = [loss], [stat]
+    grads.finish()
     return torch.cat(losses), torch.cat(stats), grads.x, grads.w, grads.b
 
 
@@ -214,6 +260,7 @@ def backward(
         if any(wanted[:3]):
             _fused_backward_(g, logits, t, weight, s, spec)
             grads.add(start, stop, block.gradient(flat, logits), x_rows, w2)
+    grads.finish()
     return grads.x, grads.w, grads.b, grad_target, grad_weight
 
 
