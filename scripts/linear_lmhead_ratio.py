@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 
 import fusedce
+from fusedce.bench.workloads import IGNORE_EVERY, IGNORE_INDEX
 
 
 def main() -> None:
@@ -28,6 +29,8 @@ def main() -> None:
     parser.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--shape", type=int, nargs=3, default=(4096, 512, 32000), metavar=("N", "H", "C"))
+    parser.add_argument("--ignore-every", type=int, default=IGNORE_EVERY,
+                        help="every k-th target is ignore_index, as in the bench's lmhead (0: none)")
     parser.add_argument("--providers", nargs="+", default=("fusedce", "eager", "torch-chunked"))
     args = parser.parse_args()
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype]
@@ -36,6 +39,8 @@ def main() -> None:
     x = torch.randn(rows, hidden, generator=gen).to(dtype).requires_grad_()
     w = (torch.randn(classes, hidden, generator=gen) * 2 * hidden**-0.5).to(dtype).requires_grad_()
     target = torch.randint(0, classes, (rows,), generator=gen)
+    if args.ignore_every:
+        target[:: args.ignore_every] = IGNORE_INDEX
     chunked = torch.nn.LinearCrossEntropyOptions()
     losses: dict[str, Callable[[], torch.Tensor]] = {
         "fusedce": lambda: fusedce.linear_cross_entropy(x, w, target),
@@ -52,7 +57,8 @@ def main() -> None:
             if step:
                 times[name].append(time.perf_counter() - start)
     medians = {name: statistics.median(t) for name, t in times.items()}
-    print(f"{rows}x{hidden}x{classes} {args.dtype}, {torch.get_num_threads()} threads, "
+    print(f"{rows}x{hidden}x{classes} {args.dtype}, every {args.ignore_every or 'no'} target ignored, "
+          f"{torch.get_num_threads()} threads, "
           f"load {load:.2f} -> {os.getloadavg()[0]:.2f}")
     for name, m in medians.items():
         print(f"  {name:14s} {m * 1e3:7.0f} ms  (min {min(times[name]) * 1e3:.0f})")
