@@ -113,8 +113,10 @@ def weight_grad_dtype(w2: Tensor) -> torch.dtype:
 
 
 # Rows of the float32 scratch that widens a half-precision block's weight gradient a slice at a
-# time (see ``_Gradients._accumulate``): a few MB, a rounding error next to the weight gradient.
-_WIDEN_BYTES = 4 << 20
+# time (see ``_Gradients._accumulate``): large enough for few slices (each op costs a thread
+# sync, which hurts on a loaded machine: 4 slices at the CPU lmhead shape), small next to the
+# float32 weight gradient of an LM head.
+_WIDEN_BYTES = 16 << 20
 
 
 class _Gradients:
