@@ -14,6 +14,9 @@ The logits of one block live in ONE buffer that every block reuses: the matmul w
 (``out=``), the fused forward reads it, the fused backward writes the gradient of the logits
 over it, and the two gradient matmuls read it. Nothing of size ``N×C`` is ever allocated.
 
+Rows whose targets are all ``ignore_index`` are left out of the blocks when that is exact (see
+``rows``): their loss, stats and input gradient are zeros, and blocks gather the other rows.
+
 The per-row statistics the fused forward returns (``stats``) are opaque here: they are only
 sliced and concatenated along their first (row) dim and handed back to the fused backward.
 """
@@ -152,10 +155,10 @@ class _Gradients:
     def add(self, rows: Selection, grad: Tensor, x_rows: Tensor, w2: Tensor) -> None:
         first, self._started = not self._started, True
         if self.x is not None:
-            if self._x_block is None:
-                assert isinstance(rows, slice)
+            if isinstance(rows, slice):
                 torch.mm(grad, w2, out=self.x[rows])
             else:
+                assert self._x_block is not None
                 out = self._x_block[: grad.shape[0]]
                 torch.mm(grad, w2, out=out)
                 self.x.index_copy_(0, rows, out)
