@@ -14,6 +14,9 @@ The logits of one block live in ONE buffer that every block reuses: the matmul w
 (``out=``), the fused forward reads it, the fused backward writes the gradient of the logits
 over it, and the two gradient matmuls read it. Nothing of size ``N×C`` is ever allocated.
 
+Rows whose targets are all ``ignore_index`` are left out of the blocks when that is exact (see
+``rows``): their loss, stats and input gradient are zeros, and blocks gather the other rows.
+
 The per-row statistics the fused forward returns (``stats``) are opaque here: they are only
 sliced and concatenated along their first (row) dim and handed back to the fused backward.
 """
@@ -29,6 +32,7 @@ from torch import Tensor
 from .._ops import ops
 from ..kernels import reference
 from ..kernels.reference import accumulation_dtype
+from .rows import Selection, computed_rows, selections, spread, take
 
 # One block's logits buffer stays about this large: big enough that the block's matmuls run at
 # full speed, small enough to be a rounding error next to the (N, C) logits it replaces.
@@ -63,6 +67,10 @@ def block_rows(rows: int, width: int, dtype: torch.dtype, device: torch.device, 
 def _blocks(rows: int, chunk: int) -> Iterator[tuple[int, int]]:
     for start in range(0, rows, chunk):
         yield start, min(start + chunk, rows)
+
+
+def _computed_rows(x2: Tensor, w2: Tensor, b1: Tensor | None, target: Tensor, spec: LossSpec) -> Tensor | None:
+    return computed_rows(x2, w2, b1, target, spec.prob, spec.ignore_index)
 
 
 class _Block:
@@ -130,30 +138,89 @@ def weight_grad_dtype(w2: Tensor) -> torch.dtype:
     return accumulation_dtype(w2.dtype) if w2.device.type == "cpu" else w2.dtype
 
 
+# Rows of the float32 scratch that widens a half-precision block's weight gradient a slice at a
+# time (see ``_Gradients._accumulate``): large enough for few slices (each op costs a thread
+# sync, which hurts on a loaded machine: 4 slices at the CPU lmhead shape), small next to the
+# float32 weight gradient of an LM head.
+_WIDEN_BYTES = 16 << 20
+
+
 class _Gradients:
     """Accumulators for the gradients of the hidden state, the weight and the bias (the latter
-    two in ``weight_grad_dtype``)."""
+    two in ``weight_grad_dtype``).
 
-    def __init__(self, x2: Tensor, w2: Tensor, b1: Tensor | None, wanted: tuple[bool, bool, bool]) -> None:
+    The weight and bias gradients are not zero-filled up front: the first block writes them
+    (``mm``/``copy_``), later blocks add to them, and only a call with no rows zeroes them. A
+    zero fill of a fresh LM-head-sized buffer costs as much as a block's matmul (page faults).
+    """
+
+    def __init__(self, x2: Tensor, w2: Tensor, b1: Tensor | None, wanted: tuple[bool, bool, bool],
+                 skipping: bool, chunk: int) -> None:
         want_x, want_w, want_b = wanted
         acc = weight_grad_dtype(w2)
-        self.x = torch.empty(x2.shape, dtype=x2.dtype, device=x2.device) if want_x else None
-        self.w = torch.zeros(w2.shape, dtype=acc, device=w2.device) if want_w else None
-        self.b = torch.zeros(w2.shape[0], dtype=acc, device=w2.device) if want_b and b1 is not None else None
-        # A reused scratch for one block's weight gradient when it cannot be added in place.
+        # Skipped rows' input gradient is zero; the computed ones land through a block scratch.
+        new = torch.zeros if skipping else torch.empty
+        self.x = new(x2.shape, dtype=x2.dtype, device=x2.device) if want_x else None
+        self._x_block = None
+        if want_x and skipping:
+            self._x_block = x2.new_empty((min(chunk, x2.shape[0]), x2.shape[1]))
+        self.w = torch.empty(w2.shape, dtype=acc, device=w2.device) if want_w else None
+        self.b = torch.empty(w2.shape[0], dtype=acc, device=w2.device) if want_b and b1 is not None else None
+        self._started = False
+        # A reused scratch for one block's weight gradient when it cannot be added in place, and
+        # a small float32 one to widen it through, a slice at a time.
         self._w_block = None if not want_w or acc == w2.dtype else torch.empty_like(w2)
+        self._widen = None
+        if self._w_block is not None:
+            slice_rows = max(1, min(w2.shape[0], _WIDEN_BYTES // max(1, w2.shape[1] * 4)))
+            self._widen = torch.empty((slice_rows, w2.shape[1]), dtype=acc, device=w2.device)
 
-    def add(self, start: int, stop: int, grad: Tensor, x_rows: Tensor, w2: Tensor) -> None:
+    def add(self, rows: Selection, grad: Tensor, x_rows: Tensor, w2: Tensor) -> None:
+        first, self._started = not self._started, True
         if self.x is not None:
-            torch.mm(grad, w2, out=self.x[start:stop])
+            if isinstance(rows, slice):
+                torch.mm(grad, w2, out=self.x[rows])
+            else:
+                assert self._x_block is not None
+                out = self._x_block[: grad.shape[0]]
+                torch.mm(grad, w2, out=out)
+                self.x.index_copy_(0, rows, out)
         if self.w is not None:
-            if self._w_block is None:
-                self.w.addmm_(grad.t(), x_rows)
+            if self._w_block is None:  # same dtype: one gemm, straight into the accumulator
+                if first:
+                    torch.mm(grad.t(), x_rows, out=self.w)
+                else:
+                    self.w.addmm_(grad.t(), x_rows)
             else:
                 torch.mm(grad.t(), x_rows, out=self._w_block)
-                self.w.add_(self._w_block)
+                self._accumulate(self._w_block, first)
         if self.b is not None:
-            self.b.add_(grad.sum(0, dtype=self.b.dtype))
+            if first:
+                torch.sum(grad, 0, dtype=self.b.dtype, out=self.b)
+            else:
+                self.b.add_(grad.sum(0, dtype=self.b.dtype))
+
+    def _accumulate(self, block: Tensor, first: bool) -> None:
+        """``self.w (+)= block``, widening ``block`` to float32 a slice at a time: ``add_`` of a
+        bf16 tensor into a float32 one is an order of magnitude slower than ``copy_`` into
+        float32 then a same-dtype ``add_``, and a whole float32 copy would cost memory."""
+        assert self.w is not None and self._widen is not None
+        if first:
+            self.w.copy_(block)
+            return
+        step = self._widen.shape[0]
+        for lo in range(0, block.shape[0], step):
+            hi = min(lo + step, block.shape[0])
+            widened = self._widen[: hi - lo]
+            widened.copy_(block[lo:hi])
+            self.w[lo:hi].add_(widened)
+
+    def finish(self) -> None:
+        """Zero the weight and bias gradients when no block ran (no rows)."""
+        if not self._started:
+            for acc in (self.w, self.b):
+                if acc is not None:
+                    acc.zero_()
 
 
 def _fused_forward(logits: Tensor, target: Tensor, weight: Tensor | None, spec: LossSpec) -> tuple[Tensor, Tensor]:
@@ -184,23 +251,28 @@ def forward(
     """Per-row losses ``(N, D)`` and stats; with ``grad_rows`` (the upstream gradient of each
     row's loss, ``(N, D)``), also the ``wanted`` gradients of (x2, w2, b1), from the same pass.
     The weight and bias gradients come back in ``weight_grad_dtype``."""
+    kept = _computed_rows(x2, w2, b1, target, spec)
     block = _Block(x2, w2, spec)
-    grads = _Gradients(x2, w2, b1, wanted if grad_rows is not None else (False, False, False))
+    wanted = wanted if grad_rows is not None else (False, False, False)
+    grads = _Gradients(x2, w2, b1, wanted, kept is not None, spec.chunk)
     losses, stats = [], []
-    for start, stop in _blocks(x2.shape[0], spec.chunk):
-        x_rows = x2[start:stop]
+    for rows in selections(x2.shape[0], spec.chunk, kept):
+        x_rows, t = take(x2, rows), take(target, rows)
         flat, logits = block.logits(x_rows, w2, b1)
-        loss, stat = _fused_forward(logits, target[start:stop], weight, spec)
+        loss, stat = _fused_forward(logits, t, weight, spec)
         losses.append(loss)
         stats.append(stat)
         if grad_rows is not None and any(wanted):
-            _fused_backward_(grad_rows[start:stop], logits, target[start:stop], weight, stat, spec)
-            grads.add(start, stop, block.gradient(flat, logits), x_rows, w2)
-    if not losses:  # no rows: the kernels' per-row shapes, from an empty block
-        _, logits = block.logits(x2, w2, b1)
-        loss, stat = _fused_forward(logits, target, weight, spec)
+            _fused_backward_(take(grad_rows, rows), logits, t, weight, stat, spec)
+            grads.add(rows, block.gradient(flat, logits), x_rows, w2)
+    if not losses:  # no computed rows: the kernels' per-row shapes, from an empty block
+        _, logits = block.logits(x2[:0], w2, b1)
+        loss, stat = _fused_forward(logits, target[:0], weight, spec)
         losses, stats = [loss], [stat]
-    return torch.cat(losses), torch.cat(stats), grads.x, grads.w, grads.b
+    grads.finish()
+    total = x2.shape[0]
+    return (spread(torch.cat(losses), kept, total), spread(torch.cat(stats), kept, total),
+            grads.x, grads.w, grads.b)
 
 
 def backward(
@@ -218,25 +290,28 @@ def backward(
     probability target, the class weights). The weight and bias gradients are in
     ``weight_grad_dtype``; the target's in the loss dtype, the class weights' in its accumulation
     dtype."""
+    kept = _computed_rows(x2, w2, b1, target, spec)  # the rows forward computed too
     block = _Block(x2, w2, spec)
-    grads = _Gradients(x2, w2, b1, wanted[:3])
+    grads = _Gradients(x2, w2, b1, wanted[:3], kept is not None, spec.chunk)
     want_target, want_weight = wanted[3], wanted[4] and spec.prob
     grad_target = torch.empty(target.shape, dtype=spec.dtype, device=target.device) if want_target else None
     grad_weight = None
     if want_weight and weight is not None:
         grad_weight = torch.zeros(weight.shape, dtype=accumulation_dtype(spec.dtype), device=weight.device)
-    for start, stop in _blocks(x2.shape[0], spec.chunk):
-        x_rows = x2[start:stop]
+    for rows in selections(x2.shape[0], spec.chunk, kept):
+        x_rows = take(x2, rows)
         flat, logits = block.logits(x_rows, w2, b1)
-        g, t, s = grad_rows[start:stop], target[start:stop], stats[start:stop]
+        g, t, s = take(grad_rows, rows), take(target, rows), take(stats, rows)
         # The target and weight gradients read the logits, so they come before the in-place backward.
-        if grad_target is not None:
-            grad_target[start:stop] = reference.ce_prob_target_grad(g, logits, weight, s, spec.smoothing)
+        if grad_target is not None:  # probability targets only, where no row is skipped
+            assert isinstance(rows, slice)
+            grad_target[rows] = reference.ce_prob_target_grad(g, logits, weight, s, spec.smoothing)
         if grad_weight is not None:
             grad_weight += reference.ce_prob_weight_grad(g, logits, t, s, spec.smoothing)
         if any(wanted[:3]):
             _fused_backward_(g, logits, t, weight, s, spec)
-            grads.add(start, stop, block.gradient(flat, logits), x_rows, w2)
+            grads.add(rows, block.gradient(flat, logits), x_rows, w2)
+    grads.finish()
     return grads.x, grads.w, grads.b, grad_target, grad_weight
 
 
@@ -254,6 +329,12 @@ def loss_tangent(
     target, weight), a block at a time (the logits' tangent is a block's size too)."""
     tx, tw, tb, tt, tc = tangents
     out = []
+    # Rows forward skipped (see ``rows``) have no stats (zeros there): recompute their lse.
+    kept = _computed_rows(x2, w2, b1, target, spec)
+    skipped = None
+    if kept is not None:
+        skipped = torch.ones(x2.shape[0], dtype=torch.bool, device=x2.device)
+        skipped[kept] = False
     for start, stop in _blocks(x2.shape[0], spec.chunk):
         x_rows = x2[start:stop]
         raw = torch.nn.functional.linear(x_rows, w2, b1)
@@ -269,6 +350,9 @@ def loss_tangent(
         if tanh is not None:
             dlogits = dlogits * (1 - tanh * tanh).view_as(logits)
         s = stats[start:stop]
+        if skipped is not None and bool(skipped[start:stop].any()):
+            lse = reference.logsumexp(logits)
+            s = torch.where(skipped[start:stop].view(-1, *(1,) * (s.dim() - 1)), lse.to(s.dtype), s)
         if spec.prob:
             t_rows = None if tt is None else tt[start:stop]
             out.append(reference.ce_prob_jvp(logits, target[start:stop], weight, s, spec.smoothing,
