@@ -90,7 +90,8 @@ def forward_sweep(
     """Per-row global losses ``(N, D)``, the per-row statistics (one tensor per field), and the
     accumulators of this rank's ``wanted`` gradients of (x2, w2, b1) when ``grad_rows`` is given."""
     block = _Block(x2, w2, spec.local)
-    grads = _Gradients(x2, w2, b1, wanted if grad_rows is not None else (False, False, False))
+    # Every row is computed (no ignored-row skipping: each rank must run the same collectives).
+    grads = _Gradients(x2, w2, b1, wanted if grad_rows is not None else (False, False, False), False, spec.local.chunk)
     losses: list[Tensor] = []
     parts: list[tuple[Tensor, ...]] = []
     for start, stop in _blocks(x2.shape[0], spec.local.chunk):
@@ -101,7 +102,8 @@ def forward_sweep(
         parts.append(tuple(rows))
         if grad_rows is not None and any(wanted):
             _chunk_grad_(grad_rows[start:stop], logits, target[start:stop], rows, weight, spec)
-            grads.add(start, stop, block.gradient(flat, logits), x_rows, w2)
+            grads.add(slice(start, stop), block.gradient(flat, logits), x_rows, w2)
+    grads.finish()
     if not losses:  # no rows, on every rank: no chunk, no collective
         acc = accumulation_dtype(spec.local.dtype)
         return x2.new_zeros((0, spec.local.inner), dtype=acc), [], grads
@@ -115,7 +117,7 @@ def backward_sweep(
     """Recompute each chunk's logits and return this rank's ``wanted`` gradients of (x2, w2, b1,
     the probability target's slice, the class weight's slice): no collective."""
     block = _Block(x2, w2, spec.local)
-    grads = _Gradients(x2, w2, b1, (wanted[0], wanted[1], wanted[2]))
+    grads = _Gradients(x2, w2, b1, (wanted[0], wanted[1], wanted[2]), False, spec.local.chunk)
     s = spec.local
     grad_target = torch.empty(target.shape, dtype=target.dtype, device=target.device) if wanted[3] else None
     grad_weight = None
@@ -135,7 +137,8 @@ def backward_sweep(
                                                   spec.num_classes)
         if any(wanted[:3]):
             _chunk_grad_(g, logits, t, rows, weight, spec)
-            grads.add(start, stop, block.gradient(flat, logits), x_rows, w2)
+            grads.add(slice(start, stop), block.gradient(flat, logits), x_rows, w2)
+    grads.finish()
     return grads.x, grads.w, grads.b, grad_target, grad_weight
 
 

@@ -351,8 +351,8 @@ def loss_tangent(
             dlogits = dlogits * (1 - tanh * tanh).view_as(logits)
         s = stats[start:stop]
         if skipped is not None and bool(skipped[start:stop].any()):
-            lse = reference.logsumexp(logits)
-            s = torch.where(skipped[start:stop].view(-1, *(1,) * (s.dim() - 1)), lse.to(s.dtype), s)
+            fresh = reference.row_stats(logits)  # skipped rows saved no stats: compute them here
+            s = torch.where(skipped[start:stop].view(-1, *(1,) * (s.dim() - 1)), fresh.to(s.dtype), s)
         if spec.prob:
             t_rows = None if tt is None else tt[start:stop]
             out.append(reference.ce_prob_jvp(logits, target[start:stop], weight, s, spec.smoothing,
