@@ -54,10 +54,8 @@ def reference_formula(x, target, weight=None, ignore_index=-100, reduction="mean
         return loss + z_rows
     if reduction == "sum":
         return loss + z_rows.sum()
-    if weight is None:
-        denominator = valid.sum()
-    else:
-        denominator = torch.where(valid, weight[torch.where(valid, target, 0)], 0).sum()
+    picked = torch.ones_like(z_rows) if weight is None else weight[torch.where(valid, target, 0)]
+    denominator = torch.where(valid, picked, 0).sum()
     return loss + z_rows.sum() / denominator
 
 
@@ -125,7 +123,7 @@ def test_half_precision(backend, dtype):
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_strided_logits(backend):
     """A transposed (class stride ≠ 1) and a sliced input: the kernels take any strides."""
-    x, t, w = _inputs((7, 40), torch.float32)
+    x, t, _ = _inputs((7, 40), torch.float32)
     for view in (x.t().contiguous().t(), x[:, ::2]):
         tt = t.clamp(max=view.shape[1] - 1)
         xv = view.detach().requires_grad_()
@@ -148,10 +146,11 @@ def test_gradcheck(backend):
         return fusedce.cross_entropy(x, t, weight=w, label_smoothing=0.1, z_loss=0.3, logit_softcap=2.0,
                                      reduction="none")
 
+    fast = backend == "triton"  # interpreted: the full check's many calls take half a minute
     with use_backend(backend):
-        assert gradcheck(loss, (x,))
+        assert gradcheck(loss, (x,), fast_mode=fast)
         # Double backward runs the differentiable reference formulas.
-        assert gradgradcheck(loss, (x,))
+        assert gradgradcheck(loss, (x,), fast_mode=fast)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -159,7 +158,7 @@ def test_gradcheck(backend):
 @pytest.mark.parametrize("cap", [None, 2.5])
 def test_return_lse(backend, dtype, cap):
     for shape in SHAPES:
-        x, t, w = _inputs(shape, dtype)
+        x, t, _ = _inputs(shape, dtype)
         with use_backend(backend):
             loss, lse = fusedce.cross_entropy(x, t, reduction="mean", logit_softcap=cap, return_lse=True)
             loss_none = fusedce.cross_entropy(x, t, reduction="none", logit_softcap=cap)
@@ -178,7 +177,7 @@ def test_return_lse(backend, dtype, cap):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_return_lse_with_z_loss_gives_the_z_term(backend):
-    x, t, w = _inputs((6, 7), torch.float64)
+    x, t, _ = _inputs((6, 7), torch.float64)
     with use_backend(backend):
         with_z, lse = fusedce.cross_entropy(x, t, reduction="none", z_loss=0.25, return_lse=True)
         without = fusedce.cross_entropy(x, t, reduction="none")

@@ -120,8 +120,8 @@ class CrossEntropyExtras(Function):
 
     @staticmethod
     def setup_context(ctx: Any, inputs: tuple[Any, ...], output: tuple[Tensor, Tensor]) -> None:
-        x, target, weight, *consts, ctx.inplace_backward = inputs
-        ctx.consts = tuple(consts)  # ignore_index, smoothing, z_loss, softcap
+        x, target, weight, ignore_index, smoothing, z_loss, softcap, ctx.inplace_backward = inputs
+        ctx.consts = (ignore_index, smoothing, z_loss, softcap)
         stats = output[1]
         ctx.mark_non_differentiable(stats)
         ctx.save_for_backward(x, target, weight, stats)
@@ -132,18 +132,20 @@ class CrossEntropyExtras(Function):
         x, target, weight, stats = ctx.saved_tensors
         if not ctx.needs_input_grad[0]:
             return (None,) * 8
-        args = (target, weight)
+        ignore_index, smoothing, z_loss, softcap = ctx.consts
         if _recording_backward():
             if ctx.inplace_backward:
                 _refuse_inplace_double_backward()
-            stats = reference.row_stats(reference.softcapped(x, ctx.consts[3]))
-            grad = reference.ce_extras_backward(grad_loss, x, *args, stats, *ctx.consts, False)
+            stats = reference.row_stats(reference.softcapped(x, softcap))
+            grad = reference.ce_extras_backward(
+                grad_loss, x, target, weight, stats, ignore_index, smoothing, z_loss, softcap, False
+            )
         elif ctx.inplace_backward:
-            ops.ce_extras_backward_(grad_loss, x, *args, stats, *ctx.consts)
+            ops.ce_extras_backward_(grad_loss, x, target, weight, stats, ignore_index, smoothing, z_loss, softcap)
             _mark_overwritten(x)
             grad = x
         else:
-            grad = ops.ce_extras_backward(grad_loss, x, *args, stats, *ctx.consts)
+            grad = ops.ce_extras_backward(grad_loss, x, target, weight, stats, ignore_index, smoothing, z_loss, softcap)
         return grad, None, None, None, None, None, None, None
 
     @staticmethod
@@ -151,7 +153,9 @@ class CrossEntropyExtras(Function):
         x, target, weight, stats = ctx.saved_tensors
         if x_tangent is None:
             return None, None
-        return reference.ce_extras_jvp(x, target, weight, stats, *ctx.consts, x_tangent), None
+        ignore_index, smoothing, z_loss, softcap = ctx.consts
+        return reference.ce_extras_jvp(x, target, weight, stats, ignore_index, smoothing, z_loss, softcap,
+                                       x_tangent), None
 
 
 class CrossEntropyReduced(Function):

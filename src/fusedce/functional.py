@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import sys
 from collections.abc import Callable
-from typing import Literal
+from typing import Literal, overload
 
 import torch
 from torch import Tensor
@@ -38,6 +38,60 @@ def _resolve_reduction(size_average: bool | None, reduce: bool | None, reduction
 # --------------------------------------------------------------------------------------------
 # cross_entropy
 # --------------------------------------------------------------------------------------------
+
+
+@overload
+def cross_entropy(
+    input: Tensor,
+    target: Tensor,
+    weight: Tensor | None = None,
+    size_average: bool | None = None,
+    ignore_index: int = -100,
+    reduce: bool | None = None,
+    reduction: str = "mean",
+    label_smoothing: float = 0.0,
+    *,
+    inplace_backward: bool = False,
+    z_loss: float = 0.0,
+    logit_softcap: float | None = None,
+    return_lse: Literal[False] = False,
+) -> Tensor: ...
+
+
+@overload
+def cross_entropy(
+    input: Tensor,
+    target: Tensor,
+    weight: Tensor | None = None,
+    size_average: bool | None = None,
+    ignore_index: int = -100,
+    reduce: bool | None = None,
+    reduction: str = "mean",
+    label_smoothing: float = 0.0,
+    *,
+    inplace_backward: bool = False,
+    z_loss: float = 0.0,
+    logit_softcap: float | None = None,
+    return_lse: Literal[True],
+) -> tuple[Tensor, Tensor]: ...
+
+
+@overload
+def cross_entropy(
+    input: Tensor,
+    target: Tensor,
+    weight: Tensor | None = None,
+    size_average: bool | None = None,
+    ignore_index: int = -100,
+    reduce: bool | None = None,
+    reduction: str = "mean",
+    label_smoothing: float = 0.0,
+    *,
+    inplace_backward: bool = False,
+    z_loss: float = 0.0,
+    logit_softcap: float | None = None,
+    return_lse: bool = False,
+) -> Tensor | tuple[Tensor, Tensor]: ...
 
 
 def cross_entropy(
@@ -83,37 +137,11 @@ def cross_entropy(
       is formed from the kernel's row stats (no extra pass) and carries no gradient: use
       ``z_loss`` for a gradient through the lse.
     """
-    if z_loss == 0.0 and logit_softcap is None and not return_lse:
-        return _cross_entropy(
+    if z_loss != 0.0 or logit_softcap is not None or return_lse:
+        return _cross_entropy_with_extras(
             input, target, weight, size_average, ignore_index, reduce, reduction, label_smoothing,
-            inplace_backward,
+            inplace_backward, loss_extras(z_loss, logit_softcap, return_lse),
         )  # fmt: skip
-    extras = loss_extras(z_loss, logit_softcap, return_lse)
-    if type(input) is not Tensor and _is_dtensor(input):
-        raise NotImplementedError("fusedce: z_loss, logit_softcap and return_lse do not support DTensor logits")
-    mode = _resolve_reduction(size_average, reduce, reduction)
-    ignore_index = _checks.loss_arguments("cross_entropy_loss", input, target, weight, ignore_index)
-    smoothing = _checks.to_float_arg("cross_entropy_loss", "label_smoothing", 6, label_smoothing)
-    if _checks.is_probability_target(input, target):
-        raise NotImplementedError(
-            "fusedce: z_loss, logit_softcap and return_lse support class-index targets only, "
-            "not class probabilities"
-        )
-    return _cross_entropy_index(input, target, weight, ignore_index, smoothing, mode, inplace_backward, extras)
-
-
-def _cross_entropy(
-    input: Tensor,
-    target: Tensor,
-    weight: Tensor | None,
-    size_average: bool | None,
-    ignore_index: int,
-    reduce: bool | None,
-    reduction: str,
-    label_smoothing: float,
-    inplace_backward: bool,
-) -> Tensor:
-    """cross_entropy without the extras: torch's call, exactly."""
     if (
         _is_plain_call(input, target, weight, size_average, reduce, label_smoothing, inplace_backward)
         and (reduction == "mean" or reduction == "sum")
@@ -132,7 +160,35 @@ def _cross_entropy(
     smoothing = _checks.to_float_arg("cross_entropy_loss", "label_smoothing", 6, label_smoothing)
     if _checks.is_probability_target(input, target):
         return _cross_entropy_prob(input, target, weight, ignore_index, smoothing, mode, inplace_backward)
-    return _cross_entropy_index(input, target, weight, ignore_index, smoothing, mode, inplace_backward)
+    return _cross_entropy_index(input, target, weight, ignore_index, smoothing, mode, inplace_backward)[0]
+
+
+def _cross_entropy_with_extras(
+    input: Tensor,
+    target: Tensor,
+    weight: Tensor | None,
+    size_average: bool | None,
+    ignore_index: int,
+    reduce: bool | None,
+    reduction: str,
+    label_smoothing: float,
+    inplace_backward: bool,
+    extras: LossExtras,
+) -> Tensor | tuple[Tensor, Tensor]:
+    """cross_entropy with z_loss, logit_softcap or return_lse: torch's checks, then the general
+    index path (never the fast path, whose fused op has no extras)."""
+    if type(input) is not Tensor and _is_dtensor(input):
+        raise NotImplementedError("fusedce: z_loss, logit_softcap and return_lse do not support DTensor logits")
+    mode = _resolve_reduction(size_average, reduce, reduction)
+    ignore_index = _checks.loss_arguments("cross_entropy_loss", input, target, weight, ignore_index)
+    smoothing = _checks.to_float_arg("cross_entropy_loss", "label_smoothing", 6, label_smoothing)
+    if _checks.is_probability_target(input, target):
+        raise NotImplementedError(
+            "fusedce: z_loss, logit_softcap and return_lse support class-index targets only, "
+            "not class probabilities"
+        )
+    loss, lse = _cross_entropy_index(input, target, weight, ignore_index, smoothing, mode, inplace_backward, extras)
+    return (loss, lse) if lse is not None else loss
 
 
 def _is_dtensor(x: object) -> bool:
@@ -189,7 +245,8 @@ def _cross_entropy_index(
     reduction: Reduction,
     inplace_backward: bool,
     extras: LossExtras | None = None,
-) -> Tensor | tuple[Tensor, Tensor]:
+) -> tuple[Tensor, Tensor | None]:
+    """The loss, and the per-row lse when ``extras`` asks for it (None otherwise)."""
     # torch's order: the smoothing range, then log_softmax's checks, then nll_loss's.
     smoothing = _checks.check_label_smoothing(smoothing)
     class_dim = _checks.wrap_dim(_class_dim(input), input.dim())
@@ -205,13 +262,13 @@ def _cross_entropy_index(
     if extras is None:
         loss, _ = _autograd.cross_entropy(x, rows, weight, ignore_index, smoothing, inplace_backward)
         loss = _unbatched_target_quirk(input, target, loss, smoothing)
-        return _reduce_index_loss(loss, rows, weight, ignore_index, reduction, input, smoothing)
+        return _reduce_index_loss(loss, rows, weight, ignore_index, reduction, input, smoothing), None
     args = (ignore_index, smoothing, extras.z_loss, extras.softcap, inplace_backward)
     loss, stats = _autograd.cross_entropy_extras(x, rows, weight, *args)
     loss = _unbatched_target_quirk(input, target, loss, smoothing)
     loss = _reduce_index_loss(loss, rows, weight, ignore_index, reduction, input, smoothing)
     if not extras.return_lse:
-        return loss
+        return loss, None
     # m + log Σ exp(x' - m), rounded once: the lse for the caller, not for further kernels.
     lse = stats[..., 0] + stats[..., 1]
     return loss, lse.reshape(_rows_shape(input) if input.dim() != 1 else ())

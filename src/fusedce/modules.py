@@ -53,7 +53,8 @@ class CrossEntropyLoss(nn.CrossEntropyLoss):
         state.setdefault("return_lse", False)
         super().__setstate__(state)
 
-    def forward(self, input: Tensor, target: Tensor) -> Tensor | tuple[Tensor, Tensor]:
+    # A (loss, lse) pair with return_lse=True, hence the wider return type than torch's.
+    def forward(self, input: Tensor, target: Tensor) -> Tensor | tuple[Tensor, Tensor]:  # type: ignore[override]
         return functional.cross_entropy(
             input,
             target,
