@@ -341,3 +341,20 @@ def test_forward_ad_and_vmap(backend):
     torch.testing.assert_close(out, expected)
     torch.testing.assert_close(jvp, expected_jvp)
     torch.testing.assert_close(batched, torch.stack([formula(x[i], t[i]) for i in range(3)]))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_one_class_rows(backend):
+    """With one class p = 1: the cross-entropy part of the gradient is exactly 0 (formed in the
+    reference's order), and what is left is the z-loss's 2z·lse·g·(1 - tanh²)."""
+    x = torch.randn(5, 1, dtype=torch.float64, requires_grad=True)
+    t = torch.zeros(5, dtype=torch.long)
+    with use_backend(backend):
+        (plain,) = torch.autograd.grad(fusedce.cross_entropy(x, t, logit_softcap=2.0, label_smoothing=0.1), x)
+        (with_z,) = torch.autograd.grad(fusedce.cross_entropy(x, t, logit_softcap=2.0, z_loss=0.5), x)
+    if backend == "triton":  # takes 1-ε and ε/C as float32 pairs (split_scalar): 2^-48 off, not exact
+        torch.testing.assert_close(plain, torch.zeros_like(plain), atol=1e-15, rtol=0)
+    else:
+        assert torch.equal(plain, torch.zeros_like(plain))
+    th = torch.tanh(x.detach() / 2.0)
+    torch.testing.assert_close(with_z, 2 * 0.5 * (2.0 * th) * (1 - th**2) / 5)

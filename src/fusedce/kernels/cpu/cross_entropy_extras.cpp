@@ -90,8 +90,8 @@ void ce_extras_forward_kernel(const Tensor& x, const Tensor& target,
   });
 }
 
-// grad_c = [coef·p'_c - sw·w_c - δ_ct·tg]·(1 - tanh²(x_c/cap)), with p'_c = exp((x'_c - m) - ls),
-// coef = ((1-ε)·w[t] + (ε/C)·W + 2z·lse)·g, sw = (ε/C)·g, tg = (1-ε)·w[t]·g, and g = 0 on
+// grad_c = ((coef·p'_c - (ε/C)·w_c) - δ_ct·tc)·g·(1 - tanh²(x_c/cap)), in reference.py's order,
+// with p'_c = exp((x'_c - m) - ls), tc = (1-ε)·w[t], coef = tc + (ε/C)·W + 2z·lse, and g = 0 on
 // ignored rows (multiplying, so an ignored NaN row stays NaN, as in cross_entropy.cpp).
 template <typename scalar_t>
 void ce_extras_backward_kernel(const Tensor& grad_loss, const Tensor& x, const Tensor& target,
@@ -123,8 +123,7 @@ void ce_extras_backward_kernel(const Tensor& grad_loss, const Tensor& x, const T
       const acc g = valid ? gv(o, i) : acc(0);
       const acc m = mv(o, i), ls = lv(o, i);
       const acc target_coef = (1 - eps) * (wp ? wp[safe] : acc(1));
-      const acc coef = (target_coef + eps_per_class * total_w + z2 * (m + ls)) * g;
-      const acc sw = eps_per_class * g, tg = target_coef * g;
+      const acc coef = target_coef + eps_per_class * total_w + z2 * (m + ls);
       const scalar_t* row = xv.row(o, i);
       scalar_t* dst = ov.row(o, i);
       for (int64_t c = 0; c < classes; ++c) {
@@ -137,12 +136,12 @@ void ce_extras_backward_kernel(const Tensor& grad_loss, const Tensor& x, const T
         }
         acc grad = coef * std::exp((v - m) - ls);
         if (smooth) {
-          grad -= sw * (wp ? wp[c] : acc(1));
+          grad -= eps_per_class * (wp ? wp[c] : acc(1));
         }
         if (c == safe) {
-          grad -= tg;
+          grad -= target_coef;
         }
-        dst[c * ov.s1] = static_cast<scalar_t>(grad * chain);
+        dst[c * ov.s1] = static_cast<scalar_t>(grad * g * chain);
       }
     }
   });
