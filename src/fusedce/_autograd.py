@@ -97,6 +97,67 @@ class CrossEntropy(Function):
         return reference.ce_jvp(x, target, weight, stats, ctx.ignore_index, ctx.smoothing, x_tangent), None
 
 
+class CrossEntropyExtras(Function):
+    """CrossEntropy with the LLM extras: a z-loss coefficient and a logit soft-cap (0.0 for
+    none). The stats it returns and saves are those of the capped logits; the backward
+    recomputes the cap from the saved input. A Function of its own so that CrossEntropy, the
+    default call's, is untouched."""
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(
+        x: Tensor,
+        target: Tensor,
+        weight: Tensor | None,
+        ignore_index: int,
+        smoothing: float,
+        z_loss: float,
+        softcap: float,
+        inplace_backward: bool,
+    ) -> tuple[Tensor, Tensor]:
+        return ops.ce_extras_forward(x, target, weight, ignore_index, smoothing, z_loss, softcap)
+
+    @staticmethod
+    def setup_context(ctx: Any, inputs: tuple[Any, ...], output: tuple[Tensor, Tensor]) -> None:
+        x, target, weight, ignore_index, smoothing, z_loss, softcap, ctx.inplace_backward = inputs
+        ctx.consts = (ignore_index, smoothing, z_loss, softcap)
+        stats = output[1]
+        ctx.mark_non_differentiable(stats)
+        ctx.save_for_backward(x, target, weight, stats)
+        ctx.save_for_forward(x, target, weight, stats)
+
+    @staticmethod
+    def backward(ctx: Any, grad_loss: Tensor, _grad_stats: Tensor | None) -> tuple[Tensor | None, ...]:
+        x, target, weight, stats = ctx.saved_tensors
+        if not ctx.needs_input_grad[0]:
+            return (None,) * 8
+        ignore_index, smoothing, z_loss, softcap = ctx.consts
+        if _recording_backward():
+            if ctx.inplace_backward:
+                _refuse_inplace_double_backward()
+            stats = reference.row_stats(reference.softcapped(x, softcap))
+            grad = reference.ce_extras_backward(
+                grad_loss, x, target, weight, stats, ignore_index, smoothing, z_loss, softcap, False
+            )
+        elif ctx.inplace_backward:
+            ops.ce_extras_backward_(grad_loss, x, target, weight, stats, ignore_index, smoothing, z_loss, softcap)
+            _mark_overwritten(x)
+            grad = x
+        else:
+            grad = ops.ce_extras_backward(grad_loss, x, target, weight, stats, ignore_index, smoothing, z_loss, softcap)
+        return grad, None, None, None, None, None, None, None
+
+    @staticmethod
+    def jvp(ctx: Any, x_tangent: Tensor | None, *_: Any) -> tuple[Tensor | None, None]:
+        x, target, weight, stats = ctx.saved_tensors
+        if x_tangent is None:
+            return None, None
+        ignore_index, smoothing, z_loss, softcap = ctx.consts
+        return reference.ce_extras_jvp(x, target, weight, stats, ignore_index, smoothing, z_loss, softcap,
+                                       x_tangent), None
+
+
 class CrossEntropyReduced(Function):
     """CrossEntropy followed by its 'mean' or 'sum', in one op each way: functional's fast path for
     the plain (N, C) call with int64 targets, no weight and no smoothing.
@@ -334,6 +395,7 @@ def _entry_point(function: type[Function]) -> Any:
 
 # The entry points functional calls.
 cross_entropy = _entry_point(CrossEntropy)
+cross_entropy_extras = _entry_point(CrossEntropyExtras)
 # The C apply itself: functional calls it only after checking that the call is a plain eager one.
 cross_entropy_reduced = super(Function, CrossEntropyReduced).apply
 cross_entropy_prob = _entry_point(CrossEntropyProb)

@@ -34,6 +34,15 @@ _SCHEMAS = {
     " float smoothing) -> Tensor",
     "ce_prob_backward_": "(Tensor grad_loss, Tensor(a!) x, Tensor target, Tensor? weight, Tensor stats,"
     " float smoothing) -> ()",
+    # Index-target cross_entropy with the LLM extras (z-loss, logit soft-capping; see
+    # reference.ce_extras_forward). Separate ops rather than new arguments on ce_forward and
+    # ce_backward, so that the default call's ops, schemas and kernels stay exactly as they were.
+    "ce_extras_forward": "(Tensor x, Tensor target, Tensor? weight, int ignore_index, float smoothing,"
+    " float z_loss, float softcap) -> (Tensor, Tensor)",
+    "ce_extras_backward": "(Tensor grad_loss, Tensor x, Tensor target, Tensor? weight, Tensor stats,"
+    " int ignore_index, float smoothing, float z_loss, float softcap) -> Tensor",
+    "ce_extras_backward_": "(Tensor grad_loss, Tensor(a!) x, Tensor target, Tensor? weight, Tensor stats,"
+    " int ignore_index, float smoothing, float z_loss, float softcap) -> ()",
     # The plain (N, C) 'mean'/'sum' loss in one op (functional's fast path): the scalar loss, the
     # per-row lse and the denominator; the backward takes the last two back.
     "ce_reduced_forward": "(Tensor x, Tensor target, int ignore_index, bool mean) -> (Tensor, Tensor, Tensor)",
@@ -55,7 +64,8 @@ def _eager_kernel(name: str) -> Callable[..., Any]:
     their trailing-underscore forms are the in-place ones, which return nothing."""
     function = name.removesuffix("_")
     inplace = name.endswith("_")
-    extra: tuple[bool, ...] = (inplace,) if function in ("ce_backward", "ce_prob_backward") else ()
+    with_inplace = ("ce_backward", "ce_prob_backward", "ce_extras_backward")
+    extra: tuple[bool, ...] = (inplace,) if function in with_inplace else ()
 
     def run(*args: Any) -> Any:
         backend = backend_for(args[0].device)
@@ -147,6 +157,9 @@ _FAKES: dict[str, Callable[..., Any]] = {
     "ce_forward": _fake_ce_forward,
     "ce_backward": _fake_grad_like_x,
     "ce_backward_": _fake_none,
+    "ce_extras_forward": _fake_ce_forward,
+    "ce_extras_backward": _fake_grad_like_x,
+    "ce_extras_backward_": _fake_none,
     "ce_prob_forward": _fake_ce_forward,
     "ce_prob_backward": _fake_grad_like_x,
     "ce_prob_backward_": _fake_none,

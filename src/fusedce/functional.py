@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import sys
 from collections.abc import Callable
-from typing import Literal
+from typing import Literal, overload
 
 import torch
 from torch import Tensor
@@ -18,6 +18,7 @@ from torch.nn import functional as torch_functional
 
 from . import _autograd, _checks
 from ._canonical import canonical, canonical_rows
+from ._extras import LossExtras, loss_extras
 from .kernels.reference import accumulation_dtype
 
 __all__ = ["cross_entropy", "linear_cross_entropy", "log_softmax", "nll_loss", "softmax"]
@@ -39,6 +40,7 @@ def _resolve_reduction(size_average: bool | None, reduce: bool | None, reduction
 # --------------------------------------------------------------------------------------------
 
 
+@overload
 def cross_entropy(
     input: Tensor,
     target: Tensor,
@@ -50,14 +52,96 @@ def cross_entropy(
     label_smoothing: float = 0.0,
     *,
     inplace_backward: bool = False,
-) -> Tensor:
+    z_loss: float = 0.0,
+    logit_softcap: float | None = None,
+    return_lse: Literal[False] = False,
+) -> Tensor: ...
+
+
+@overload
+def cross_entropy(
+    input: Tensor,
+    target: Tensor,
+    weight: Tensor | None = None,
+    size_average: bool | None = None,
+    ignore_index: int = -100,
+    reduce: bool | None = None,
+    reduction: str = "mean",
+    label_smoothing: float = 0.0,
+    *,
+    inplace_backward: bool = False,
+    z_loss: float = 0.0,
+    logit_softcap: float | None = None,
+    return_lse: Literal[True],
+) -> tuple[Tensor, Tensor]: ...
+
+
+@overload
+def cross_entropy(
+    input: Tensor,
+    target: Tensor,
+    weight: Tensor | None = None,
+    size_average: bool | None = None,
+    ignore_index: int = -100,
+    reduce: bool | None = None,
+    reduction: str = "mean",
+    label_smoothing: float = 0.0,
+    *,
+    inplace_backward: bool = False,
+    z_loss: float = 0.0,
+    logit_softcap: float | None = None,
+    return_lse: bool = False,
+) -> Tensor | tuple[Tensor, Tensor]: ...
+
+
+def cross_entropy(
+    input: Tensor,
+    target: Tensor,
+    weight: Tensor | None = None,
+    size_average: bool | None = None,
+    ignore_index: int = -100,
+    reduce: bool | None = None,
+    reduction: str = "mean",
+    label_smoothing: float = 0.0,
+    *,
+    inplace_backward: bool = False,
+    z_loss: float = 0.0,
+    logit_softcap: float | None = None,
+    return_lse: bool = False,
+) -> Tensor | tuple[Tensor, Tensor]:
     """``torch.nn.functional.cross_entropy``, fused: the log-probabilities are never stored.
 
     ``inplace_backward=True`` (fusedce only) writes the gradient into ``input``'s own storage
     during backward, so forward plus backward allocates nothing of the logits' size. It
     overwrites the logits: use it only when nothing else reads them after the loss (the usual
     LM-head case), and never with ``create_graph=True``.
+
+    The LLM extras (fusedce only, keyword-only, index targets only; the defaults leave the call
+    exactly torch's). They are fused into the kernels: the forward still reads the logits once,
+    the backward reads them once and writes the gradient once.
+
+    * ``logit_softcap=cap`` (a positive number): the logits become ``x' = cap·tanh(x / cap)``
+      before the softmax (Gemma 2's ``final_logit_softcapping``; Liger's ``softcap``). Everything
+      else (weight, ignore_index, label smoothing, reduction, z-loss, the returned lse) applies to
+      ``x'``, and the gradient carries the chain factor ``1 - tanh²(x / cap)``.
+    * ``z_loss=z`` (a number ≥ 0): PaLM's auxiliary loss. Each non-ignored row's loss gains
+      ``z·lse²`` with ``lse = log Σ_c exp(x'_c)``, unweighted (the class weight does not scale it),
+      so the gradient gains ``2z·lse·softmax(x')_c``. 'none' returns the per-row sum, 'sum' sums
+      it, and 'mean' divides it by the main loss's own denominator (the non-ignored rows' summed
+      target weights, their count without a weight). This is Liger's ``lse_square_scale``
+      exactly without a class weight; with one, Liger divides its z-term by the count of
+      non-ignored rows instead of the summed weights.
+    * ``return_lse=True``: returns ``(loss, lse)``, with ``lse`` the per-row log-sum-exp of
+      ``x'`` (every row, ignored ones included), shaped like the 'none' loss, in the
+      accumulation dtype (float32 for float16/bfloat16/float32 input, float64 for float64). It
+      is formed from the kernel's row stats (no extra pass) and carries no gradient: use
+      ``z_loss`` for a gradient through the lse.
     """
+    if z_loss != 0.0 or logit_softcap is not None or return_lse:
+        return _cross_entropy_with_extras(
+            input, target, weight, size_average, ignore_index, reduce, reduction, label_smoothing,
+            inplace_backward, loss_extras(z_loss, logit_softcap, return_lse),
+        )  # fmt: skip
     if (
         _is_plain_call(input, target, weight, size_average, reduce, label_smoothing, inplace_backward)
         and (reduction == "mean" or reduction == "sum")
@@ -76,7 +160,35 @@ def cross_entropy(
     smoothing = _checks.to_float_arg("cross_entropy_loss", "label_smoothing", 6, label_smoothing)
     if _checks.is_probability_target(input, target):
         return _cross_entropy_prob(input, target, weight, ignore_index, smoothing, mode, inplace_backward)
-    return _cross_entropy_index(input, target, weight, ignore_index, smoothing, mode, inplace_backward)
+    return _cross_entropy_index(input, target, weight, ignore_index, smoothing, mode, inplace_backward)[0]
+
+
+def _cross_entropy_with_extras(
+    input: Tensor,
+    target: Tensor,
+    weight: Tensor | None,
+    size_average: bool | None,
+    ignore_index: int,
+    reduce: bool | None,
+    reduction: str,
+    label_smoothing: float,
+    inplace_backward: bool,
+    extras: LossExtras,
+) -> Tensor | tuple[Tensor, Tensor]:
+    """cross_entropy with z_loss, logit_softcap or return_lse: torch's checks, then the general
+    index path (never the fast path, whose fused op has no extras)."""
+    if type(input) is not Tensor and _is_dtensor(input):
+        raise NotImplementedError("fusedce: z_loss, logit_softcap and return_lse do not support DTensor logits")
+    mode = _resolve_reduction(size_average, reduce, reduction)
+    ignore_index = _checks.loss_arguments("cross_entropy_loss", input, target, weight, ignore_index)
+    smoothing = _checks.to_float_arg("cross_entropy_loss", "label_smoothing", 6, label_smoothing)
+    if _checks.is_probability_target(input, target):
+        raise NotImplementedError(
+            "fusedce: z_loss, logit_softcap and return_lse support class-index targets only, "
+            "not class probabilities"
+        )
+    loss, lse = _cross_entropy_index(input, target, weight, ignore_index, smoothing, mode, inplace_backward, extras)
+    return (loss, lse) if lse is not None else loss
 
 
 def _is_dtensor(x: object) -> bool:
@@ -132,7 +244,9 @@ def _cross_entropy_index(
     smoothing: float,
     reduction: Reduction,
     inplace_backward: bool,
-) -> Tensor:
+    extras: LossExtras | None = None,
+) -> tuple[Tensor, Tensor | None]:
+    """The loss, and the per-row lse when ``extras`` asks for it (None otherwise)."""
     # torch's order: the smoothing range, then log_softmax's checks, then nll_loss's.
     smoothing = _checks.check_label_smoothing(smoothing)
     class_dim = _checks.wrap_dim(_class_dim(input), input.dim())
@@ -145,9 +259,19 @@ def _cross_entropy_index(
     _check_inplace_backward(inplace_backward, input, x)
     rows = canonical_rows(target, x.shape[0], x.shape[2])
     weight = _flat_weight(weight)
-    loss, _ = _autograd.cross_entropy(x, rows, weight, ignore_index, smoothing, inplace_backward)
+    if extras is None:
+        loss, _ = _autograd.cross_entropy(x, rows, weight, ignore_index, smoothing, inplace_backward)
+        loss = _unbatched_target_quirk(input, target, loss, smoothing)
+        return _reduce_index_loss(loss, rows, weight, ignore_index, reduction, input, smoothing), None
+    args = (ignore_index, smoothing, extras.z_loss, extras.softcap, inplace_backward)
+    loss, stats = _autograd.cross_entropy_extras(x, rows, weight, *args)
     loss = _unbatched_target_quirk(input, target, loss, smoothing)
-    return _reduce_index_loss(loss, rows, weight, ignore_index, reduction, input, smoothing)
+    loss = _reduce_index_loss(loss, rows, weight, ignore_index, reduction, input, smoothing)
+    if not extras.return_lse:
+        return loss, None
+    # m + log Σ exp(x' - m), rounded once: the lse for the caller, not for further kernels.
+    lse = stats[..., 0] + stats[..., 1]
+    return loss, lse.reshape(_rows_shape(input) if input.dim() != 1 else ())
 
 
 def _cross_entropy_prob(

@@ -15,7 +15,8 @@ __all__ = ["CrossEntropyLoss", "LinearCrossEntropyLoss", "LogSoftmax", "NLLLoss"
 
 
 class CrossEntropyLoss(nn.CrossEntropyLoss):
-    """``torch.nn.CrossEntropyLoss``, fused. ``inplace_backward`` is documented in
+    """``torch.nn.CrossEntropyLoss``, fused. ``inplace_backward`` and the LLM extras
+    (``z_loss``, ``logit_softcap``, ``return_lse``) are documented in
     ``fusedce.functional.cross_entropy``."""
 
     def __init__(
@@ -28,18 +29,35 @@ class CrossEntropyLoss(nn.CrossEntropyLoss):
         label_smoothing: float = 0.0,
         *,
         inplace_backward: bool = False,
+        z_loss: float = 0.0,
+        logit_softcap: float | None = None,
+        return_lse: bool = False,
     ) -> None:
         super().__init__(weight, size_average, ignore_index, reduce, reduction, label_smoothing)
         self.inplace_backward = inplace_backward
+        self.z_loss = z_loss
+        self.logit_softcap = logit_softcap
+        self.return_lse = return_lse
 
     def extra_repr(self) -> str:
-        return "inplace_backward=True" if self.inplace_backward else ""
+        parts = ["inplace_backward=True"] if self.inplace_backward else []
+        if self.z_loss != 0.0:
+            parts.append(f"z_loss={self.z_loss}")
+        if self.logit_softcap is not None:
+            parts.append(f"logit_softcap={self.logit_softcap}")
+        if self.return_lse:
+            parts.append("return_lse=True")
+        return ", ".join(parts)
 
     def __setstate__(self, state: dict) -> None:
         state.setdefault("inplace_backward", False)
+        state.setdefault("z_loss", 0.0)
+        state.setdefault("logit_softcap", None)
+        state.setdefault("return_lse", False)
         super().__setstate__(state)
 
-    def forward(self, input: Tensor, target: Tensor) -> Tensor:
+    # A (loss, lse) pair with return_lse=True, hence the wider return type than torch's.
+    def forward(self, input: Tensor, target: Tensor) -> Tensor | tuple[Tensor, Tensor]:  # type: ignore[override]
         return functional.cross_entropy(
             input,
             target,
@@ -48,6 +66,9 @@ class CrossEntropyLoss(nn.CrossEntropyLoss):
             reduction=self.reduction,
             label_smoothing=self.label_smoothing,
             inplace_backward=self.inplace_backward,
+            z_loss=self.z_loss,
+            logit_softcap=self.logit_softcap,
+            return_lse=self.return_lse,
         )
 
 

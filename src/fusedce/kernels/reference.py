@@ -173,6 +173,90 @@ def ce_backward(
 
 
 # --------------------------------------------------------------------------------------------
+# cross_entropy, index targets, with the LLM extras: z-loss and logit soft-capping.
+# ``softcap`` is 0.0 for none (the ops take a plain float); ``z_loss`` is 0.0 for none.
+# --------------------------------------------------------------------------------------------
+
+
+def softcapped(x: Tensor, softcap: float) -> Tensor:
+    """``cap·tanh(x / cap)`` in the accumulation dtype; ``x`` itself (accumulated) for ``cap = 0``."""
+    xf = _acc(x)
+    return softcap * torch.tanh(xf / softcap) if softcap else xf
+
+
+def ce_extras_forward(
+    x: Tensor,
+    target: Tensor,
+    weight: Tensor | None,
+    ignore_index: int,
+    smoothing: float,
+    z_loss: float,
+    softcap: float,
+) -> tuple[Tensor, Tensor]:
+    """``ce_forward`` of the capped logits ``x' = cap·tanh(x/cap)``, plus ``z·lse²`` on each
+    non-ignored row, unweighted (``lse = m + log Σ`` of ``x'``). The stats are those of ``x'``."""
+    xc = softcapped(x, softcap)
+    loss, stats = ce_forward(xc, target, weight, ignore_index, smoothing)
+    if z_loss:
+        lse = stats[..., 0] + stats[..., 1]
+        loss = loss + torch.where(target.long() != ignore_index, z_loss * lse * lse, 0)
+    return loss, stats
+
+
+def ce_extras_backward(
+    grad_loss: Tensor,
+    x: Tensor,
+    target: Tensor,
+    weight: Tensor | None,
+    stats: Tensor,
+    ignore_index: int,
+    smoothing: float,
+    z_loss: float,
+    softcap: float,
+    inplace: bool,
+) -> Tensor:
+    """``ce_backward``'s bracket at ``x'``, with ``2z·lse`` added to the coefficient of ``p_c``
+    (``∂ z·lse² / ∂x'_c = 2z·lse·p_c``), times the chain factor ``1 - tanh²(x/cap)`` when capped."""
+    num_classes = x.shape[1]
+    xc = softcapped(x, softcap)
+    valid, safe, w_target = _gather_targets(x, target, weight, ignore_index)
+    g = torch.where(valid, grad_loss, 0)
+    eps = max(smoothing, 0.0)
+    w = _class_weights(x, weight)
+    prob = log_prob(xc, stats).exp()
+    target_coef = (1 - eps) * w_target
+    smooth_coef = eps / num_classes if eps > 0 else 0.0
+    prob_coef = target_coef + smooth_coef * w.sum()
+    if z_loss:
+        prob_coef = prob_coef + 2 * z_loss * (stats[..., 0] + stats[..., 1])
+    grad = prob_coef.unsqueeze(1) * prob - smooth_coef * w
+    grad = (grad - target_coef.unsqueeze(1) * _onehot(safe, num_classes)) * g.unsqueeze(1)
+    if softcap:
+        grad = grad * (1 - torch.tanh(_acc(x) / softcap) ** 2)
+    if inplace:
+        return x.copy_(grad)
+    return grad.to(x.dtype)
+
+
+def ce_extras_jvp(
+    x: Tensor,
+    target: Tensor,
+    weight: Tensor | None,
+    stats: Tensor,
+    ignore_index: int,
+    smoothing: float,
+    z_loss: float,
+    softcap: float,
+    x_tangent: Tensor,
+) -> Tensor:
+    """``Σ_c ∂loss/∂x_c · dx_c``, per row."""
+    ones = torch.ones_like(stats[..., 0])
+    args = (ignore_index, smoothing, z_loss, softcap, False)
+    jacobian = ce_extras_backward(ones, x, target, weight, stats, *args)
+    return (_acc(jacobian) * _acc(x_tangent)).sum(dim=1)
+
+
+# --------------------------------------------------------------------------------------------
 # cross_entropy, probability targets (x, target and weight share one dtype: the caller promotes)
 # --------------------------------------------------------------------------------------------
 

@@ -46,6 +46,8 @@ from ..reference import ce_prob_weight_grad as ce_prob_weight_grad
 __all__ = [
     "accumulation_dtype",
     "ce_backward",
+    "ce_extras_backward",
+    "ce_extras_forward",
     "ce_forward",
     "ce_prob_backward",
     "ce_prob_forward",
@@ -65,7 +67,14 @@ __all__ = [
     "toolchain",
 ]
 
-_SOURCES = ("cross_entropy.cpp", "cross_entropy_reduced.cpp", "nll.cpp", "softmax.cpp", "bindings.cpp")
+_SOURCES = (
+    "cross_entropy.cpp",
+    "cross_entropy_extras.cpp",
+    "cross_entropy_reduced.cpp",
+    "nll.cpp",
+    "softmax.cpp",
+    "bindings.cpp",
+)
 _HEADERS = ("common.h", "ops.h")
 
 # ATen picks its Vectorized implementation at compile time from CPU_CAPABILITY; these are the
@@ -334,6 +343,36 @@ def ce_backward(
     # max(ε, 0) exactly as reference: a negative ε is no smoothing, and NaN stays NaN.
     return _kernels().ce_backward(
         grad_loss, x, target, weight, stats, ignore_index, max(smoothing, 0.0), inplace
+    )
+
+
+def ce_extras_forward(
+    x: Tensor,
+    target: Tensor,
+    weight: Tensor | None,
+    ignore_index: int,
+    smoothing: float,
+    z_loss: float,
+    softcap: float,
+) -> tuple[Tensor, Tensor]:
+    return tuple(_kernels().ce_extras_forward(x, target, weight, ignore_index, smoothing, z_loss, softcap))
+
+
+def ce_extras_backward(
+    grad_loss: Tensor,
+    x: Tensor,
+    target: Tensor,
+    weight: Tensor | None,
+    stats: Tensor,
+    ignore_index: int,
+    smoothing: float,
+    z_loss: float,
+    softcap: float,
+    inplace: bool,
+) -> Tensor:
+    # max(ε, 0) as ce_backward.
+    return _kernels().ce_extras_backward(
+        grad_loss, x, target, weight, stats, ignore_index, max(smoothing, 0.0), z_loss, softcap, inplace
     )
 
 

@@ -8,6 +8,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "fusedce CPU kernels (ATen Vectorized + at::parallel_for)";
   m.def("ce_forward", &fusedce::ce_forward);
   m.def("ce_backward", &fusedce::ce_backward);
+  m.def("ce_extras_forward", &fusedce::ce_extras_forward);
+  m.def("ce_extras_backward", &fusedce::ce_extras_backward);
   m.def("ce_prob_forward", &fusedce::ce_prob_forward);
   m.def("ce_prob_backward", &fusedce::ce_prob_backward);
   m.def("nll_forward", &fusedce::nll_forward);

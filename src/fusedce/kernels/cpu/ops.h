@@ -18,6 +18,18 @@ at::Tensor ce_backward(const at::Tensor& grad_loss, const at::Tensor& x, const a
                        const std::optional<at::Tensor>& weight, const at::Tensor& stats,
                        int64_t ignore_index, double smoothing, bool inplace);
 
+// Index targets with the LLM extras, z-loss and a logit soft-cap (0 for none): reference.py's
+// ce_extras_forward and ce_extras_backward (cross_entropy_extras.cpp).
+std::tuple<at::Tensor, at::Tensor> ce_extras_forward(const at::Tensor& x, const at::Tensor& target,
+                                                     const std::optional<at::Tensor>& weight,
+                                                     int64_t ignore_index, double smoothing,
+                                                     double z_loss, double softcap);
+
+at::Tensor ce_extras_backward(const at::Tensor& grad_loss, const at::Tensor& x,
+                              const at::Tensor& target, const std::optional<at::Tensor>& weight,
+                              const at::Tensor& stats, int64_t ignore_index, double smoothing,
+                              double z_loss, double softcap, bool inplace);
+
 std::tuple<at::Tensor, at::Tensor> ce_prob_forward(const at::Tensor& x, const at::Tensor& target,
                                                    const std::optional<at::Tensor>& weight,
                                                    double smoothing);

@@ -25,6 +25,8 @@ import torch
 from ._common import acc_dtype
 from .cross_entropy import (
     ce_backward,
+    ce_extras_backward,
+    ce_extras_forward,
     ce_forward,
     ce_prob_backward,
     ce_prob_forward,
@@ -41,6 +43,8 @@ __all__ = [
     "CHECKS_TARGETS",
     "accumulation_dtype",
     "ce_backward",
+    "ce_extras_backward",
+    "ce_extras_forward",
     "ce_forward",
     "ce_prob_backward",
     "ce_prob_forward",

@@ -69,6 +69,27 @@ def _load_index_targets(
     return kept, bad, safe, w_t
 
 
+@triton.jit
+def _tanh(y):
+    """``tanh(y)`` to a few ulp, from exp and log alone (the interpreter has no libdevice tanh):
+    ``tanh|y| = -e/(2 + e)`` with ``e = expm1(-2|y|)``, and expm1 by Kahan's ``(u-1)·z/log u``
+    (``u = exp z``), which keeps the small |y| that ``1 - exp(-2|y|)`` would cancel."""
+    z = -2.0 * tl.abs(y)
+    u = tl.exp(z)
+    um1 = u - 1.0
+    em1 = tl.where(u == 1.0, z, tl.where(um1 == -1.0, -1.0, um1 * z / tl.log(u)))
+    t = -em1 / (2.0 + em1)
+    return tl.where(y < 0, -t, t)
+
+
+@triton.jit
+def _capped(xf, softcap, HAS_SOFTCAP: tl.constexpr):
+    """The soft-capped logits ``cap·tanh(x / cap)`` (``x`` itself without a cap)."""
+    if HAS_SOFTCAP:
+        xf = softcap * _tanh(xf / softcap)
+    return xf
+
+
 @triton.jit(do_not_specialize=[*NO_SPECIALIZE, "stride_to", "stride_ti", "ignore_index"])
 def _ce_fwd_kernel(
     # pointers
@@ -102,9 +123,17 @@ def _ce_fwd_kernel(
     COL_I64: tl.constexpr,
     HAS_WEIGHT: tl.constexpr,
     HAS_SMOOTHING: tl.constexpr,
+    # the LLM extras (see reference.ce_extras_forward): z and the cap as float32 pairs
+    z_hi=0.0,
+    z_lo=0.0,
+    cap_hi=1.0,
+    cap_lo=0.0,
+    HAS_Z_LOSS: tl.constexpr = False,
+    HAS_SOFTCAP: tl.constexpr = False,
 ):
     o, i, r, rmask = tile_rows(tl.program_id(0), n_rows, inner, inner_tiles, BLOCK_R, INNER_TILE)
     x_row = o * stride_xo + i * stride_xi
+    cap = scalar(cap_hi, cap_lo, ACC)
 
     m = tl.full([BLOCK_R], float("-inf"), ACC)
     s = tl.zeros([BLOCK_R], ACC)
@@ -114,6 +143,7 @@ def _ce_fwd_kernel(
         cols, offs = col_offsets(c0, stride_xc, BLOCK_C, COL_I64)
         cmask = rmask[:, None] & (cols < num_classes)[None, :]
         xf = tl.load(x_ptr + x_row[:, None] + offs[None, :], mask=cmask, other=0.0).to(ACC)
+        xf = _capped(xf, cap, HAS_SOFTCAP)
         m_old = m
         m, s = online_lse_step(m, s, xf, cmask)
         if HAS_SMOOTHING:
@@ -139,10 +169,14 @@ def _ce_fwd_kernel(
         HAS_WEIGHT,
     )
     x_t = tl.load(x_ptr + x_row + safe * stride_xc, mask=rmask & kept & ~bad, other=0.0).to(ACC)
+    x_t = _capped(x_t, cap, HAS_SOFTCAP)
     loss = w_t * ((m - x_t) + logsum)
     if HAS_SMOOTHING:
         smooth = sum_w * logsum + sum_wd  # Σ_c w_c·((m - x_c) + log Σ)
         loss = scalar(keep_hi, keep_lo, ACC) * loss + scalar(smooth_hi, smooth_lo, ACC) * smooth
+    if HAS_Z_LOSS:
+        lse = m + logsum
+        loss += scalar(z_hi, z_lo, ACC) * (lse * lse)
     loss = tl.where(kept, loss, 0.0)
     loss = tl.where(bad, float("nan"), loss)
     tl.store(loss_ptr + r, loss, mask=rmask)
@@ -189,6 +223,13 @@ def _ce_bwd_kernel(
     COL_I64: tl.constexpr,
     HAS_WEIGHT: tl.constexpr,
     HAS_SMOOTHING: tl.constexpr,
+    # the LLM extras (see reference.ce_extras_backward): 2z (the launcher doubles it) and the cap
+    z_hi=0.0,
+    z_lo=0.0,
+    cap_hi=1.0,
+    cap_lo=0.0,
+    HAS_Z_LOSS: tl.constexpr = False,
+    HAS_SOFTCAP: tl.constexpr = False,
 ):
     o, i, r, rmask = tile_rows(tl.program_id(0), n_rows, inner, inner_tiles, BLOCK_R, INNER_TILE)
     kept, bad, safe, w_t = _load_index_targets(
@@ -218,6 +259,9 @@ def _ce_bwd_kernel(
     else:
         target_coef = w_t
         prob_coef = w_t
+    if HAS_Z_LOSS:  # ∂ z·lse² / ∂x'_c = 2z·lse·p_c
+        prob_coef = prob_coef + scalar(z_hi, z_lo, ACC) * (m + logsum)
+    cap = scalar(cap_hi, cap_lo, ACC)
 
     x_row = o * stride_xo + i * stride_xi
     out_row = o * stride_oo + i * stride_oi
@@ -226,6 +270,9 @@ def _ce_bwd_kernel(
         cols, out_offs = col_offsets(c0, stride_oc, BLOCK_C, COL_I64)
         cmask = rmask[:, None] & (cols < num_classes)[None, :]
         xf = tl.load(x_ptr + x_row[:, None] + offs[None, :], mask=cmask, other=0.0).to(ACC)
+        if HAS_SOFTCAP:
+            tanh_x = _tanh(xf / cap)
+            xf = cap * tanh_x
         grad = prob_coef[:, None] * tl.exp((xf - m[:, None]) - logsum[:, None])
         if HAS_SMOOTHING:
             if HAS_WEIGHT:
@@ -235,6 +282,8 @@ def _ce_bwd_kernel(
                 grad -= smooth
         grad = tl.where(cols[None, :] == safe[:, None], grad - target_coef[:, None], grad)
         grad = grad * g[:, None]
+        if HAS_SOFTCAP:
+            grad = grad * (1.0 - tanh_x * tanh_x)
         tl.store(
             out_ptr + out_row[:, None] + out_offs[None, :],
             to_output(grad, out_ptr.dtype.element_ty),
@@ -431,8 +480,25 @@ def _gradient_buffer(x: Tensor, inplace: bool) -> Tensor:
     return x if inplace else torch.empty(x.shape, dtype=x.dtype, device=x.device)
 
 
+def _extras_meta(z_coef: float, softcap: float) -> dict[str, float | bool]:
+    """The kernels' extras arguments (none of them for the defaults, which then compile and run
+    exactly as before): a z-loss coefficient and the cap, as float32 pairs, and their flags."""
+    if not z_coef and not softcap:
+        return {}
+    z_hi, z_lo = split_scalar(z_coef)
+    cap_hi, cap_lo = split_scalar(softcap if softcap else 1.0)
+    return {"cap_hi": cap_hi, "cap_lo": cap_lo, "HAS_Z_LOSS": bool(z_coef), "HAS_SOFTCAP": bool(softcap),
+            "z_lo": z_lo, "z_hi": z_hi}
+
+
 def ce_forward(
-    x: Tensor, target: Tensor, weight: Tensor | None, ignore_index: int, smoothing: float
+    x: Tensor,
+    target: Tensor,
+    weight: Tensor | None,
+    ignore_index: int,
+    smoothing: float,
+    z_loss: float = 0.0,
+    softcap: float = 0.0,
 ) -> tuple[Tensor, Tensor]:
     check_device(x)
     outer, num_classes, inner = x.shape
@@ -453,7 +519,7 @@ def ce_forward(
         target.stride(0), target.stride(1),
         ignore_index, keep_hi, keep_lo, smooth_hi, smooth_lo,
         ACC=tl_acc(x.dtype), HAS_WEIGHT=weight is not None, HAS_SMOOTHING=has_smoothing,
-        num_warps=tiling.num_warps, **tiling.meta(),
+        num_warps=tiling.num_warps, **tiling.meta(), **_extras_meta(z_loss, softcap),
     )  # fmt: skip
     return loss, stats
 
@@ -467,6 +533,8 @@ def ce_backward(
     ignore_index: int,
     smoothing: float,
     inplace: bool,
+    z_loss: float = 0.0,
+    softcap: float = 0.0,
 ) -> Tensor:
     check_device(x)
     outer, num_classes, inner = x.shape
@@ -496,9 +564,38 @@ def ce_backward(
         out.stride(0), out.stride(1), out.stride(2),
         ignore_index, keep_hi, keep_lo, smooth_hi, smooth_lo,
         ACC=tl_acc(x.dtype), HAS_WEIGHT=weight is not None, HAS_SMOOTHING=has_smoothing,
-        num_warps=tiling.num_warps, **tiling.meta(),
+        num_warps=tiling.num_warps, **tiling.meta(), **_extras_meta(2 * z_loss, softcap),
     )  # fmt: skip
     return out
+
+
+def ce_extras_forward(
+    x: Tensor,
+    target: Tensor,
+    weight: Tensor | None,
+    ignore_index: int,
+    smoothing: float,
+    z_loss: float,
+    softcap: float,
+) -> tuple[Tensor, Tensor]:
+    """``reference.ce_extras_forward``: ce_forward's kernel with the z-loss and cap compiled in."""
+    return ce_forward(x, target, weight, ignore_index, smoothing, z_loss, softcap)
+
+
+def ce_extras_backward(
+    grad_loss: Tensor,
+    x: Tensor,
+    target: Tensor,
+    weight: Tensor | None,
+    stats: Tensor,
+    ignore_index: int,
+    smoothing: float,
+    z_loss: float,
+    softcap: float,
+    inplace: bool,
+) -> Tensor:
+    """``reference.ce_extras_backward``: ce_backward's kernel with the z-loss and cap compiled in."""
+    return ce_backward(grad_loss, x, target, weight, stats, ignore_index, smoothing, inplace, z_loss, softcap)
 
 
 def ce_prob_forward(x: Tensor, target: Tensor, weight: Tensor | None, smoothing: float) -> tuple[Tensor, Tensor]:
