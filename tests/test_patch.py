@@ -26,11 +26,11 @@ def fused_calls(monkeypatch):
     calls: Counter[str] = Counter()
     mode_seen: list[bool] = []
     threads: list[int] = []
-    for name in ("cross_entropy", "cross_entropy_prob", "nll_loss", "log_softmax", "softmax"):
+    for name in ("cross_entropy", "cross_entropy_prob", "cross_entropy_reduced", "nll_loss", "log_softmax", "softmax"):
         original = getattr(_autograd, name)
 
         def spy(*args, _name=name, _original=original, **kwargs):
-            calls[_name.removesuffix("_prob")] += 1
+            calls[_name.removesuffix("_prob").removesuffix("_reduced")] += 1
             mode_seen.append(torch._C._is_torch_function_mode_enabled())
             threads.append(threading.get_ident())
             return _original(*args, **kwargs)

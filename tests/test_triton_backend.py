@@ -57,7 +57,14 @@ def _compare(x, target, weight=None, smoothing=0.0, ignore_index=-100, backend=N
     tol = TOLERANCES["kernel"][x.dtype]
     for name, value in ours.items():
         assert value.dtype == ref[name].dtype, name
-        assert_close_report(value, ref[name], tol, name)
+        expected = ref[name]
+        if name.endswith("stats"):
+            # The log-sum everywhere; the max where the log-sum is finite (a row holding NaN has a
+            # NaN log-sum, which makes every result derived from it NaN whatever its max).
+            finite = expected[..., 1].isfinite().unsqueeze(-1).expand_as(expected).clone()
+            finite[..., 1] = True
+            value, expected = value[finite], expected[finite]
+        assert_close_report(value, expected, tol, name)
 
 
 # --------------------------------------------------------------------------------------------
