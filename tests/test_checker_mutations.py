@@ -239,3 +239,39 @@ def test_a_non_finite_truth_where_torch_is_finite_fails():
     assert problem is not None and "cannot be judged" in problem
     problem = _compare_tensor("value", torch_value, torch_value, torch.tensor([float("inf"), 2.0]), torch.float32)
     assert problem is not None and "cannot be judged" in problem
+
+
+class _ScaleGrad(torch.autograd.Function):
+    """Identity forward; the gradient scaled by 0.98 (a planted 2% error)."""
+
+    @staticmethod
+    def forward(ctx, t):
+        return t.view_as(t)
+
+    @staticmethod
+    def backward(ctx, g):
+        return g * 0.98
+
+
+@pytest.mark.parametrize("which", ["input", "linear_weight"])
+def test_linear_half_gradients_scaled_by_098_are_flagged(which):
+    """linear_cross_entropy's half-precision gradients are re-judged through the dtype-rounded
+    logits with a matmul margin (testing/linear_rule.py); the rule must stay sharp enough to
+    flag a 2% error on every case with a nonzero gradient, while fusedce passes every case."""
+    import fusedce
+
+    cases = [c for c in testing.default_grid(ops=("linear_cross_entropy",))
+             if c.dtype in (torch.bfloat16, torch.float16) and not c.special]
+    cases = cases[:: max(1, len(cases) // 24)]
+
+    def mutant(x, w, *args, **kwargs):
+        if which == "input":
+            x = _ScaleGrad.apply(x)
+        else:
+            w = _ScaleGrad.apply(w)
+        return fusedce.linear_cross_entropy(x, w, *args, **kwargs)
+
+    flagged = testing.check({"linear_cross_entropy": mutant}, cases, label="mutant")
+    ours = testing.check({"linear_cross_entropy": fusedce.linear_cross_entropy}, cases, label="fusedce")
+    assert not ours.failures, ours.details()
+    assert len(flagged.failures) >= len(cases) - 1, f"{len(flagged.failures)} of {len(cases)} flagged"

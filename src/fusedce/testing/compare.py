@@ -36,6 +36,8 @@ unreduced losses: a sum is only as exact as its terms are large (``_sum_conditio
 The gradient of softmax and log_softmax is, in torch as here, a function of the saved output, and
 magnifies that output's rounding: where it fails against the truth it is judged again against
 torch's float64 backward of the candidate's own output (see ``_backward_of_own_output``).
+linear_cross_entropy's gradients go through two matmuls of rounded operands (the logits, and
+their gradient): where one fails against the truth it is judged again as ``linear_rule`` derives.
 
 Non-finite values: NaN must appear exactly where torch has NaN, and an infinity exactly where
 torch has the same infinity, with one documented exception (README, "Where fusedce knowingly
@@ -58,6 +60,7 @@ import torch
 from torch import Tensor
 
 from .grid import Case, Inputs, build_inputs, seed_of
+from .linear_rule import rounded_logits_truth
 
 
 @dataclass(frozen=True)
@@ -234,13 +237,14 @@ def _torch_overflowed(a: Tensor, b: Tensor, t: Tensor, dtype: torch.dtype) -> Te
 
 def _compare_tensor(
     what: str, ours: Tensor, theirs: Tensor, truth: Tensor | None, dtype: torch.dtype, credit_torch: bool = True,
-    condition: float = 1.0,
+    condition: float = 1.0, extra_margin: Tensor | None = None,
 ) -> str | None:
     """None when ours passes the rule of this module's docstring, else why not.
 
     ``dtype`` is the precision the op computes in; ``truth`` is None when that is float64.
     Without ``credit_torch``, torch's own error earns ours no allowance. ``condition`` scales
-    ``S`` (see ``_sum_condition``).
+    ``S`` (see ``_sum_condition``). ``extra_margin``, per element, is added to the margin
+    (``linear_rule``'s bound on a rounded gradient's matmul).
     """
     if ours.shape != theirs.shape:
         return f"{what}: shape {tuple(ours.shape)} vs torch {tuple(theirs.shape)}"
@@ -270,6 +274,8 @@ def _compare_tensor(
         return None
     scale = reference.abs().where(judged, 0).max() * condition
     margin = tol.ulps * ulp(reference, dtype) + tol.scale_ulps * torch.finfo(tol.compute).eps * scale
+    if extra_margin is not None:
+        margin = margin + extra_margin.detach().double().cpu()
     err_ours = (a - reference).abs()
     excess = (err_ours - err_torch - margin).where(judged, -1)
     if (excess > 0).any():
@@ -321,6 +327,7 @@ def compare(case: Case, candidate: Callable[..., Any], reference: Callable[..., 
     if len(ours.grads) != len(theirs.grads):
         problems.append(f"{len(ours.grads)} gradients vs torch {len(theirs.grads)}")
         return problems
+    through_rounded: tuple[list[Tensor | None], list[Tensor | None]] | None = None  # linear_rule, when needed
     for i, (g_ours, g_theirs) in enumerate(zip(ours.grads, theirs.grads, strict=True)):
         if (g_ours is None) != (g_theirs is None):
             problems.append(f"grad {i}: {'None' if g_ours is None else 'a tensor'} vs torch's")
@@ -335,6 +342,15 @@ def compare(case: Case, candidate: Callable[..., Any], reference: Callable[..., 
         if problem and truth is not None:
             own = _backward_of_own_output(case, ours_inputs, ours.value)
             if own is not None and not _compare_tensor(f"grad {i}", g_ours, g_theirs, own, dtype, credit_torch=False):
+                problem = None
+        if problem and truth is not None and case.op == "linear_cross_entropy":
+            if through_rounded is None:
+                inputs64 = _as_float64(_contiguous(build_inputs(case, device)))
+                through_rounded = rounded_logits_truth(inputs64, dtype, lambda out: _upstream(case, out)) or ([], [])
+            truths, margins = through_rounded
+            if i < len(truths) and truths[i] is not None and not _compare_tensor(
+                f"grad {i}", g_ours, g_theirs, truths[i], dtype, extra_margin=margins[i]
+            ):
                 problem = None
         if problem:
             problems.append(problem)
