@@ -21,8 +21,9 @@ Conventions shared by all backends
   60000 a rounded float32 lse is off by 2e-3).
 * ``grad_loss`` is ``(outer, inner)`` in the accumulation dtype and may be broadcast (zero
   strides), e.g. the scalar upstream gradient of a 'mean' reduction expanded over the rows.
-* Gradients with respect to ``x`` come back contiguous ``(outer, C, inner)`` in ``x``'s dtype,
-  unless ``inplace`` asks for them to be written into ``x`` itself.
+* Gradients with respect to ``x`` (and the softmax backwards' results) come back contiguous
+  ``(outer, C, inner)`` in ``x``'s dtype, unless ``inplace`` asks for them to be written into
+  ``x`` itself. The fake kernels promise these strides to torch.compile, which asserts them.
 * An index target outside ``[0, C)`` that is not ``ignore_index`` raises
   ``IndexError("Target {t} is out of bounds.")`` in the forward, naming the first such target in
   row order.
@@ -169,7 +170,7 @@ def ce_backward(
     grad = (grad - target_coef.unsqueeze(1) * _onehot(safe, num_classes)) * g.unsqueeze(1)
     if inplace:
         return x.copy_(grad)
-    return grad.to(x.dtype)
+    return grad.to(x.dtype).contiguous()
 
 
 # --------------------------------------------------------------------------------------------
@@ -209,7 +210,7 @@ def ce_prob_backward(
     grad = (wt.sum(1, keepdim=True) * prob - wt) * grad_loss.unsqueeze(1)
     if inplace:
         return x.copy_(grad)
-    return grad.to(x.dtype)
+    return grad.to(x.dtype).contiguous()
 
 
 def ce_prob_target_grad(
@@ -278,7 +279,7 @@ def log_softmax_forward(x: Tensor) -> Tensor:
 def log_softmax_backward(grad_out: Tensor, out: Tensor) -> Tensor:
     """``grad - exp(out)·Σ_c grad``: at a -inf input the gradient is the upstream one, not 0."""
     g = _acc(grad_out)
-    return (g - _acc(out).exp() * g.sum(dim=1, keepdim=True)).to(out.dtype)
+    return (g - _acc(out).exp() * g.sum(dim=1, keepdim=True)).to(out.dtype).contiguous()
 
 
 def softmax_forward(x: Tensor) -> Tensor:
@@ -294,7 +295,7 @@ def softmax_forward(x: Tensor) -> Tensor:
 def softmax_backward(grad_out: Tensor, out: Tensor) -> Tensor:
     """``out·(grad - Σ_c grad·out)``."""
     g, y = _acc(grad_out), _acc(out)
-    return (y * (g - (g * y).sum(dim=1, keepdim=True))).to(out.dtype)
+    return (y * (g - (g * y).sum(dim=1, keepdim=True))).to(out.dtype).contiguous()
 
 
 # --------------------------------------------------------------------------------------------
