@@ -147,7 +147,8 @@ def _cross_entropy_index(
     weight = _flat_weight(weight)
     loss, _ = _autograd.cross_entropy(x, rows, weight, ignore_index, smoothing, inplace_backward)
     loss = _unbatched_target_quirk(input, target, loss, smoothing)
-    return _reduce_index_loss(loss, rows, weight, ignore_index, reduction, input, smoothing)
+    reduced = _reduce_index_loss(loss, rows, weight, ignore_index, reduction, input, smoothing)
+    return _byte_target_backward_quirk(input, target, reduced)
 
 
 def _cross_entropy_prob(
@@ -238,6 +239,15 @@ def _unbatched_target_quirk(input: Tensor, target: Tensor, loss: Tensor, smoothi
     return loss
 
 
+def _byte_target_backward_quirk(input: Tensor, target: Tensor, loss: Tensor) -> Tensor:
+    """torch's spatial (K-dimensional) nll kernels read the target as int64. The forward returns
+    early for an empty input's 'mean' or 'sum', so a uint8 target gets that far (the only case in
+    which it does, ``check_nll_dtypes``), but the backward raises."""
+    if input.dim() >= 3 and target.dtype == torch.uint8:
+        return _autograd.fail_in_backward(loss, "expected scalar type Long but found Byte")
+    return loss
+
+
 def _reduce_index_loss(
     loss: Tensor,
     rows: Tensor,
@@ -296,7 +306,8 @@ def nll_loss(
     weight = _flat_weight(weight)
     loss = _autograd.nll_loss(x, rows, weight, ignore_index)
     loss = _unbatched_target_quirk(input, target, loss, 0.0)
-    return _reduce_index_loss(loss, rows, weight, ignore_index, mode, input, 0.0)
+    reduced = _reduce_index_loss(loss, rows, weight, ignore_index, mode, input, 0.0)
+    return _byte_target_backward_quirk(input, target, reduced)
 
 
 # --------------------------------------------------------------------------------------------

@@ -1,0 +1,57 @@
+"""Degenerate losses torch handles specially, on every backend: an empty K-dimensional batch
+with a uint8 target. Each case is compared with torch itself: the value (NaN and signless zero included), the
+output's dtype and shape, the gradient's shape, and any exception's type and message, in the
+forward or the backward."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import fusedce
+from fusedce import use_backend
+from fusedce.kernels import available_backends
+
+BACKENDS = available_backends("cpu")
+REDUCTIONS = ("none", "mean", "sum")
+_LONG, _BYTE = torch.int64, torch.uint8
+
+# (op, input shape, target, keyword arguments)
+CASES = [
+    # An empty K-dim batch with a uint8 target: the forward returns early, the backward raises.
+    ("cross_entropy", (0, 3, 2), torch.empty(0, 2, dtype=_BYTE), {}),
+    ("nll_loss", (0, 0, 0), torch.empty(0, 0, dtype=_BYTE), {}),
+    ("nll_loss", (0, 5, 2, 2), torch.empty(0, 2, 2, dtype=_BYTE), {}),
+]
+
+
+def _outcome(module, op, shape, target, kwargs, reduction):
+    """What a call and its backward give: the loss and the gradient's shape, or the error."""
+    x = torch.empty(shape).requires_grad_()
+    try:
+        out = getattr(module, op)(x, target.clone(), reduction=reduction, **kwargs)
+    except Exception as exc:  # compared with torch's, type and message
+        return ("forward error", type(exc), str(exc))
+    try:
+        (grad,) = torch.autograd.grad(out.sum(), x)
+        backward = tuple(grad.shape)
+    except Exception as exc:
+        backward = ("backward error", type(exc), str(exc))
+    return out.detach(), backward
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+@pytest.mark.parametrize(("op", "shape", "target", "kwargs"), CASES, ids=lambda v: str(v).replace(" ", ""))
+def test_degenerate_losses_match_torch(backend, reduction, op, shape, target, kwargs):
+    expected = _outcome(F, op, shape, target, kwargs, reduction)
+    with use_backend(backend):
+        actual = _outcome(fusedce, op, shape, target, kwargs, reduction)
+    if isinstance(expected[0], str) or isinstance(actual[0], str):
+        assert actual == expected
+        return
+    (value, backward), (expected_value, expected_backward) = actual, expected
+    assert value.dtype == expected_value.dtype and value.shape == expected_value.shape
+    torch.testing.assert_close(value, expected_value, equal_nan=True, rtol=0, atol=0)
+    assert backward == expected_backward
