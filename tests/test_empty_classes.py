@@ -1,5 +1,6 @@
-"""Degenerate losses torch handles specially, on every backend: an empty K-dimensional batch
-with a uint8 target. Each case is compared with torch itself: the value (NaN and signless zero included), the
+"""Degenerate losses torch handles specially, on every backend: no classes (C = 0) with every
+target ignored, label smoothing over no classes, and an empty K-dimensional batch with a uint8
+target. Each case is compared with torch itself: the value (NaN and signless zero included), the
 output's dtype and shape, the gradient's shape, and any exception's type and message, in the
 forward or the backward."""
 
@@ -19,6 +20,31 @@ _LONG, _BYTE = torch.int64, torch.uint8
 
 # (op, input shape, target, keyword arguments)
 CASES = [
+    # C = 0, every target ignored: 0 per row, NaN for 'mean' (0/0), 0 for 'sum'.
+    ("nll_loss", (0,), torch.tensor(0), {"ignore_index": 0}),
+    ("cross_entropy", (0,), torch.tensor(0), {"ignore_index": 0}),
+    ("nll_loss", (3, 0), torch.zeros(3, dtype=_LONG), {"ignore_index": 0}),
+    ("cross_entropy", (3, 0), torch.zeros(3, dtype=_LONG), {"ignore_index": 0}),
+    ("nll_loss", (3, 0), torch.zeros(3, dtype=_LONG), {"ignore_index": 0, "weight": torch.empty(0)}),
+    ("cross_entropy", (3, 0), torch.zeros(3, dtype=_LONG), {"ignore_index": 0, "weight": torch.empty(0)}),
+    ("cross_entropy", (3, 0, 2, 2), torch.zeros(3, 2, 2, dtype=_LONG), {"ignore_index": 0}),
+    # A target that is not ignored has no class to be.
+    ("cross_entropy", (3, 0), torch.zeros(3, dtype=_LONG), {}),
+    # 3-D and 5-D input: torch views the empty input as (N, 0, 0, 0) and raises a size mismatch.
+    ("cross_entropy", (3, 0, 2), torch.zeros(3, 2, dtype=_LONG), {"ignore_index": 0}),
+    ("nll_loss", (3, 0, 1, 1, 2), torch.zeros(3, 1, 1, 2, dtype=_LONG), {"ignore_index": 0}),
+    # Smoothing over no classes: torch scales an empty sum by ε/0 = inf, so NaN everywhere.
+    ("cross_entropy", (3, 0), torch.zeros(3, dtype=_LONG), {"ignore_index": 0, "label_smoothing": 0.1}),
+    ("cross_entropy", (3, 0, 2, 2), torch.zeros(3, 2, 2, dtype=_LONG), {"ignore_index": 0, "label_smoothing": 0.2}),
+    (
+        "cross_entropy", (3, 0), torch.zeros(3, dtype=_LONG),
+        {"ignore_index": 0, "label_smoothing": 0.1, "weight": torch.empty(0)},
+    ),
+    ("cross_entropy", (0, 0, 3), torch.zeros(0, 3, dtype=_LONG), {"label_smoothing": 0.1}),
+    ("cross_entropy", (0, 0), torch.zeros(0, dtype=_LONG), {"label_smoothing": 0.1}),
+    # Probability targets over no classes: empty sums, and no division by C.
+    ("cross_entropy", (0, 0), torch.empty(0, 0), {"label_smoothing": 0.1}),
+    ("cross_entropy", (3, 0), torch.empty(3, 0), {"label_smoothing": 0.1}),
     # An empty K-dim batch with a uint8 target: the forward returns early, the backward raises.
     ("cross_entropy", (0, 3, 2), torch.empty(0, 2, dtype=_BYTE), {}),
     ("nll_loss", (0, 0, 0), torch.empty(0, 0, dtype=_BYTE), {}),

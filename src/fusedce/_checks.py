@@ -199,6 +199,7 @@ def check_nll_shapes(input: Tensor, target: Tensor, weight: Tensor | None) -> No
             expected = [input.shape[0], *input.shape[2:]]
             raise RuntimeError(f"Expected target size {expected}, got {shape_str(target)}")
         _check_spatial_weight(input, weight)
+        _check_empty_view_quirk(input, target)
 
 
 def _check_nll_1d_2d(input: Tensor, target: Tensor, weight: Tensor | None) -> None:
@@ -235,6 +236,20 @@ def _check_nll_2d_spatial(input: Tensor, target: Tensor, weight: Tensor | None) 
             )
         # torch's message really has a space before the comma and no closing parenthesis.
         raise RuntimeError(f"size mismatch (got input: {shape_str(input)} , target: {shape_str(target)}")
+
+
+def _check_empty_view_quirk(input: Tensor, target: Tensor) -> None:
+    """For 3-D and 5-D+ input, nll_loss_nd views an empty input as (N, C, 0, 0) but a non-empty
+    target as (N, 1, -1) before the spatial kernel's size check, which then fails: C = 0 with
+    N > 0 and a non-empty spatial extent."""
+    if input.numel() == 0 and target.numel() > 0:
+        n, c = input.shape[0], input.shape[1]
+        viewed_input, viewed_target = f"[{n}, {c}, 0, 0]", f"[{n}, 1, {target.numel() // n}]"
+        if input.is_cuda:
+            raise RuntimeError(
+                f"input and target batch or spatial sizes don't match: target {viewed_target}, input {viewed_input}"
+            )
+        raise RuntimeError(f"size mismatch (got input: {viewed_input} , target: {viewed_target}")
 
 
 def _check_spatial_weight(input: Tensor, weight: Tensor | None) -> None:

@@ -108,6 +108,7 @@ def _is_plain_call(
         and type(label_smoothing) is float
         and not label_smoothing > 0  # ε ≤ 0 or NaN is no smoothing (check_label_smoothing)
         and input.dim() == 2
+        and input.shape[1] != 0  # no classes: the general path (ce_forward) handles C = 0
         and target.dim() == 1
         and target.dtype is torch.int64
         and input.is_cpu
@@ -148,6 +149,11 @@ def _cross_entropy_index(
     loss, _ = _autograd.cross_entropy(x, rows, weight, ignore_index, smoothing, inplace_backward)
     loss = _unbatched_target_quirk(input, target, loss, smoothing)
     reduced = _reduce_index_loss(loss, rows, weight, ignore_index, reduction, input, smoothing)
+    if smoothing > 0 and x.shape[1] == 0:
+        # torch scales the smoothing term, an empty sum (0) with no classes, by ε/C = inf after
+        # masking the ignored rows: NaN on every row, ignored ones included, and NaN for every
+        # reduction, even of no rows. (The kernels leave the term out when C = 0.)
+        reduced = reduced + float("nan")
     return _byte_target_backward_quirk(input, target, reduced)
 
 
@@ -272,8 +278,12 @@ def _reduce_index_loss(
     else:
         # Clamp so that an out-of-range target (which the CUDA kernels report as NaN instead of
         # raising) cannot index out of bounds here.
-        safe = rows.clamp(0, max(weight.numel() - 1, 0))
-        picked = weight.to(accumulation_dtype(input.dtype)).gather(0, safe.reshape(-1)).view_as(safe)
+        acc = accumulation_dtype(input.dtype)
+        if weight.numel() == 0:  # no classes, so every row is ignored: nothing to pick
+            picked = torch.zeros(rows.shape, dtype=acc, device=rows.device)
+        else:
+            safe = rows.clamp(0, weight.numel() - 1)
+            picked = weight.to(acc).gather(0, safe.reshape(-1)).view_as(safe)
         denominator = torch.where(valid, picked, 0).sum()
     if smoothing > 0:
         # torch divides its NLL and smoothing terms separately; with a zero denominator the NLL

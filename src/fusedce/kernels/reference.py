@@ -97,9 +97,26 @@ def _gather_targets(
     w_target = (
         torch.ones_like(safe, dtype=accumulation_dtype(x.dtype))
         if weight is None
-        else _acc(weight)[safe]
+        else _weight_of(weight, safe)
     )
     return valid, safe, w_target
+
+
+def _weight_of(weight: Tensor, index: Tensor) -> Tensor:
+    """``weight[index]`` in the accumulation dtype. With no classes there is no class 0 to stand in
+    for an ignored row (and every row is ignored: ``check_targets`` lets no other target through),
+    so the masked rows get 0."""
+    if weight.numel() == 0:
+        return torch.zeros_like(index, dtype=accumulation_dtype(weight.dtype))
+    return _acc(weight)[index]
+
+
+def _target_values(x: Tensor, index: Tensor) -> Tensor:
+    """``x[o, index[o, i], i]`` in the accumulation dtype; 0 when there are no classes (C = 0,
+    where every row is ignored and masked, as for ``_weight_of``)."""
+    if x.shape[1] == 0:
+        return torch.zeros_like(index, dtype=accumulation_dtype(x.dtype))
+    return _acc(x.gather(1, index.unsqueeze(1)).squeeze(1))
 
 
 def _onehot(index: Tensor, num_classes: int) -> Tensor:
@@ -134,9 +151,9 @@ def ce_forward(
     check_targets(target, num_classes, ignore_index)
     stats = row_stats(x)
     valid, safe, w_target = _gather_targets(x, target, weight, ignore_index)
-    x_target = _acc(x.gather(1, safe.unsqueeze(1)).squeeze(1))
+    x_target = _target_values(x, safe)
     loss = w_target * ((stats[..., 0] - x_target) + stats[..., 1])
-    if smoothing > 0:
+    if smoothing > 0 and num_classes > 0:  # with no classes, no term (functional: torch's ε/0)
         smooth = (_class_weights(x, weight) * neg_log_prob(x, stats)).sum(dim=1)
         loss = (1 - smoothing) * loss + (smoothing / num_classes) * smooth
     return torch.where(valid, loss, 0), stats
@@ -164,7 +181,7 @@ def ce_backward(
     w = _class_weights(x, weight)
     prob = log_prob(x, stats).exp()
     target_coef = (1 - eps) * w_target  # weight of the one-hot part, per row
-    smooth_coef = eps / num_classes if eps > 0 else 0.0
+    smooth_coef = eps / num_classes if eps > 0 and num_classes > 0 else 0.0
     prob_coef = target_coef + smooth_coef * w.sum()
     grad = prob_coef.unsqueeze(1) * prob - smooth_coef * w
     grad = (grad - target_coef.unsqueeze(1) * _onehot(safe, num_classes)) * g.unsqueeze(1)
@@ -180,7 +197,7 @@ def ce_backward(
 
 def smoothed_target(target: Tensor, smoothing: float) -> Tensor:
     """``t' = t·(1-ε) + ε/C`` for ``ε > 0``, in the accumulation dtype."""
-    if smoothing > 0:
+    if smoothing > 0 and target.shape[1] > 0:
         return _acc(target) * (1 - smoothing) + smoothing / target.shape[1]
     return _acc(target)
 
@@ -245,8 +262,7 @@ def nll_forward(x: Tensor, target: Tensor, weight: Tensor | None, ignore_index: 
 
 def _picked_values(x: Tensor, target: Tensor, weight: Tensor | None, ignore_index: int) -> Tensor:
     valid, safe, w_target = _gather_targets(x, target, weight, ignore_index)
-    x_target = _acc(x.gather(1, safe.unsqueeze(1)).squeeze(1))
-    return torch.where(valid, -w_target * x_target, 0)
+    return torch.where(valid, -w_target * _target_values(x, safe), 0)
 
 
 def nll_backward(
@@ -261,7 +277,7 @@ def nll_backward(
     target = target.long()  # int64 comparison, as in _gather_targets
     valid = target != ignore_index
     safe = torch.where(valid, target, 0)
-    w_target = 1.0 if weight is None else _acc(weight)[safe]
+    w_target = 1.0 if weight is None else _weight_of(weight, safe)
     g = torch.where(valid, -grad_loss * w_target, 0)
     return torch.where(_onehot(safe, num_classes), g.unsqueeze(1), 0).to(dtype)
 
