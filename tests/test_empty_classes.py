@@ -33,6 +33,9 @@ CASES = [
     # 3-D and 5-D input: torch views the empty input as (N, 0, 0, 0) and raises a size mismatch.
     ("cross_entropy", (3, 0, 2), torch.zeros(3, 2, dtype=_LONG), {"ignore_index": 0}),
     ("nll_loss", (3, 0, 1, 1, 2), torch.zeros(3, 1, 1, 2, dtype=_LONG), {"ignore_index": 0}),
+    # ... after the target dtype and the weight size checks, as in torch.
+    ("nll_loss", (1, 0, 1), torch.zeros(1, 1, dtype=torch.int32), {"ignore_index": 0}),
+    ("cross_entropy", (3, 0, 2), torch.zeros(3, 2, dtype=_LONG), {"ignore_index": 0, "weight": torch.ones(2)}),
     # Smoothing over no classes: torch scales an empty sum by ε/0 = inf, so NaN everywhere.
     ("cross_entropy", (3, 0), torch.zeros(3, dtype=_LONG), {"ignore_index": 0, "label_smoothing": 0.1}),
     ("cross_entropy", (3, 0, 2, 2), torch.zeros(3, 2, 2, dtype=_LONG), {"ignore_index": 0, "label_smoothing": 0.2}),
@@ -49,6 +52,9 @@ CASES = [
     ("cross_entropy", (0, 3, 2), torch.empty(0, 2, dtype=_BYTE), {}),
     ("nll_loss", (0, 0, 0), torch.empty(0, 0, dtype=_BYTE), {}),
     ("nll_loss", (0, 5, 2, 2), torch.empty(0, 2, 2, dtype=_BYTE), {}),
+    # The weight's dtype is checked before that target is refused.
+    ("nll_loss", (0, 0, 0), torch.empty(0, 0, dtype=_BYTE), {"weight": torch.empty(0, dtype=torch.float64)}),
+    ("cross_entropy", (0, 3, 2), torch.empty(0, 2, dtype=_BYTE), {"weight": torch.ones(3, dtype=torch.float64)}),
 ]
 
 

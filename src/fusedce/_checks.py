@@ -198,8 +198,7 @@ def check_nll_shapes(input: Tensor, target: Tensor, weight: Tensor | None) -> No
         if target.shape[1:] != input.shape[2:]:
             expected = [input.shape[0], *input.shape[2:]]
             raise RuntimeError(f"Expected target size {expected}, got {shape_str(target)}")
-        _check_spatial_weight(input, weight)
-        _check_empty_view_quirk(input, target)
+        # The spatial kernel's own checks come after its target dtype check: check_nll_dtypes.
 
 
 def _check_nll_1d_2d(input: Tensor, target: Tensor, weight: Tensor | None) -> None:
@@ -277,10 +276,10 @@ def check_nll_dtypes(input: Tensor, target: Tensor, weight: Tensor | None, reduc
             f"expected target dtype to be Long or Byte, but got {scalar_type_name(target.dtype)}"
         )
     spatial = input.dim() >= 3
-    # torch's spatial kernel reads the target as int64, except where it returns early: a reduced
-    # loss of an empty input (NaN for 'mean', 0 for 'sum').
-    if target.dtype == torch.uint8 and spatial and (reduction == "none" or input.numel() > 0):
-        raise RuntimeError("expected scalar type Long but found Byte")
+    if spatial and input.dim() != 4:
+        # 3-D and 5-D+ input reach the spatial kernel (viewed as 4-D) only now.
+        _check_spatial_weight(input, weight)
+        _check_empty_view_quirk(input, target)
     if not input.is_floating_point():
         kernel = "nll_loss2d_forward_out_frame" if spatial else "nll_loss_out_frame"
         raise NotImplementedError(f'"{kernel}" not implemented for \'{scalar_type_name(input.dtype)}\'')
@@ -288,6 +287,11 @@ def check_nll_dtypes(input: Tensor, target: Tensor, weight: Tensor | None, reduc
         raise RuntimeError(
             f"expected scalar type {scalar_type_name(input.dtype)} but found {scalar_type_name(weight.dtype)}"
         )
+    # Last: torch's spatial kernel reads the target as int64 once the input and weight dtypes
+    # passed, except where it returns early: a reduced loss of an empty input (NaN for 'mean',
+    # 0 for 'sum').
+    if target.dtype == torch.uint8 and spatial and (reduction == "none" or input.numel() > 0):
+        raise RuntimeError("expected scalar type Long but found Byte")
 
 
 def _check_nll_dtypes_cuda(input: Tensor, target: Tensor, reduction: str) -> None:
