@@ -87,3 +87,18 @@ def test_degenerate_losses_match_torch(backend, reduction, op, shape, target, kw
     assert value.dtype == expected_value.dtype and value.shape == expected_value.shape
     torch.testing.assert_close(value, expected_value, equal_nan=True, rtol=0, atol=0)
     assert backward == expected_backward
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("op", ["softmax", "log_softmax"])
+@pytest.mark.parametrize(("shape", "dim"), [((0,), 0), ((2, 0, 3), 1), ((4, 0), -1)], ids=str)
+def test_softmax_over_no_classes_matches_torch(backend, op, shape, dim):
+    """An empty class dim: an empty result of the input's shape, and an empty gradient (the
+    output must be a new tensor: autograd cannot save an input returned as-is)."""
+    x = torch.empty(shape, requires_grad=True)
+    with use_backend(backend):
+        out = getattr(fusedce, op)(x, dim)
+        (grad,) = torch.autograd.grad(out.sum(), x)
+    expected = getattr(F, op)(x, dim)
+    assert out.shape == expected.shape and out.dtype == expected.dtype
+    assert grad.shape == x.shape

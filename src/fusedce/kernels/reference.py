@@ -302,8 +302,8 @@ def softmax_forward(x: Tensor) -> Tensor:
     """``exp(x - m) / Σ exp(x - m)``, as torch forms it: the quotient keeps a few ulp of relative
     error however small the probability, where ``exp(log p)`` would add ``|log p|`` ulp."""
     xf = _acc(x)
-    if x.shape[1] == 0:
-        return xf.to(x.dtype).contiguous()
+    if x.shape[1] == 0:  # nothing to compute; a new tensor, never x itself (autograd saves it)
+        return torch.empty(x.shape, dtype=x.dtype, device=x.device)
     shifted = (xf - xf.amax(dim=1, keepdim=True)).exp()
     return (shifted / shifted.sum(dim=1, keepdim=True)).to(x.dtype).contiguous()
 
