@@ -4,6 +4,7 @@ is not shift-invariant. fusedce runs them on every backend in test_parity's spec
 
 from __future__ import annotations
 
+import pytest
 import torch
 import torch.nn.functional as F
 
@@ -11,7 +12,7 @@ from fusedce import testing
 from fusedce.testing import hostile
 from fusedce.testing.grid import build_inputs
 
-HOSTILE = [c for op in testing.OPS for c in hostile.hostile_cases(op)]
+HOSTILE = [c for op in hostile.HOSTILE_OPS for c in hostile.hostile_cases(op)]
 
 
 def test_every_hostile_case_is_in_the_default_grid_in_every_dtype():
@@ -19,7 +20,13 @@ def test_every_hostile_case_is_in_the_default_grid_in_every_dtype():
     assert HOSTILE and set(HOSTILE) <= grid
     assert {c.special for c in HOSTILE} == set(hostile.HOSTILE_SPECIALS)
     assert {c.dtype for c in HOSTILE} == set(testing.DTYPES)
-    assert {c.op for c in HOSTILE} == set(testing.OPS)
+    assert {c.op for c in HOSTILE} == set(hostile.HOSTILE_OPS)
+    assert set(testing.OPS) - set(hostile.HOSTILE_OPS) == {"linear_cross_entropy"}
+
+
+def test_hostile_cases_refuse_an_op_they_do_not_build():
+    with pytest.raises(ValueError, match="no hostile cases for 'linear_cross_entropy'"):
+        list(hostile.hostile_cases("linear_cross_entropy"))
 
 
 def _rows(x: torch.Tensor, class_dim: int) -> torch.Tensor:

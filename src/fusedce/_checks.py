@@ -198,7 +198,7 @@ def check_nll_shapes(input: Tensor, target: Tensor, weight: Tensor | None) -> No
         if target.shape[1:] != input.shape[2:]:
             expected = [input.shape[0], *input.shape[2:]]
             raise RuntimeError(f"Expected target size {expected}, got {shape_str(target)}")
-        _check_spatial_weight(input, weight)
+        # The spatial kernel's own checks come after its target dtype check: check_nll_dtypes.
 
 
 def _check_nll_1d_2d(input: Tensor, target: Tensor, weight: Tensor | None) -> None:
@@ -237,6 +237,20 @@ def _check_nll_2d_spatial(input: Tensor, target: Tensor, weight: Tensor | None) 
         raise RuntimeError(f"size mismatch (got input: {shape_str(input)} , target: {shape_str(target)}")
 
 
+def _check_empty_view_quirk(input: Tensor, target: Tensor) -> None:
+    """For 3-D and 5-D+ input, nll_loss_nd views an empty input as (N, C, 0, 0) but a non-empty
+    target as (N, 1, -1) before the spatial kernel's size check, which then fails: C = 0 with
+    N > 0 and a non-empty spatial extent."""
+    if input.numel() == 0 and target.numel() > 0:
+        n, c = input.shape[0], input.shape[1]
+        viewed_input, viewed_target = f"[{n}, {c}, 0, 0]", f"[{n}, 1, {target.numel() // n}]"
+        if input.is_cuda:
+            raise RuntimeError(
+                f"input and target batch or spatial sizes don't match: target {viewed_target}, input {viewed_input}"
+            )
+        raise RuntimeError(f"size mismatch (got input: {viewed_input} , target: {viewed_target}")
+
+
 def _check_spatial_weight(input: Tensor, weight: Tensor | None) -> None:
     # The spatial kernel only compares numel, so a (1, C) weight passes here (as in torch).
     if weight is not None and weight.numel() != input.shape[1]:
@@ -262,10 +276,10 @@ def check_nll_dtypes(input: Tensor, target: Tensor, weight: Tensor | None, reduc
             f"expected target dtype to be Long or Byte, but got {scalar_type_name(target.dtype)}"
         )
     spatial = input.dim() >= 3
-    # torch's spatial kernel reads the target as int64, except where it returns early: a reduced
-    # loss of an empty input (NaN for 'mean', 0 for 'sum').
-    if target.dtype == torch.uint8 and spatial and (reduction == "none" or input.numel() > 0):
-        raise RuntimeError("expected scalar type Long but found Byte")
+    if spatial and input.dim() != 4:
+        # 3-D and 5-D+ input reach the spatial kernel (viewed as 4-D) only now.
+        _check_spatial_weight(input, weight)
+        _check_empty_view_quirk(input, target)
     if not input.is_floating_point():
         kernel = "nll_loss2d_forward_out_frame" if spatial else "nll_loss_out_frame"
         raise NotImplementedError(f'"{kernel}" not implemented for \'{scalar_type_name(input.dtype)}\'')
@@ -273,6 +287,11 @@ def check_nll_dtypes(input: Tensor, target: Tensor, weight: Tensor | None, reduc
         raise RuntimeError(
             f"expected scalar type {scalar_type_name(input.dtype)} but found {scalar_type_name(weight.dtype)}"
         )
+    # Last: torch's spatial kernel reads the target as int64 once the input and weight dtypes
+    # passed, except where it returns early: a reduced loss of an empty input (NaN for 'mean',
+    # 0 for 'sum').
+    if target.dtype == torch.uint8 and spatial and (reduction == "none" or input.numel() > 0):
+        raise RuntimeError("expected scalar type Long but found Byte")
 
 
 def _check_nll_dtypes_cuda(input: Tensor, target: Tensor, reduction: str) -> None:

@@ -10,13 +10,16 @@ The Python functions at the bottom are what the autograd Functions call.
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor
 
 from .kernels import backend_for
+from .kernels.reference import __file__ as reference_module_file
 from .kernels.reference import accumulation_dtype
 
 _lib = torch.library.Library("fusedce", "DEF")
@@ -197,14 +200,53 @@ def _vmap_by_loop(op: Callable[..., Any]) -> Callable[..., Any]:
     return rule
 
 
+# ---- the ops' contract version: the overload name of every op ------------------------------
+
+
+def contract_version(sources: tuple[bytes, ...]) -> str:
+    """A short hash of what a compiled graph bakes in about these ops: their schemas and their
+    fake kernels (output shapes, strides and dtypes). Pass the source of the modules that define
+    them."""
+    digest = hashlib.sha256()
+    for part in sources:
+        digest.update(hashlib.sha256(part).digest())
+    return "v" + digest.hexdigest()[:12]
+
+
+def _contract_sources() -> tuple[bytes, ...]:
+    """This module's source (the schemas and the fakes) and reference's (accumulation_dtype);
+    the package version where the source cannot be read (a zipped install)."""
+    try:
+        return tuple(Path(module).read_bytes() for module in (__file__, reference_module_file))
+    except OSError:
+        return (_package_version().encode(),)
+
+
+def _package_version() -> str:
+    from importlib import metadata
+
+    try:
+        return metadata.version("fusedce")
+    except metadata.PackageNotFoundError:
+        return "unknown"
+
+
+# Every op is defined under this overload name rather than ``default``. Inductor's FX graph cache
+# (on disk, shared across processes and fusedce versions) keys a compiled graph on its code, which
+# names each op but says nothing about its fake kernel; the compiled graph keeps the output strides
+# the fake gave at the time. Without a version in that code, a graph compiled before the stats
+# changed from (outer, inner) to (outer, inner, 2) is reused afterwards and fails compiling its
+# backward ("mismatch in length of strides and shape"). Callers use the packet
+# (``torch.ops.fusedce.ce_forward``), which resolves the one overload.
+CONTRACT = contract_version(_contract_sources())
+
 for _name, _schema in _SCHEMAS.items():
-    _lib.define(_name + _schema)
-    _lib.impl(_name, _eager_kernel(_name), "CompositeExplicitAutograd")
-    torch.library.register_fake(f"fusedce::{_name}", _FAKES[_name], lib=_lib)
+    _lib.define(f"{_name}.{CONTRACT}{_schema}")
+    _qualified = f"fusedce::{_name}.{CONTRACT}"
+    _lib.impl(f"{_name}.{CONTRACT}", _eager_kernel(_name), "CompositeExplicitAutograd")
+    torch.library.register_fake(_qualified, _FAKES[_name], lib=_lib)
     if not _name.endswith("_"):
-        torch.library.register_vmap(
-            f"fusedce::{_name}", _vmap_by_loop(getattr(torch.ops.fusedce, _name)), lib=_lib
-        )
+        torch.library.register_vmap(_qualified, _vmap_by_loop(getattr(torch.ops.fusedce, _name)), lib=_lib)
 
 
 

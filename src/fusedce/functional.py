@@ -220,6 +220,7 @@ def _is_plain_call(
         and type(label_smoothing) is float
         and not label_smoothing > 0  # ε ≤ 0 or NaN is no smoothing (check_label_smoothing)
         and input.dim() == 2
+        and input.shape[1] != 0  # no classes: the general path (ce_forward) handles C = 0
         and target.dim() == 1
         and target.dtype is torch.int64
         and input.is_cpu
@@ -259,19 +260,25 @@ def _cross_entropy_index(
     _check_inplace_backward(inplace_backward, input, x)
     rows = canonical_rows(target, x.shape[0], x.shape[2])
     weight = _flat_weight(weight)
+    stats = None
     if extras is None:
         loss, _ = _autograd.cross_entropy(x, rows, weight, ignore_index, smoothing, inplace_backward)
-        loss = _unbatched_target_quirk(input, target, loss, smoothing)
-        return _reduce_index_loss(loss, rows, weight, ignore_index, reduction, input, smoothing), None
-    args = (ignore_index, smoothing, extras.z_loss, extras.softcap, inplace_backward)
-    loss, stats = _autograd.cross_entropy_extras(x, rows, weight, *args)
+    else:
+        args = (ignore_index, smoothing, extras.z_loss, extras.softcap, inplace_backward)
+        loss, stats = _autograd.cross_entropy_extras(x, rows, weight, *args)
     loss = _unbatched_target_quirk(input, target, loss, smoothing)
-    loss = _reduce_index_loss(loss, rows, weight, ignore_index, reduction, input, smoothing)
-    if not extras.return_lse:
-        return loss, None
+    reduced = _reduce_index_loss(loss, rows, weight, ignore_index, reduction, input, smoothing)
+    if smoothing > 0 and x.shape[1] == 0:
+        # torch scales the smoothing term, an empty sum (0) with no classes, by ε/C = inf after
+        # masking the ignored rows: NaN on every row, ignored ones included, and NaN for every
+        # reduction, even of no rows. (The kernels leave the term out when C = 0.)
+        reduced = reduced + float("nan")
+    reduced = _byte_target_backward_quirk(input, target, reduced)
+    if stats is None or extras is None or not extras.return_lse:
+        return reduced, None
     # m + log Σ exp(x' - m), rounded once: the lse for the caller, not for further kernels.
     lse = stats[..., 0] + stats[..., 1]
-    return loss, lse.reshape(_rows_shape(input) if input.dim() != 1 else ())
+    return reduced, lse.reshape(_rows_shape(input) if input.dim() != 1 else ())
 
 
 def _cross_entropy_prob(
@@ -362,6 +369,15 @@ def _unbatched_target_quirk(input: Tensor, target: Tensor, loss: Tensor, smoothi
     return loss
 
 
+def _byte_target_backward_quirk(input: Tensor, target: Tensor, loss: Tensor) -> Tensor:
+    """torch's spatial (K-dimensional) nll kernels read the target as int64. The forward returns
+    early for an empty input's 'mean' or 'sum', so a uint8 target gets that far (the only case in
+    which it does, ``check_nll_dtypes``), but the backward raises."""
+    if input.dim() >= 3 and target.dtype == torch.uint8:
+        return _autograd.fail_in_backward(loss, "expected scalar type Long but found Byte")
+    return loss
+
+
 def _reduce_index_loss(
     loss: Tensor,
     rows: Tensor,
@@ -386,8 +402,12 @@ def _reduce_index_loss(
     else:
         # Clamp so that an out-of-range target (which the CUDA kernels report as NaN instead of
         # raising) cannot index out of bounds here.
-        safe = rows.clamp(0, max(weight.numel() - 1, 0))
-        picked = weight.to(accumulation_dtype(input.dtype)).gather(0, safe.reshape(-1)).view_as(safe)
+        acc = accumulation_dtype(input.dtype)
+        if weight.numel() == 0:  # no classes, so every row is ignored: nothing to pick
+            picked = torch.zeros(rows.shape, dtype=acc, device=rows.device)
+        else:
+            safe = rows.clamp(0, weight.numel() - 1)
+            picked = weight.to(acc).gather(0, safe.reshape(-1)).view_as(safe)
         denominator = torch.where(valid, picked, 0).sum()
     if smoothing > 0:
         # torch divides its NLL and smoothing terms separately; with a zero denominator the NLL
@@ -420,7 +440,8 @@ def nll_loss(
     weight = _flat_weight(weight)
     loss = _autograd.nll_loss(x, rows, weight, ignore_index)
     loss = _unbatched_target_quirk(input, target, loss, 0.0)
-    return _reduce_index_loss(loss, rows, weight, ignore_index, mode, input, 0.0)
+    reduced = _reduce_index_loss(loss, rows, weight, ignore_index, mode, input, 0.0)
+    return _byte_target_backward_quirk(input, target, reduced)
 
 
 # --------------------------------------------------------------------------------------------

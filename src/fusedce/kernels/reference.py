@@ -21,8 +21,9 @@ Conventions shared by all backends
   60000 a rounded float32 lse is off by 2e-3).
 * ``grad_loss`` is ``(outer, inner)`` in the accumulation dtype and may be broadcast (zero
   strides), e.g. the scalar upstream gradient of a 'mean' reduction expanded over the rows.
-* Gradients with respect to ``x`` come back contiguous ``(outer, C, inner)`` in ``x``'s dtype,
-  unless ``inplace`` asks for them to be written into ``x`` itself.
+* Gradients with respect to ``x`` (and the softmax backwards' results) come back contiguous
+  ``(outer, C, inner)`` in ``x``'s dtype, unless ``inplace`` asks for them to be written into
+  ``x`` itself. The fake kernels promise these strides to torch.compile, which asserts them.
 * An index target outside ``[0, C)`` that is not ``ignore_index`` raises
   ``IndexError("Target {t} is out of bounds.")`` in the forward, naming the first such target in
   row order.
@@ -96,9 +97,26 @@ def _gather_targets(
     w_target = (
         torch.ones_like(safe, dtype=accumulation_dtype(x.dtype))
         if weight is None
-        else _acc(weight)[safe]
+        else _weight_of(weight, safe)
     )
     return valid, safe, w_target
+
+
+def _weight_of(weight: Tensor, index: Tensor) -> Tensor:
+    """``weight[index]`` in the accumulation dtype. With no classes there is no class 0 to stand in
+    for an ignored row (and every row is ignored: ``check_targets`` lets no other target through),
+    so the masked rows get 0."""
+    if weight.numel() == 0:
+        return torch.zeros_like(index, dtype=accumulation_dtype(weight.dtype))
+    return _acc(weight)[index]
+
+
+def _target_values(x: Tensor, index: Tensor) -> Tensor:
+    """``x[o, index[o, i], i]`` in the accumulation dtype; 0 when there are no classes (C = 0,
+    where every row is ignored and masked, as for ``_weight_of``)."""
+    if x.shape[1] == 0:
+        return torch.zeros_like(index, dtype=accumulation_dtype(x.dtype))
+    return _acc(x.gather(1, index.unsqueeze(1)).squeeze(1))
 
 
 def _onehot(index: Tensor, num_classes: int) -> Tensor:
@@ -133,9 +151,9 @@ def ce_forward(
     check_targets(target, num_classes, ignore_index)
     stats = row_stats(x)
     valid, safe, w_target = _gather_targets(x, target, weight, ignore_index)
-    x_target = _acc(x.gather(1, safe.unsqueeze(1)).squeeze(1))
+    x_target = _target_values(x, safe)
     loss = w_target * ((stats[..., 0] - x_target) + stats[..., 1])
-    if smoothing > 0:
+    if smoothing > 0 and num_classes > 0:  # with no classes, no term (functional: torch's ε/0)
         smooth = (_class_weights(x, weight) * neg_log_prob(x, stats)).sum(dim=1)
         loss = (1 - smoothing) * loss + (smoothing / num_classes) * smooth
     return torch.where(valid, loss, 0), stats
@@ -163,13 +181,13 @@ def ce_backward(
     w = _class_weights(x, weight)
     prob = log_prob(x, stats).exp()
     target_coef = (1 - eps) * w_target  # weight of the one-hot part, per row
-    smooth_coef = eps / num_classes if eps > 0 else 0.0
+    smooth_coef = eps / num_classes if eps > 0 and num_classes > 0 else 0.0
     prob_coef = target_coef + smooth_coef * w.sum()
     grad = prob_coef.unsqueeze(1) * prob - smooth_coef * w
     grad = (grad - target_coef.unsqueeze(1) * _onehot(safe, num_classes)) * g.unsqueeze(1)
     if inplace:
         return x.copy_(grad)
-    return grad.to(x.dtype)
+    return grad.to(x.dtype).contiguous()
 
 
 # --------------------------------------------------------------------------------------------
@@ -263,7 +281,7 @@ def ce_extras_jvp(
 
 def smoothed_target(target: Tensor, smoothing: float) -> Tensor:
     """``t' = t·(1-ε) + ε/C`` for ``ε > 0``, in the accumulation dtype."""
-    if smoothing > 0:
+    if smoothing > 0 and target.shape[1] > 0:
         return _acc(target) * (1 - smoothing) + smoothing / target.shape[1]
     return _acc(target)
 
@@ -293,7 +311,7 @@ def ce_prob_backward(
     grad = (wt.sum(1, keepdim=True) * prob - wt) * grad_loss.unsqueeze(1)
     if inplace:
         return x.copy_(grad)
-    return grad.to(x.dtype)
+    return grad.to(x.dtype).contiguous()
 
 
 def ce_prob_target_grad(
@@ -328,8 +346,7 @@ def nll_forward(x: Tensor, target: Tensor, weight: Tensor | None, ignore_index: 
 
 def _picked_values(x: Tensor, target: Tensor, weight: Tensor | None, ignore_index: int) -> Tensor:
     valid, safe, w_target = _gather_targets(x, target, weight, ignore_index)
-    x_target = _acc(x.gather(1, safe.unsqueeze(1)).squeeze(1))
-    return torch.where(valid, -w_target * x_target, 0)
+    return torch.where(valid, -w_target * _target_values(x, safe), 0)
 
 
 def nll_backward(
@@ -344,7 +361,7 @@ def nll_backward(
     target = target.long()  # int64 comparison, as in _gather_targets
     valid = target != ignore_index
     safe = torch.where(valid, target, 0)
-    w_target = 1.0 if weight is None else _acc(weight)[safe]
+    w_target = 1.0 if weight is None else _weight_of(weight, safe)
     g = torch.where(valid, -grad_loss * w_target, 0)
     return torch.where(_onehot(safe, num_classes), g.unsqueeze(1), 0).to(dtype)
 
@@ -362,15 +379,15 @@ def log_softmax_forward(x: Tensor) -> Tensor:
 def log_softmax_backward(grad_out: Tensor, out: Tensor) -> Tensor:
     """``grad - exp(out)·Σ_c grad``: at a -inf input the gradient is the upstream one, not 0."""
     g = _acc(grad_out)
-    return (g - _acc(out).exp() * g.sum(dim=1, keepdim=True)).to(out.dtype)
+    return (g - _acc(out).exp() * g.sum(dim=1, keepdim=True)).to(out.dtype).contiguous()
 
 
 def softmax_forward(x: Tensor) -> Tensor:
     """``exp(x - m) / Σ exp(x - m)``, as torch forms it: the quotient keeps a few ulp of relative
     error however small the probability, where ``exp(log p)`` would add ``|log p|`` ulp."""
     xf = _acc(x)
-    if x.shape[1] == 0:
-        return xf.to(x.dtype).contiguous()
+    if x.shape[1] == 0:  # nothing to compute; a new tensor, never x itself (autograd saves it)
+        return torch.empty(x.shape, dtype=x.dtype, device=x.device)
     shifted = (xf - xf.amax(dim=1, keepdim=True)).exp()
     return (shifted / shifted.sum(dim=1, keepdim=True)).to(x.dtype).contiguous()
 
@@ -378,7 +395,7 @@ def softmax_forward(x: Tensor) -> Tensor:
 def softmax_backward(grad_out: Tensor, out: Tensor) -> Tensor:
     """``out·(grad - Σ_c grad·out)``."""
     g, y = _acc(grad_out), _acc(out)
-    return (y * (g - (g * y).sum(dim=1, keepdim=True))).to(out.dtype)
+    return (y * (g - (g * y).sum(dim=1, keepdim=True))).to(out.dtype).contiguous()
 
 
 # --------------------------------------------------------------------------------------------

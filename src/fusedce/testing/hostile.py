@@ -23,7 +23,10 @@ from dataclasses import replace
 import torch
 from torch import Tensor
 
-from .grid import DTYPES, LOSS_OPS, SPECIALS, Case, Inputs, seed_of
+from .grid import DTYPES, LOSS_OPS, SOFTMAX_OPS, SPECIALS, Case, Inputs, seed_of
+
+# The ops these recipes build inputs for (linear_cross_entropy's grid is linear_grid's).
+HOSTILE_OPS = LOSS_OPS + SOFTMAX_OPS
 
 # A common offset per dtype: large, and still leaving the logits a resolution of at most 1/8.
 OFFSETS = {torch.float64: 1e6, torch.float32: 6e4, torch.bfloat16: 500.0, torch.float16: 600.0}
@@ -140,7 +143,9 @@ def _loss_cases(op: str, dtype: torch.dtype) -> Iterator[Case]:
 
 
 def hostile_cases(op: str, dtypes: tuple[torch.dtype, ...] = DTYPES) -> Iterator[Case]:
-    """Every hostile case of one op, in each dtype of ``dtypes``."""
+    """Every hostile case of one op of ``HOSTILE_OPS``, in each dtype of ``dtypes``."""
+    if op not in HOSTILE_OPS:
+        raise ValueError(f"no hostile cases for {op!r}: they cover {', '.join(HOSTILE_OPS)}")
     for dtype in dtypes:
         if op in LOSS_OPS:
             yield from _loss_cases(op, dtype)

@@ -35,6 +35,7 @@ from types import ModuleType
 import torch
 from torch import Tensor
 
+from .. import reference
 from ..reference import accumulation_dtype
 from ..reference import ce_prob_target_grad as ce_prob_target_grad
 from ..reference import ce_prob_weight_grad as ce_prob_weight_grad
@@ -327,6 +328,8 @@ def _kernels() -> ModuleType:
 def ce_forward(
     x: Tensor, target: Tensor, weight: Tensor | None, ignore_index: int, smoothing: float
 ) -> tuple[Tensor, Tensor]:
+    if x.shape[1] == 0:  # no class to pick (the C++ kernels refuse): reference, all rows masked
+        return reference.ce_forward(x, target, weight, ignore_index, smoothing)
     return tuple(_kernels().ce_forward(x, target, weight, ignore_index, smoothing))
 
 
@@ -340,6 +343,8 @@ def ce_backward(
     smoothing: float,
     inplace: bool,
 ) -> Tensor:
+    if x.shape[1] == 0:  # as in ce_forward
+        return reference.ce_backward(grad_loss, x, target, weight, stats, ignore_index, smoothing, inplace)
     # max(ε, 0) exactly as reference: a negative ε is no smoothing, and NaN stays NaN.
     return _kernels().ce_backward(
         grad_loss, x, target, weight, stats, ignore_index, max(smoothing, 0.0), inplace
@@ -407,6 +412,8 @@ def ce_reduced_backward(
 
 
 def nll_forward(x: Tensor, target: Tensor, weight: Tensor | None, ignore_index: int) -> Tensor:
+    if x.shape[1] == 0:  # as in ce_forward
+        return reference.nll_forward(x, target, weight, ignore_index)
     return _kernels().nll_forward(x, target, weight, ignore_index)
 
 

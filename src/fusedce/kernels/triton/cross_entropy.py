@@ -21,9 +21,9 @@ from ._common import (
     NO_SPECIALIZE,
     acc_dtype,
     check_device,
-    check_has_classes,
     col_offsets,
     finish_logsum,
+    has_no_classes,
     launch,
     load_stats,
     online_lse_step,
@@ -505,7 +505,8 @@ def ce_forward(
     if x.device.type == "cpu":
         # Free on the host (the interpreter); on CUDA the kernel poisons the row instead.
         reference.check_targets(target, num_classes, ignore_index)
-    check_has_classes(x)
+    if has_no_classes(x):
+        return reference.ce_forward(x, target, weight, ignore_index, smoothing)
     loss, stats = _per_row_outputs(x)
     if loss.numel() == 0:
         return loss, stats
