@@ -15,6 +15,7 @@ import torch
 from fusedce import functional, testing, use_backend
 from fusedce.kernels import available_backends
 from fusedce.testing import grid
+from fusedce.testing.hostile import HOSTILE_SPECIALS
 
 GRID = testing.default_grid()
 CANDIDATES = {op: getattr(functional, op) for op in testing.OPS}
@@ -86,16 +87,21 @@ def test_special_cases_every_dtype(backend, op):
 
 def test_grid_size_is_exact():
     """The grid's size, op by op: a refactor that drops (or adds) cases must say so here."""
-    counts = {op: (sum(c.op == op and not c.special for c in GRID), sum(c.op == op and bool(c.special) for c in GRID))
+    hostile = set(HOSTILE_SPECIALS)
+    counts = {op: (sum(c.op == op and not c.special for c in GRID),
+                   sum(c.op == op and bool(c.special) and c.special not in hostile for c in GRID),
+                   sum(c.op == op and c.special in hostile for c in GRID))
               for op in testing.OPS}
     assert counts == {
-        # op: (argument product, special cases = 4 dtypes x the float32 specials)
-        "cross_entropy": (14256, 4 * 1342),
-        "nll_loss": (2376, 4 * 515),
-        "log_softmax": (240, 4 * 36),
-        "softmax": (240, 4 * 36),
+        # op: (argument product, special cases = 4 dtypes x the float32 specials, hostile cases)
+        "cross_entropy": (14256, 4 * 1342, 128),
+        "nll_loss": (2376, 4 * 515, 84),
+        "log_softmax": (240, 4 * 36, 22),
+        "softmax": (240, 4 * 36, 22),
+        # its own grid (testing.linear_grid): the product, then torch's checks and degenerate inputs
+        "linear_cross_entropy": (439, 50, 0),
     }
-    assert len(GRID) == 24828 == len({c.id for c in GRID})
+    assert len(GRID) == 25573 == len({c.id for c in GRID})
 
 
 def test_every_special_case_is_tagged_and_in_every_dtype():
@@ -110,7 +116,12 @@ def test_every_special_case_is_tagged_and_in_every_dtype():
         assert all(dtypes == set(testing.DTYPES) for dtypes in by_base.values())
     half = testing.default_grid(dtypes=(torch.float16,))
     assert half and all(c.dtype == torch.float16 for c in half)
-    assert sum(bool(c.special) for c in half) == sum(bool(c.special) for c in GRID) // 4
+
+    def tagged(cases: list[testing.Case]) -> int:  # grid.special_cases' own (hostile.py picks its dtypes)
+        return sum(bool(c.special) and c.special in grid.SPECIALS and c.special not in HOSTILE_SPECIALS
+                   and c.op in grid.LOSS_OPS + grid.SOFTMAX_OPS for c in cases)
+
+    assert tagged(half) == tagged(GRID) // 4
 
 
 def test_grid_covers_the_issue_axes():

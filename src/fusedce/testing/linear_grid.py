@@ -216,4 +216,5 @@ def special_cases() -> Iterator[Case]:
 
 
 def linear_cases(dtypes: tuple[torch.dtype, ...] = DTYPES) -> list[Case]:
-    return [*product_cases(dtypes), *special_cases()]
+    """The product in ``dtypes``, then the special cases whose dtype is one of them."""
+    return [*product_cases(dtypes), *(c for c in special_cases() if c.dtype in dtypes)]
