@@ -93,7 +93,10 @@ def _assert_gradients_match(stock: Any, fused: Any, what: str) -> None:
     for (name, p), (_, q) in zip(stock.named_parameters(), fused.named_parameters(), strict=True):
         assert (p.grad is None) == (q.grad is None), f"{what}: {name}"
         if p.grad is not None:
-            torch.testing.assert_close(q.grad, p.grad, rtol=RTOL, atol=ATOL, msg=lambda m, n=name: f"{what} {n}: {m}")
+            # An entry that cancels to near zero keeps the absolute error of its terms, which are
+            # of the size of the tensor's largest entries: the floor scales with them.
+            atol = max(ATOL, RTOL * float(p.grad.abs().max()))
+            torch.testing.assert_close(q.grad, p.grad, rtol=RTOL, atol=atol, msg=lambda m, n=name: f"{what} {n}: {m}")
 
 
 @pytest.mark.parametrize("variant", ["labels", "num_items_in_batch", "shift_labels", "logits_to_keep"])
