@@ -122,7 +122,7 @@ def features(case: Case, label: str) -> set[str]:
             found.update(f"{k}={v}" for k, v in value)
         elif f.name == "shape":
             found.add(f"{len(value)}-d input")
-        elif f.name != "special" or value:
+        elif value is not None and (f.name != "special" or value):  # None: not passed, torch's default
             found.add(f"{f.name}={value}")
     if case.label_smoothing:
         found.add("label_smoothing > 0")
