@@ -32,6 +32,7 @@ from torch import Tensor
 from .._ops import ops
 from ..kernels import reference
 from ..kernels.reference import accumulation_dtype
+from . import matmul
 from .rows import Selection, computed_rows, selections, spread, take
 
 # One block's logits buffer stays about this large: big enough that the block's matmuls run at
@@ -80,20 +81,27 @@ class _Block:
 
     def __init__(self, x2: Tensor, w2: Tensor, spec: LossSpec) -> None:
         rows = min(spec.chunk, x2.shape[0])
-        self.buffer = x2.new_empty((rows, w2.shape[0]), dtype=w2.dtype)
-        self.promoted = None if spec.dtype == w2.dtype else torch.empty_like(self.buffer, dtype=spec.dtype)
+        shape = (rows, w2.shape[0])
+        # Through oneDNN (see ``matmul``) each block's logits come back as a new tensor (the op has
+        # no ``out=``): the loops drop a block's before the next is made, so one is alive at a time.
+        self.onednn = matmul.onednn(x2[:1], w2)
+        self.buffer = None if self.onednn else x2.new_empty(shape, dtype=w2.dtype)
+        self.promoted = None if spec.dtype == w2.dtype else x2.new_empty(shape, dtype=spec.dtype)
         self.num_classes, self.inner = spec.num_classes, spec.inner
         self.softcap = spec.softcap
-        self.tanh = None if spec.softcap is None else torch.empty_like(self.buffer)
+        self.tanh = None if spec.softcap is None else x2.new_empty(shape, dtype=w2.dtype)
 
     def logits(self, x_rows: Tensor, w2: Tensor, b1: Tensor | None) -> tuple[Tensor, Tensor]:
         """The block's logits as (n, C*D) in the matmul dtype, and as the kernels' (n, C, D)
         in the loss dtype (the same storage unless the dtypes differ)."""
-        out = self.buffer[: x_rows.shape[0]]
-        if b1 is None:
-            torch.mm(x_rows, w2.t(), out=out)
+        if self.buffer is None:
+            out = matmul.linear(x_rows, w2, b1)
         else:
-            torch.addmm(b1, x_rows, w2.t(), out=out)
+            out = self.buffer[: x_rows.shape[0]]
+            if b1 is None:
+                torch.mm(x_rows, w2.t(), out=out)
+            else:
+                torch.addmm(b1, x_rows, w2.t(), out=out)
         if self.tanh is not None:
             # cap * tanh(raw / cap), op by op in the matmul dtype as the reference formula rounds.
             assert self.softcap is not None
@@ -178,7 +186,13 @@ class _Gradients:
     def add(self, rows: Selection, grad: Tensor, x_rows: Tensor, w2: Tensor) -> None:
         first, self._started = not self._started, True
         if self.x is not None:
-            if isinstance(rows, slice):
+            if matmul.onednn(grad, w2):
+                grad_x = matmul.linear(grad, w2.t(), None)  # a block's (n, H): small
+                if isinstance(rows, slice):
+                    self.x[rows] = grad_x
+                else:
+                    self.x.index_copy_(0, rows, grad_x)
+            elif isinstance(rows, slice):
                 torch.mm(grad, w2, out=self.x[rows])
             else:
                 assert self._x_block is not None
@@ -265,6 +279,7 @@ def forward(
         if grad_rows is not None and any(wanted):
             _fused_backward_(take(grad_rows, rows), logits, t, weight, stat, spec)
             grads.add(rows, block.gradient(flat, logits), x_rows, w2)
+        del flat, logits  # before the next block's logits exist (see ``_Block``)
     if not losses:  # no computed rows: the kernels' per-row shapes, from an empty block
         _, logits = block.logits(x2[:0], w2, b1)
         loss, stat = _fused_forward(logits, target[:0], weight, spec)
@@ -311,6 +326,7 @@ def backward(
         if any(wanted[:3]):
             _fused_backward_(g, logits, t, weight, s, spec)
             grads.add(rows, block.gradient(flat, logits), x_rows, w2)
+        del flat, logits  # before the next block's logits exist (see ``_Block``)
     grads.finish()
     return grads.x, grads.w, grads.b, grad_target, grad_weight
 
