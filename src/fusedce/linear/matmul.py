@@ -43,7 +43,7 @@ def onednn(x: Tensor, w: Tensor) -> bool:
         and w.dtype == torch.float32
         and x.numel() > 0
         and w.numel() > 0
-        and torch.backends.mkldnn.enabled
+        and bool(torch.backends.mkldnn.enabled)
     )
 
 
