@@ -146,12 +146,11 @@ def weight_grad_dtype(w2: Tensor) -> torch.dtype:
     return accumulation_dtype(w2.dtype) if w2.device.type == "cpu" else w2.dtype
 
 
-# Rows of the weight-gradient slab a half-precision block is made and widened through (see
-# ``_Gradients._accumulate``): small enough that the slab's product, its float32 copy and the
-# running sum's rows stay in cache, and that the two scratches are small next to the float32 sum
-# (12 MB against 64 MB at the CPU lmhead shape; one whole block in bf16 and a 16 MB float32 slice
-# took 48 MB), large enough for few slabs (each op costs a thread sync: 8 at that shape).
-_WIDEN_BYTES = 8 << 20
+# Rows of the float32 scratch that widens a half-precision block's weight gradient a slice at a
+# time (see ``_Gradients._accumulate``): large enough for few slices (each op costs a thread
+# sync, which hurts on a loaded machine: 4 slices at the CPU lmhead shape), small next to the
+# float32 weight gradient of an LM head.
+_WIDEN_BYTES = 16 << 20
 
 
 class _Gradients:
@@ -176,13 +175,13 @@ class _Gradients:
         self.w = torch.empty(w2.shape, dtype=acc, device=w2.device) if want_w else None
         self.b = torch.empty(w2.shape[0], dtype=acc, device=w2.device) if want_b and b1 is not None else None
         self._started = False
-        # When a block's weight gradient cannot be added in place (half precision): reused
-        # scratches for one slab of its rows, in the weight's dtype and widened to float32.
-        self._w_slab = self._widen = None
-        if want_w and acc != w2.dtype:
-            slab_rows = max(1, min(w2.shape[0], _WIDEN_BYTES // max(1, w2.shape[1] * 4)))
-            self._w_slab = w2.new_empty((slab_rows, w2.shape[1]))
-            self._widen = torch.empty((slab_rows, w2.shape[1]), dtype=acc, device=w2.device)
+        # A reused scratch for one block's weight gradient when it cannot be added in place, and
+        # a small float32 one to widen it through, a slice at a time.
+        self._w_block = None if not want_w or acc == w2.dtype else torch.empty_like(w2)
+        self._widen = None
+        if self._w_block is not None:
+            slice_rows = max(1, min(w2.shape[0], _WIDEN_BYTES // max(1, w2.shape[1] * 4)))
+            self._widen = torch.empty((slice_rows, w2.shape[1]), dtype=acc, device=w2.device)
 
     def add(self, rows: Selection, grad: Tensor, x_rows: Tensor, w2: Tensor) -> None:
         first, self._started = not self._started, True
@@ -201,36 +200,34 @@ class _Gradients:
                 torch.mm(grad, w2, out=out)
                 self.x.index_copy_(0, rows, out)
         if self.w is not None:
-            if self._w_slab is None:  # same dtype: one gemm, straight into the accumulator
+            if self._w_block is None:  # same dtype: one gemm, straight into the accumulator
                 if first:
                     torch.mm(grad.t(), x_rows, out=self.w)
                 else:
                     self.w.addmm_(grad.t(), x_rows)
             else:
-                self._accumulate(grad, x_rows, first)
+                torch.mm(grad.t(), x_rows, out=self._w_block)
+                self._accumulate(self._w_block, first)
         if self.b is not None:
             if first:
                 torch.sum(grad, 0, dtype=self.b.dtype, out=self.b)
             else:
                 self.b.add_(grad.sum(0, dtype=self.b.dtype))
 
-    def _accumulate(self, grad: Tensor, x_rows: Tensor, first: bool) -> None:
-        """``self.w (+)= grad.T @ x_rows`` a slab of rows at a time: each slab's product in the
-        weight's dtype (as torch's one ``mm`` rounds it), widened to float32 and added. ``add_``
-        of a bf16 tensor into a float32 one is an order of magnitude slower than ``copy_`` into
-        float32 then a same-dtype ``add_``, and a whole block's product would cost memory."""
-        assert self.w is not None and self._w_slab is not None and self._widen is not None
-        step = self._w_slab.shape[0]
-        for lo in range(0, self.w.shape[0], step):
-            hi = min(lo + step, self.w.shape[0])
-            part = self._w_slab[: hi - lo]
-            torch.mm(grad[:, lo:hi].t(), x_rows, out=part)
-            if first:
-                self.w[lo:hi].copy_(part)
-            else:
-                widened = self._widen[: hi - lo]
-                widened.copy_(part)
-                self.w[lo:hi].add_(widened)
+    def _accumulate(self, block: Tensor, first: bool) -> None:
+        """``self.w (+)= block``, widening ``block`` to float32 a slice at a time: ``add_`` of a
+        bf16 tensor into a float32 one is an order of magnitude slower than ``copy_`` into
+        float32 then a same-dtype ``add_``, and a whole float32 copy would cost memory."""
+        assert self.w is not None and self._widen is not None
+        if first:
+            self.w.copy_(block)
+            return
+        step = self._widen.shape[0]
+        for lo in range(0, block.shape[0], step):
+            hi = min(lo + step, block.shape[0])
+            widened = self._widen[: hi - lo]
+            widened.copy_(block[lo:hi])
+            self.w[lo:hi].add_(widened)
 
     def finish(self) -> None:
         """Zero the weight and bias gradients when no block ran (no rows)."""
