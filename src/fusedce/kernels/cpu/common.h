@@ -140,6 +140,85 @@ inline auto dispatch_exp(bool fast, F&& f) {
 }
 
 // ---------------------------------------------------------------------------------------------
+// The row path's exp. Sleef's exp is an out-of-line call per vector, and exp_u20 spends about 20
+// instructions on its range reduction and its scaling; on AVX512 the row path computes float exp
+// inline in about 12: exp(x) = 2^n · e^r with n = round(x / ln 2) and r = x - n·ln 2 (ln 2 split
+// Cody-Waite style into a head of 16 significant bits, whose product with n is exact, and a
+// tail), e^r = 1 + r·q(r) by Horner on |r| <= ln(2)/2, and 2^n applied by vscalefps, which rounds
+// once, underflows gradually and overflows to inf. The argument is clamped into [-104, 89] first
+// (exp is 0, or inf, in float beyond), so ±inf need no special case; a NaN passes both clamps.
+//
+// q's coefficients were fitted here (least squares on Chebyshev nodes, reweighted towards
+// minimax, relative error; then rounded to float). Measured against float64 exp on every 61st
+// float of [-104, 89]: degree 6 is within 1.03 ulp (Sleef's 1-ulp exp: 0.98), degree 4 within
+// 43 ulp (2^-18.4 relative: a thousandth of a bfloat16 ulp, a 150th of a float16 ulp).
+// ---------------------------------------------------------------------------------------------
+
+#if defined(CPU_CAPABILITY_AVX512)
+template <int kDegree>
+inline __m512 exp_avx512(__m512 x) {
+  static_assert(kDegree == 4 || kDegree == 6, "exp_avx512: fitted for degree 4 or 6");
+  // min/max return their second operand when either is NaN: x goes second.
+  x = _mm512_max_ps(_mm512_set1_ps(-104.0f), _mm512_min_ps(_mm512_set1_ps(89.0f), x));
+  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693145751953125f), x);
+  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(1.428606765330187045e-06f), r);
+  __m512 q;
+  if constexpr (kDegree == 6) {
+    q = _mm512_set1_ps(0.0013843653723597527f);
+    q = _mm512_fmadd_ps(q, r, _mm512_set1_ps(0.00837415549904108f));
+    q = _mm512_fmadd_ps(q, r, _mm512_set1_ps(0.04166800156235695f));
+    q = _mm512_fmadd_ps(q, r, _mm512_set1_ps(0.16666431725025177f));
+    q = _mm512_fmadd_ps(q, r, _mm512_set1_ps(0.4999999403953552f));
+    q = _mm512_fmadd_ps(q, r, _mm512_set1_ps(1.0f));
+  } else {
+    q = _mm512_set1_ps(0.041513845324516296f);
+    q = _mm512_fmadd_ps(q, r, _mm512_set1_ps(0.16787473857402802f));
+    q = _mm512_fmadd_ps(q, r, _mm512_set1_ps(0.5000301599502563f));
+    q = _mm512_fmadd_ps(q, r, _mm512_set1_ps(0.9999668598175049f));
+  }
+  return _mm512_scalef_ps(_mm512_fmadd_ps(q, r, _mm512_set1_ps(1.0f)), n);
+}
+#endif
+
+// The exp of the row path's log-sum, whose precision the loss needs (see FastExp): Sleef's, or
+// on AVX512 float lanes the inline degree-6 exp, as precise at about half the cost.
+struct SumExp {
+  template <typename V>
+  V operator()(const V& v) const {
+#if defined(CPU_CAPABILITY_AVX512)
+    if constexpr (std::is_same_v<V, Vectorized<float>>) {
+      return V(exp_avx512<6>(v));
+    }
+#endif
+    return v.exp();
+  }
+};
+
+// The exp of the row path's gradients, which are rounded to scalar_t. On AVX512 float lanes:
+// degree 4 when scalar_t is 16-bit (its error vanishes in the rounding), degree 6 for float32
+// (more precise than exp_u20, and cheaper); exp_u20 elsewhere, as FastExp. Like FastExp, it is
+// for rows whose reference values are finite (dispatch_row_grad_exp).
+template <typename scalar_t>
+struct RowGradExp {
+  template <typename V>
+  V operator()(const V& v) const {
+#if defined(CPU_CAPABILITY_AVX512)
+    if constexpr (std::is_same_v<V, Vectorized<float>>) {
+      return V(exp_avx512<std::is_same_v<scalar_t, float> ? 6 : 4>(v));
+    }
+#endif
+    return v.exp_u20();
+  }
+};
+
+template <typename scalar_t, typename F>
+inline auto dispatch_row_grad_exp(bool fast, F&& f) {
+  return fast ? f(RowGradExp<scalar_t>{}) : f(PreciseExp{});
+}
+
+// ---------------------------------------------------------------------------------------------
 // Loads and stores that convert between the storage dtype and the accumulation dtype.
 // ---------------------------------------------------------------------------------------------
 
@@ -166,6 +245,18 @@ struct VecIO {
     if constexpr (kSame) {
       v[0].store(p);
     } else {
+#if defined(CPU_CAPABILITY_AVX512) && defined(__AVX512BF16__)
+      // vcvtne2ps2bf16 rounds to nearest even in one instruction, where ATen's conversion
+      // emulates it in about a dozen (most of a bfloat16 backward's cost besides the exp). It
+      // flushes subnormal inputs to zero, though: a vector holding one (class 0x20) takes ATen's.
+      if constexpr (std::is_same_v<scalar_t, at::BFloat16>) {
+        const __m512 lo = v[0], hi = v[1];
+        if ((_mm512_fpclass_ps_mask(lo, 0x20) | _mm512_fpclass_ps_mask(hi, 0x20)) == 0) {
+          _mm512_storeu_si512(p, reinterpret_cast<__m512i>(_mm512_cvtne2ps_pbh(hi, lo)));
+          return;
+        }
+      }
+#endif
       at::vec::convert_from_float<scalar_t>(v[0], v[1]).store(p);
     }
   }

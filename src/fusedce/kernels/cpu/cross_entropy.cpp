@@ -74,7 +74,7 @@ void ce_forward_kernel(const Tensor& x, const Tensor& target, const std::optiona
               for_each_vec(row, classes, -kInf<acc>, [&](const AVec& v, int64_t j, int64_t n) {
                 prefetch(next, j);
                 const AVec d = v - vm;  // padding is -inf: exp gives 0
-                sum += d.exp();  // the loss's precision: not exp_u20 (see FastExp)
+                sum += SumExp{}(d);  // the loss's precision: not exp_u20 (see FastExp)
                 if constexpr (kSmooth) {
                   if constexpr (kWeight) {
                     wsum += mask_tail(load_acc(wp + j, n) * d, n);
@@ -242,7 +242,7 @@ void ce_backward_kernel(const Tensor& grad_loss, const Tensor& x, const Tensor& 
             // Read before the row is overwritten (out may be x itself).
             const acc x_t = static_cast<acc>(row[k.t * xv.s1]);
             const AVec vm(m), vl(ls), vc(k.coef), vsw(k.sw);
-            dispatch_exp(std::isfinite(ls), [&](auto exp_fn) {
+            dispatch_row_grad_exp<scalar_t>(std::isfinite(ls), [&](auto exp_fn) {
               map_row(row, dst, classes, [&](const AVec& v, int64_t j, int64_t n) {
                 AVec grad = vc * exp_fn((v - vm) - vl);
                 if constexpr (kSmooth) {
