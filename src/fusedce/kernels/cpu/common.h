@@ -17,6 +17,8 @@
 // of use Sleef's 1-ulp exp (see FastExp). The gradients use ATen's exp_u20 where the argument is
 // known to be finite or -inf; exp_u20 does not propagate NaN or +inf, so rows whose reference
 // values (max, log-sum) are not finite take the precise path, which is std::exp per element.
+// On AVX512 the row path replaces both with an inline exp of its own, as precise and cheaper
+// (SumExp, RowGradExp).
 #pragma once
 
 #include <ATen/ATen.h>
@@ -196,26 +198,29 @@ struct SumExp {
   }
 };
 
-// The exp of the row path's gradients, which are rounded to scalar_t. On AVX512 float lanes:
-// degree 4 when scalar_t is 16-bit (its error vanishes in the rounding), degree 6 for float32
-// (more precise than exp_u20, and cheaper); exp_u20 elsewhere, as FastExp. Like FastExp, it is
-// for rows whose reference values are finite (dispatch_row_grad_exp).
-template <typename scalar_t>
+// The exp of the row path's gradients, which are rounded to scalar_t. On AVX512 float lanes: the
+// degree-4 exp where the gradient is c·exp(...) alone and 16-bit, so that its error (2^-18.4)
+// vanishes in the rounding; the degree-6 exp for float32, and where the gradient is a difference
+// that can cancel (label smoothing's c·p - s·w, near p = the smoothed target), which would
+// magnify that error (more precise than exp_u20 there, and cheaper). exp_u20 elsewhere, as
+// FastExp. Like FastExp, it is for rows whose reference values are finite.
+template <int kDegree>
 struct RowGradExp {
   template <typename V>
   V operator()(const V& v) const {
 #if defined(CPU_CAPABILITY_AVX512)
     if constexpr (std::is_same_v<V, Vectorized<float>>) {
-      return V(exp_avx512<std::is_same_v<scalar_t, float> ? 6 : 4>(v));
+      return V(exp_avx512<kDegree>(v));
     }
 #endif
     return v.exp_u20();
   }
 };
 
-template <typename scalar_t, typename F>
+template <typename scalar_t, bool kCancels, typename F>
 inline auto dispatch_row_grad_exp(bool fast, F&& f) {
-  return fast ? f(RowGradExp<scalar_t>{}) : f(PreciseExp{});
+  constexpr int kDegree = c10::is_reduced_floating_point_v<scalar_t> && !kCancels ? 4 : 6;
+  return fast ? f(RowGradExp<kDegree>{}) : f(PreciseExp{});
 }
 
 // ---------------------------------------------------------------------------------------------

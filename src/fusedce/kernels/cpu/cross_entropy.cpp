@@ -242,7 +242,7 @@ void ce_backward_kernel(const Tensor& grad_loss, const Tensor& x, const Tensor& 
             // Read before the row is overwritten (out may be x itself).
             const acc x_t = static_cast<acc>(row[k.t * xv.s1]);
             const AVec vm(m), vl(ls), vc(k.coef), vsw(k.sw);
-            dispatch_row_grad_exp<scalar_t>(std::isfinite(ls), [&](auto exp_fn) {
+            dispatch_row_grad_exp<scalar_t, decltype(kSmooth)::value>(std::isfinite(ls), [&](auto exp_fn) {
               map_row(row, dst, classes, [&](const AVec& v, int64_t j, int64_t n) {
                 AVec grad = vc * exp_fn((v - vm) - vl);
                 if constexpr (kSmooth) {
@@ -367,7 +367,7 @@ void ce_prob_forward_kernel(const Tensor& x, const Tensor& target,
         const scalar_t* next = next_row(xv, r, end, inner);
         for_each_vec(row, classes, -kInf<acc>, [&](const AVec& v, int64_t j, int64_t) {
           prefetch(next, j);
-          sum += (v - vm).exp();  // the loss's precision: not exp_u20 (see FastExp)
+          sum += SumExp{}(v - vm);  // the loss's precision: not exp_u20 (see FastExp)
         });
         const acc ls = std::log(hsum(sum));
         const AVec vl(ls);
@@ -440,7 +440,8 @@ void ce_prob_backward_kernel(const Tensor& grad_loss, const Tensor& x, const Ten
         const acc ls = lv(o, i);
         const acc g = gv(o, i);
         const AVec vs(hsum(s) * g), vg(g), vm(mv(o, i)), vl(ls);
-        dispatch_exp(std::isfinite(ls), [&](auto exp_fn) {
+        // S·p_c - w_c·t'_c cancels where p matches the target: the degree-6 exp (kCancels).
+        dispatch_row_grad_exp<scalar_t, true>(std::isfinite(ls), [&](auto exp_fn) {
           map_row2(xv.row(o, i), trow, ov.row(o, i), classes,
                    [&](const AVec& v, const AVec& t, int64_t j, int64_t n) {
                      AVec wt = smoothed(t);
