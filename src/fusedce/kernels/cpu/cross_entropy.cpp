@@ -71,7 +71,7 @@ void ce_forward_kernel(const Tensor& x, const Tensor& target, const std::optiona
               const AVec vm(m);
               AVec sum(0), wsum(0);
               const scalar_t* next = next_row(xv, r, end, inner);
-              for_each_vec(row, classes, -kInf<acc>, [&](const AVec& v, int64_t j, int64_t n) {
+              auto body = [&](const AVec& v, int64_t j, int64_t n) {
                 prefetch(next, j);
                 const AVec d = v - vm;  // padding is -inf: exp gives 0
                 sum += SumExp{}(d);  // the loss's precision: not exp_u20 (see FastExp)
@@ -82,7 +82,13 @@ void ce_forward_kernel(const Tensor& x, const Tensor& target, const std::optiona
                     wsum += mask_tail(d, n);
                   }
                 }
-              });
+              };
+              // Only the class weights need the classes in order.
+              if constexpr (kWeight) {
+                for_each_vec(row, classes, -kInf<acc>, body);
+              } else {
+                for_each_vec_unordered(row, classes, -kInf<acc>, body);
+              }
               ls = std::log(hsum(sum));
               shifted = hsum(wsum);
             }
