@@ -164,6 +164,27 @@ def test_uint8_targets(cpu):
     assert_close_report(nll, reference.nll_forward(x, target, None, 3), (2e-5, 2e-5), "nll")
 
 
+def test_bfloat16_subnormal_gradients(cpu):
+    """bfloat16 gradients that are subnormal stay subnormal, not zero: the row path's native
+    float-to-bfloat16 conversion flushes subnormals, so the vectors holding one take ATen's."""
+    classes = 64  # two full bfloat16 vectors: VecIO::store, not the scalar tail
+    x = torch.zeros(3, classes, 1, dtype=torch.float64)
+    x[:, 1:, 0] = torch.linspace(-88, -80, classes - 1, dtype=torch.float64)
+    x = x.to(torch.bfloat16)
+    target = torch.zeros(3, 1, dtype=torch.long)
+    grad_loss = torch.full((3, 1), 2.0**-12)  # makes coef·p a float32 subnormal: down to ~1e-42
+    _, stats = cpu.ce_forward(x, target, None, -100, 0.0)
+    grad = cpu.ce_backward(grad_loss, x, target, None, stats, -100, 0.0, False).double()
+    x64 = x.double()
+    truth = grad_loss.double().unsqueeze(1) * torch.softmax(x64, dim=1)
+    truth[:, 0] -= grad_loss.double()
+    tiny = torch.finfo(torch.bfloat16).tiny * torch.finfo(torch.bfloat16).eps  # the subnormal spacing
+    assert (truth[:, 1:].abs() > 2 * tiny).any()
+    err = (grad - truth).abs()
+    bad = err > tiny + truth.abs() * 2.0**-8
+    assert not bad.any(), f"{int(bad.sum())} gradients off, e.g. {grad[bad][:4].tolist()} vs {truth[bad][:4].tolist()}"
+
+
 def test_non_finite_rows_tile_path(cpu):
     """The tile path (class stride = inner) gives NaN rows where reference does."""
     x = _x((2, 4, 5))

@@ -251,7 +251,12 @@ def toolchain() -> dict[str, str | None]:
 
 
 def _flags() -> list[str]:
-    return [*_BASE_FLAGS, *_ISA_FLAGS[_isa()]]
+    flags = [*_BASE_FLAGS, *_ISA_FLAGS[_isa()]]
+    # AVX512-BF16 (Zen 4 and later, Cooper Lake, Sapphire Rapids): one instruction converts float
+    # to bfloat16 where ATen emulates it (common.h, VecIO::store). Only where this CPU has it.
+    if _isa() == "avx512" and "avx512_bf16" in _cpu_flags():
+        flags.append("-mavx512bf16")
+    return flags
 
 
 def kernel_dir() -> Path:

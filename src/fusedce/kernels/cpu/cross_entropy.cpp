@@ -71,10 +71,10 @@ void ce_forward_kernel(const Tensor& x, const Tensor& target, const std::optiona
               const AVec vm(m);
               AVec sum(0), wsum(0);
               const scalar_t* next = next_row(xv, r, end, inner);
-              for_each_vec(row, classes, -kInf<acc>, [&](const AVec& v, int64_t j, int64_t n) {
+              auto body = [&](const AVec& v, int64_t j, int64_t n) {
                 prefetch(next, j);
                 const AVec d = v - vm;  // padding is -inf: exp gives 0
-                sum += d.exp();  // the loss's precision: not exp_u20 (see FastExp)
+                sum += SumExp{}(d);  // the loss's precision: not exp_u20 (see FastExp)
                 if constexpr (kSmooth) {
                   if constexpr (kWeight) {
                     wsum += mask_tail(load_acc(wp + j, n) * d, n);
@@ -82,7 +82,13 @@ void ce_forward_kernel(const Tensor& x, const Tensor& target, const std::optiona
                     wsum += mask_tail(d, n);
                   }
                 }
-              });
+              };
+              // Only the class weights need the classes in order.
+              if constexpr (kWeight) {
+                for_each_vec(row, classes, -kInf<acc>, body);
+              } else {
+                for_each_vec_unordered(row, classes, -kInf<acc>, body);
+              }
               ls = std::log(hsum(sum));
               shifted = hsum(wsum);
             }
@@ -242,7 +248,7 @@ void ce_backward_kernel(const Tensor& grad_loss, const Tensor& x, const Tensor& 
             // Read before the row is overwritten (out may be x itself).
             const acc x_t = static_cast<acc>(row[k.t * xv.s1]);
             const AVec vm(m), vl(ls), vc(k.coef), vsw(k.sw);
-            dispatch_exp(std::isfinite(ls), [&](auto exp_fn) {
+            dispatch_row_grad_exp<scalar_t, decltype(kSmooth)::value>(std::isfinite(ls), [&](auto exp_fn) {
               map_row(row, dst, classes, [&](const AVec& v, int64_t j, int64_t n) {
                 AVec grad = vc * exp_fn((v - vm) - vl);
                 if constexpr (kSmooth) {
@@ -367,7 +373,7 @@ void ce_prob_forward_kernel(const Tensor& x, const Tensor& target,
         const scalar_t* next = next_row(xv, r, end, inner);
         for_each_vec(row, classes, -kInf<acc>, [&](const AVec& v, int64_t j, int64_t) {
           prefetch(next, j);
-          sum += (v - vm).exp();  // the loss's precision: not exp_u20 (see FastExp)
+          sum += SumExp{}(v - vm);  // the loss's precision: not exp_u20 (see FastExp)
         });
         const acc ls = std::log(hsum(sum));
         const AVec vl(ls);
@@ -440,7 +446,8 @@ void ce_prob_backward_kernel(const Tensor& grad_loss, const Tensor& x, const Ten
         const acc ls = lv(o, i);
         const acc g = gv(o, i);
         const AVec vs(hsum(s) * g), vg(g), vm(mv(o, i)), vl(ls);
-        dispatch_exp(std::isfinite(ls), [&](auto exp_fn) {
+        // S·p_c - w_c·t'_c cancels where p matches the target: the degree-6 exp (kCancels).
+        dispatch_row_grad_exp<scalar_t, true>(std::isfinite(ls), [&](auto exp_fn) {
           map_row2(xv.row(o, i), trow, ov.row(o, i), classes,
                    [&](const AVec& v, const AVec& t, int64_t j, int64_t n) {
                      AVec wt = smoothed(t);
