@@ -11,6 +11,16 @@ The rule, per element of the value and of every gradient (the parity checker's, 
   worse than torch against the float64 truth, plus a few ulp of the element's magnitude in the
   dtype the op computes in, plus a floor of a few rounding errors of the tensor's largest
   magnitude ``S`` in the precision a fused kernel computes in (float32 for the half types).
+* The gradient with respect to the logits adds ``c·eps_compute·T`` per element, where ``T`` is the
+  size of the terms that element is the difference of (``_term_scale``): every one of these
+  gradients is ``u - p·Σu`` (or ``y·(g - Σ g·y)``), and where the two sides nearly cancel (a
+  confident row, label smoothing over near-uniform probabilities) an ulp of ``p`` or of the sum,
+  which no implementation avoids, is most of the result. ``S`` does not bound those terms there.
+  softmax in a half precision adds ``2·eps_dtype·T`` as well: its gradient is a function of the
+  output rounded to the dtype (in torch too), and that rounding moves the element by up to
+  ``eps_dtype·T`` on each side.
+
+``k`` and ``c`` are the checker's (``fusedce.testing.compare.TOLERANCES``).
 
 Exceptions (type and first line), warnings, output dtype and shape must match torch's.
 """
@@ -28,16 +38,13 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from fusedce import functional, use_backend
+from fusedce.testing.compare import TOLERANCES
 
 from .fuzz_spec import Call, Spec, build, upstream
 
-# (k in ulps of the computation dtype, c in eps of the compute precision, the compute precision)
-MARGINS = {
-    torch.float64: (4, 16, torch.float64),
-    torch.float32: (4, 16, torch.float32),
-    torch.bfloat16: (1, 16, torch.float32),
-    torch.float16: (1, 16, torch.float32),
-}
+# (k in ulps of the computation dtype, c in eps of the compute precision, the compute precision):
+# the public checker's, whose docstring derives them.
+MARGINS = {dtype: (tol.ulps, tol.scale_ulps, tol.compute) for dtype, tol in TOLERANCES.items()}
 
 # torch's backward refuses this layout (nll_loss2d on a channels-last input); README documents
 # that fusedce returns the gradient, which is then compared with torch's for a contiguous input.
@@ -128,10 +135,11 @@ def _at(t: Tensor, mask: Tensor) -> tuple[tuple[int, ...], float]:
 
 
 def compare_tensor(what: str, ours: Tensor, theirs: Tensor, truth: Tensor | None,
-                   precision: torch.dtype, row_dim: int | None = None) -> str | None:
+                   precision: torch.dtype, row_dim: int | None = None, extra: Tensor | None = None) -> str | None:
     """None when ``ours`` passes the module's rule against torch and the truth, else why not.
 
     ``row_dim`` (gradients in a half type): the class dim, whose rows widen the margin (below).
+    ``extra``: a per-element margin added to the rule's (the ``T`` terms, see ``_extra_margin``).
     """
     if ours.shape != theirs.shape or ours.dtype != theirs.dtype:
         return f"{what}: {ours.dtype}{tuple(ours.shape)} vs torch {theirs.dtype}{tuple(theirs.shape)}"
@@ -155,6 +163,8 @@ def compare_tensor(what: str, ours: Tensor, theirs: Tensor, truth: Tensor | None
     err_torch = (b - reference).abs().where(b.isfinite() & t.isfinite(), 0)
     scale = reference.abs().where(judged, 0).max()
     margin = k * ulp(reference, precision) + c * torch.finfo(compute).eps * scale
+    if extra is not None:
+        margin = margin + extra
     if row_dim is not None and precision in (torch.float16, torch.bfloat16) and a.dim() and a.numel():
         # A half-precision gradient is computed from the forward's output (or lse) rounded to
         # the dtype. Two correct roundings (ours and torch's) may differ by an ulp, and that ulp
@@ -170,6 +180,66 @@ def compare_tensor(what: str, ours: Tensor, theirs: Tensor, truth: Tensor | None
                 f"ours {value!r}, torch {float(b[idx])!r}, float64 truth {float(t[idx])!r} "
                 f"(allowed error {float(err_torch[idx] + margin[idx]):.3g})")
     return None
+
+
+def _find_node(fn: Any, name: str) -> Any:
+    """The first node of an autograd graph whose name starts with ``name``, breadth first."""
+    queue, seen = [fn], set()
+    while queue:
+        node = queue.pop(0)
+        if node is None or id(node) in seen:
+            continue
+        seen.add(id(node))
+        if node.name().startswith(name):
+            return node
+        queue.extend(next_fn for next_fn, _ in node.next_functions)
+    return None
+
+
+def _term_scale(spec: Spec) -> Tensor | None:
+    """``T`` of the module's docstring for the gradient with respect to the logits, from float64
+    torch on the same values: ``y·(|g| + Σ|g·y|)`` for softmax, ``|u| + p·Σ|u|`` for the others,
+    with ``u`` the upstream gradient of the log-probabilities (for cross_entropy, what torch's
+    float64 graph feeds its log_softmax). None for nll_loss, whose gradient is a scatter of
+    ``-g·w`` (nothing cancels). Not finite values give no allowance."""
+    if spec.op == "nll_loss":
+        return None
+    call = _float64(build(spec))
+    dim = spec.class_dim
+    x = call.input.detach()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        try:
+            if spec.op == "cross_entropy":
+                captured: list[Tensor] = []
+                out = call.invoke(F.cross_entropy)
+                node = _find_node(out.grad_fn, "LogSoftmaxBackward")
+                if node is None:
+                    return None
+                node.register_prehook(lambda grads: captured.append(grads[0]))
+                torch.autograd.grad(out, [call.input], upstream(spec, out), allow_unused=True)
+                if not captured:
+                    return None
+                u, p = captured[0].abs(), x.softmax(dim)
+            else:
+                u = upstream(spec, call.invoke(TORCH[spec.op])).abs()
+                p = x.softmax(dim)
+        except Exception:
+            return None
+    terms = p * (u + (u * p).sum(dim, keepdim=True)) if spec.op == "softmax" else u + p * u.sum(dim, keepdim=True)
+    return terms.where(terms.isfinite(), 0)
+
+
+def _extra_margin(spec: Spec) -> Tensor | None:
+    """The per-element margin of the logits' gradient that ``T`` gives (module docstring)."""
+    terms = _term_scale(spec)
+    if terms is None:
+        return None
+    _, c, compute = MARGINS[spec.precision]
+    extra = c * torch.finfo(compute).eps * terms
+    if spec.op == "softmax" and spec.precision in (torch.float16, torch.bfloat16):
+        extra = extra + 2 * torch.finfo(spec.precision).eps * terms
+    return extra
 
 
 TORCH = {"cross_entropy": F.cross_entropy, "nll_loss": F.nll_loss, "log_softmax": F.log_softmax,
@@ -200,9 +270,10 @@ def differences(spec: Spec, backend: str) -> list[str]:
             problems.append(f"grad {i}: {g_ours is None and 'None'} vs torch {g_theirs is None and 'None'}")
         elif g_ours is not None and g_theirs is not None:
             pairs.append((f"grad {i}", g_ours, g_theirs, truth.grads[i] if truth else None))
+    extra = _extra_margin(spec) if len(pairs) > 1 else None
     for what, a, b, t in pairs:
         row_dim = None if what == "value" else spec.class_dim
-        problem = compare_tensor(what, a, b, t, spec.precision, row_dim)
+        problem = compare_tensor(what, a, b, t, spec.precision, row_dim, extra if what == "grad 0" else None)
         if problem:
             problems.append(problem)
     return problems
