@@ -186,10 +186,11 @@ def test_uint8_issue_example(backend):
     torch.testing.assert_close(total / mean, torch.tensor(64.0))  # no row is ignored
 
 
-@pytest.mark.parametrize("shape", [(0, 10, 3), (0, 5, 2, 2), (2, 5, 0)])
+@pytest.mark.parametrize("shape", [(0, 10, 3), (0, 5, 2, 2), (2, 5, 0), (2, 0, 2, 3), (2, 0, 0)])
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_empty_kdim_batch_with_uint8_target(backend, shape):
-    """torch returns NaN ('mean') or 0 ('sum') here, and raises only for 'none'."""
+    """torch returns NaN ('mean') or 0 ('sum') for an empty target, and raises for 'none', and for
+    rows without classes, (2, 0, 2, 3), even reduced."""
     x = torch.randn(shape)
     target = torch.zeros((shape[0], *shape[2:]), dtype=torch.uint8)
     weight = torch.rand(shape[1])

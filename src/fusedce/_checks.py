@@ -288,9 +288,9 @@ def check_nll_dtypes(input: Tensor, target: Tensor, weight: Tensor | None, reduc
             f"expected scalar type {scalar_type_name(input.dtype)} but found {scalar_type_name(weight.dtype)}"
         )
     # Last: torch's spatial kernel reads the target as int64 once the input and weight dtypes
-    # passed, except where it returns early: a reduced loss of an empty input (NaN for 'mean',
-    # 0 for 'sum').
-    if target.dtype == torch.uint8 and spatial and (reduction == "none" or input.numel() > 0):
+    # passed, except where it returns early: a reduced loss of an empty target (NaN for 'mean',
+    # 0 for 'sum'). An input with no classes but some rows, (2, 0, 2, 3), still raises.
+    if target.dtype == torch.uint8 and spatial and (reduction == "none" or target.numel() > 0):
         raise RuntimeError("expected scalar type Long but found Byte")
 
 
