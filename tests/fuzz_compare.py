@@ -40,6 +40,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from fusedce import functional, use_backend
+from fusedce.testing.cancellation import gradient_terms, log_prob_upstream, value_terms
 from fusedce.testing.compare import TOLERANCES
 
 from .fuzz_spec import Call, Spec, build, upstream
@@ -184,33 +185,6 @@ def compare_tensor(what: str, ours: Tensor, theirs: Tensor, truth: Tensor | None
     return None
 
 
-def _find_node(fn: Any, name: str) -> Any:
-    """The first node of an autograd graph whose name starts with ``name``, breadth first."""
-    queue, seen = [fn], set()
-    while queue:
-        node = queue.pop(0)
-        if node is None or id(node) in seen:
-            continue
-        seen.add(id(node))
-        if node.name().startswith(name):
-            return node
-        queue.extend(next_fn for next_fn, _ in node.next_functions)
-    return None
-
-
-def _log_prob_upstream(call: Call, grad: Tensor | None) -> Tensor | None:
-    """What torch's float64 graph of cross_entropy feeds its log_softmax when the loss gets the
-    upstream ``grad`` (ones when None): ``u = ∂loss/∂log p``."""
-    captured: list[Tensor] = []
-    out = call.invoke(F.cross_entropy)
-    node = _find_node(out.grad_fn, "LogSoftmaxBackward")
-    if node is None:
-        return None
-    node.register_prehook(lambda grads: captured.append(grads[0]))
-    torch.autograd.grad(out, [call.input], torch.ones_like(out) if grad is None else grad, allow_unused=True)
-    return captured[0] if captured else None
-
-
 def _loss_term_scale(spec: Spec) -> Tensor | None:
     """For a float64 cross_entropy value, where torch is the answer: the size of the terms of the
     loss, ``Σ_c |u_c|·(|log p_c| + 1)`` per output element (``u`` for an upstream of ones). The
@@ -221,17 +195,10 @@ def _loss_term_scale(spec: Spec) -> Tensor | None:
     if spec.op != "cross_entropy" or spec.precision != torch.float64:
         return None
     call = _float64(build(spec))
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        try:
-            u = _log_prob_upstream(call, None)
-        except Exception:
-            return None
+    u = log_prob_upstream(lambda: call.invoke(F.cross_entropy), call.input, None)
     if u is None:
         return None
-    terms = u.abs() * (call.input.detach().log_softmax(spec.class_dim).abs() + 1)
-    terms = terms.sum(spec.class_dim) if spec.reduction == "none" else terms.sum()
-    return terms.where(terms.isfinite(), 0)
+    return value_terms(u, call.input, spec.class_dim, reduced=spec.reduction != "none")
 
 
 def _term_scale(spec: Spec) -> Tensor | None:
@@ -251,10 +218,10 @@ def _term_scale(spec: Spec) -> Tensor | None:
             if spec.op == "cross_entropy":
                 with torch.no_grad():
                     shape = call.invoke(F.cross_entropy)
-                captured = _log_prob_upstream(call, upstream(spec, shape))
+                captured = log_prob_upstream(lambda: call.invoke(F.cross_entropy), call.input, upstream(spec, shape))
                 if captured is None:
                     return None
-                u, p = captured.abs(), x.softmax(dim)
+                return gradient_terms(captured, x, dim)
             else:
                 u = upstream(spec, call.invoke(TORCH[spec.op])).abs()
                 p = x.softmax(dim)

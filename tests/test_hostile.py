@@ -51,6 +51,9 @@ def test_the_recipes_build_the_values_they_promise():
             assert wrapped in (156, 112)
         elif case.special == "uint8_empty_batch":
             assert inputs.target.dtype == torch.uint8 and x.shape[0] == 0 and x.dim() >= 3, case.id
+        elif case.special == "confident_prob_target":
+            loss = F.cross_entropy(x, inputs.target.detach().double(), reduction="none")
+            assert 0 < loss.max() < 1e-3, case.id
 
 
 def test_torch_passes_its_own_hostile_cases():
