@@ -30,6 +30,7 @@ Exceptions (type and first line), warnings, output dtype and shape must match to
 from __future__ import annotations
 
 import os
+import re
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -43,7 +44,7 @@ from fusedce import functional, use_backend
 from fusedce.testing.cancellation import gradient_terms, log_prob_upstream, value_terms
 from fusedce.testing.compare import TOLERANCES
 
-from .fuzz_spec import Call, Spec, build, upstream
+from .fuzz_spec import SOFTMAX_OPS, Call, Spec, build, upstream
 
 # (k in ulps of the computation dtype, c in eps of the compute precision, the compute precision):
 # the public checker's, whose docstring derives them.
@@ -247,6 +248,68 @@ def _extra_margin(spec: Spec) -> Tensor | None:
     return extra
 
 
+def _class_last(spec: Spec) -> Outcome | None:
+    """torch's result with each row's classes contiguous and last (softmax ops: the class dim
+    moved last; the losses: ``(N·d, C)`` rows), put back in the spec's shapes; None where that
+    call does not run as the original did.
+
+    In float64, where torch is the answer, its kernels for a class dim that is not last are less
+    exact than its row kernels (a float64 softmax over dim 0 of (24057, 2): 170 ulp off, where
+    the row kernel and fusedce are within a few ulp of the exact value). torch's answer does not
+    depend on the layout, so a result that matches either layout's passes."""
+    call = _dense(build(spec))
+    dim = spec.class_dim
+    x = call.input.detach()
+    shape = x.shape
+    if spec.op in ("softmax", "log_softmax"):
+        kwargs = dict(call.kwargs, dim=-1)
+        rows = Call(x.movedim(dim, -1).contiguous().requires_grad_(), None, kwargs)
+
+        def back(t: Tensor) -> Tensor:
+            return t.movedim(-1, dim)
+    else:
+        if x.dim() < 3:
+            return None
+        classes = shape[1]
+        target = call.target
+        if isinstance(target, Tensor) and target.is_floating_point():
+            target = target.detach().movedim(1, -1).reshape(-1, classes).requires_grad_(target.requires_grad)
+        elif isinstance(target, Tensor):
+            target = target.reshape(-1)
+        rows = Call(x.movedim(1, -1).reshape(-1, classes).requires_grad_(), target, call.kwargs)
+        moved = (shape[0], *shape[2:], classes)
+
+        def back(t: Tensor) -> Tensor:
+            return t.reshape(moved).movedim(-1, 1) if t.dim() == 2 else t.reshape(moved[:-1])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        try:
+            out = rows.invoke(TORCH[spec.op])
+            value = back(out.detach()) if out.dim() else out.detach()
+            g = upstream(spec, value).movedim(dim, -1) if spec.op in SOFTMAX_OPS else upstream(spec, value)
+            g = g.reshape(out.shape)
+            grads = torch.autograd.grad(out, rows.leaves(), g, allow_unused=True)
+        except Exception:
+            return None
+    return Outcome(value, [None if grad is None else back(grad) for grad in grads])
+
+
+def _same_error(ours: str | None, theirs: str | None, spec: Spec) -> bool:
+    """Equal, or the documented difference (README, "Where fusedce knowingly differs"): torch
+    prints an out-of-range uint8 target as a raw byte (cut at a NUL or a line break; a
+    UnicodeDecodeError from 128 up) where fusedce prints the number."""
+    if ours == theirs:
+        return True
+    found = re.fullmatch(r"IndexError: Target (\d+) is out of bounds\.", ours or "")
+    if found is None or spec.target_dtype != torch.uint8:
+        return False
+    value = int(found.group(1))
+    if value >= 128:
+        return (theirs or "").startswith("UnicodeDecodeError: ")
+    raw = f"Target {chr(value)} is out of bounds.".split("\x00")[0]
+    return theirs == f"IndexError: {(raw.splitlines() or [''])[0]}"
+
+
 TORCH = {"cross_entropy": F.cross_entropy, "nll_loss": F.nll_loss, "log_softmax": F.log_softmax,
          "softmax": F.softmax}
 
@@ -260,6 +323,8 @@ def differences(spec: Spec, backend: str) -> list[str]:
         theirs = run(TORCH[spec.op], spec, _dense(build(spec)))
     problems = []
     for what in ("error", "backward_error", "warnings"):
+        if what == "error" and _same_error(ours.error, theirs.error, spec):
+            continue
         if getattr(ours, what) != getattr(theirs, what):
             problems.append(f"{what}: {getattr(ours, what)} vs torch {getattr(theirs, what)}")
     if problems or ours.value is None or theirs.value is None:
@@ -283,6 +348,13 @@ def differences(spec: Spec, backend: str) -> list[str]:
         row_dim = None if what == "value" else spec.class_dim
         margin = value_extra if what == "value" else extra if what == "grad 0" else None
         problem = compare_tensor(what, a, b, t, spec.precision, row_dim, margin)
+        if problem and spec.precision == torch.float64:
+            rows = _class_last(spec)
+            second = None if rows is None else rows.value if what == "value" else rows.grads[int(what.split()[1])]
+            if second is not None and second.shape == b.shape and not compare_tensor(
+                what, a, second.to(b.dtype), None, spec.precision, row_dim, margin
+            ):
+                problem = None
         if problem:
             problems.append(problem)
     return problems
