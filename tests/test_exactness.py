@@ -264,3 +264,26 @@ def test_float32_softmax_backward_of_a_confident_row(backend, shape):
     error = (grad.double() - exact).abs().max().item()
     scale = exact.abs().max().item()
     assert error <= 2 * torch.finfo(torch.float32).eps * scale, f"error {error:.3g} vs scale {scale:.3g}"
+
+
+@pytest.mark.parametrize("ignore_index,colliding_class", [*UINT8_CASES, (256, 0)])
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_uint8_target_under_label_smoothing(backend, ignore_index, colliding_class):
+    """torch's smoothing term masks the rows whose target equals ignore_index in the target's
+    dtype (a uint8 156 equals -100 there), while its NLL term compares in int64: such a row keeps
+    its NLL and loses its smoothing term, and 'mean' divides each term by its own count."""
+    gen = torch.Generator().manual_seed(4)
+    x = torch.randn(12, 300, generator=gen)
+    target = torch.randint(0, 256, (12,), generator=gen, dtype=torch.uint8)
+    target[::3] = colliding_class
+    for reduction in ("mean", "sum", "none"):
+        leaf, theirs_leaf = x.clone().requires_grad_(), x.clone().requires_grad_()
+        expected = F.cross_entropy(theirs_leaf, target, ignore_index=ignore_index, label_smoothing=0.4,
+                                   reduction=reduction)
+        with use_backend(backend):
+            got = fusedce.cross_entropy(leaf, target, ignore_index=ignore_index, label_smoothing=0.4,
+                                        reduction=reduction)
+        torch.testing.assert_close(got, expected, msg=lambda m, r=reduction: f"{r}: {m}")
+        upstream = torch.ones_like(expected)
+        torch.testing.assert_close(torch.autograd.grad(got, leaf, upstream)[0],
+                                   torch.autograd.grad(expected, theirs_leaf, upstream)[0])

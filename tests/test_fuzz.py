@@ -96,6 +96,9 @@ FOUND = [
     Spec("cross_entropy", (1, 1038, 3), torch.float64, 0, nan=True, target="confident", target_dtype=torch.float64),
     # a uint8 target out of range under 'none': torch prints the raw byte (README)
     Spec("cross_entropy", (1, 0), torch.float32, 0, nan=True, target_dtype=torch.uint8, reduction="none"),
+    # torch's smoothing term compares a uint8 target with ignore_index in uint8 (256 wraps to 0)
+    Spec("cross_entropy", (2, 2), torch.float32, 0, nan=True, target_dtype=torch.uint8, ignore_index=256,
+         label_smoothing=1.0),
 ]
 
 
