@@ -99,6 +99,9 @@ FOUND = [
     # torch's smoothing term compares a uint8 target with ignore_index in uint8 (256 wraps to 0)
     Spec("cross_entropy", (2, 2), torch.float32, 0, nan=True, target_dtype=torch.uint8, ignore_index=256,
          label_smoothing=1.0),
+    # an out-of-range uint8 target under a weighted, smoothed 'mean': torch's IndexError comes first
+    Spec("cross_entropy", (0,), torch.float32, 0, nan=True, target_dtype=torch.uint8, weight="positive",
+         label_smoothing=1.0),
 ]
 
 

@@ -254,7 +254,7 @@ def _cross_entropy_index(
     _checks.check_softmax_dtype("log_softmax", input, class_dim)
     _checks.check_nll(input, target, weight, reduction)
     if smoothing > 0:
-        _checks.check_smoothing_quirks(input, target, weight, reduction)
+        _checks.check_smoothing_quirks(input, target, weight, reduction, ignore_index)
 
     x = canonical(input, class_dim)
     _check_inplace_backward(inplace_backward, input, x)
