@@ -15,11 +15,12 @@ which is the size of the two terms it is the difference of, not a tolerance: an 
 terms do not cancel has ``T_c`` of its own size, and a lost term of the size of ``p_c·|u|``
 still shows (``c·eps·T`` is far below it).
 
-In float64 the answer is torch's own result, whose ``log p = (x - m) - log Σ`` rounds the sum of
-exponentials (``>= 1``) at the ulp of 1 however small ``log Σ`` is. A confident row's loss is
-about ``log Σ`` itself, so torch's value is off by ``eps·Σ_c |u_c|`` of it, where fusedce's
-``log1p`` keeps the digits. The float64 value is allowed ``c·eps·Σ_c |u_c|·(|log p_c| + 1)``,
-per output element: the size of the loss's terms, each with that ulp.
+The float64 answer (torch's own result in float64, the truth in lower precision) forms
+``log p = (x - m) - log Σ``, rounding the sum of exponentials (``>= 1``) at the ulp of 1 however
+small ``log Σ`` is. A confident row's loss is about ``log Σ`` itself (4e-18 for logits 40 apart,
+which float64 torch rounds to 0), so the answer is off by ``eps64·Σ_c |u_c|`` of it, where
+fusedce's ``log1p`` keeps the digits. The value is allowed ``c·eps64·Σ_c |u_c|·(|log p_c| + 1)``,
+per output element: the size of the loss's terms, each with that ulp of float64.
 
 ``u`` is read from torch's float64 graph itself (what it feeds its log_softmax), so that every
 argument (weight, ignore_index, label smoothing, the reduction) counts as torch counts it.

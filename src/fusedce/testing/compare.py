@@ -371,9 +371,9 @@ def compare(case: Case, candidate: Callable[..., Any], reference: Callable[..., 
 
 def _cross_entropy_margins(case: Case, reference: Callable[..., Any], device: str | torch.device,
                            dtype: torch.dtype, value: Tensor) -> tuple[Tensor | None, Tensor | None]:
-    """cross_entropy's allowances for cancelling terms (``testing.cancellation``): for the value in
-    float64 (None otherwise), and for the gradient with respect to the logits (grad 0, when the
-    logits require grad). Both are ``c·eps`` of the compute precision times the terms' size."""
+    """cross_entropy's allowances for cancelling terms (``testing.cancellation``): for the value
+    (float64 epsilons of the loss's terms), and for the gradient with respect to the logits
+    (grad 0, when the logits require grad: ``c·eps`` of the compute precision times its terms)."""
     inputs = _as_float64(_contiguous(build_inputs(case, device)))
     logits = inputs.input
     if not isinstance(logits, Tensor) or not logits.requires_grad or logits.dim() == 0:
@@ -385,13 +385,15 @@ def _cross_entropy_margins(case: Case, reference: Callable[..., Any], device: st
     def call() -> Tensor:
         return inputs.call(reference)
 
+    # The value's allowance is in float64 epsilons whatever the dtype: it is the float64 answer's
+    # (torch's, or the truth's) own rounding of log Σ, far below a float32 loss's ulp unless the
+    # loss is about that small (logits 40 apart: 4e-18, which float64 torch rounds to 0).
     value_margin = None
-    if dtype == torch.float64:
-        u = log_prob_upstream(call, logits, None)
-        if u is not None:
-            per_row = value_terms(u, logits, dim, reduced=False)
-            terms = per_row if per_row.shape == value.shape else per_row.sum()
-            value_margin = tol.scale_ulps * eps * terms
+    u = log_prob_upstream(call, logits, None)
+    if u is not None:
+        per_row = value_terms(u, logits, dim, reduced=False)
+        terms = per_row if per_row.shape == value.shape else per_row.sum()
+        value_margin = TOLERANCES[torch.float64].scale_ulps * torch.finfo(torch.float64).eps * terms
     u = log_prob_upstream(call, logits, _upstream(case, value).double())
     grad_margin = None if u is None else tol.scale_ulps * eps * gradient_terms(u, logits, dim)
     return value_margin, grad_margin
