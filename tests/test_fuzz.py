@@ -106,6 +106,7 @@ FOUND = [
     # (inf - inf) where the truth and fusedce are +inf
     Spec("cross_entropy", (10,), torch.float32, 1, magnitude=1000.0),
     Spec("nll_loss", (3, 1, 3), torch.float16, 0, offset=30000.0, neg_inf="scattered", nan=True),
+    Spec("cross_entropy", (41,), torch.float16, 0, magnitude=1e4, target="prob", target_dtype=torch.float16),
 ]
 
 
