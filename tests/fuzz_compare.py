@@ -41,7 +41,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from fusedce import functional, use_backend
-from fusedce.testing.cancellation import gradient_terms, log_prob_upstream, value_terms
+from fusedce.testing.cancellation import float64_summation_factor, gradient_terms, log_prob_upstream, value_terms
 from fusedce.testing.compare import TOLERANCES
 
 from .fuzz_spec import SOFTMAX_OPS, Call, Spec, build, upstream
@@ -245,6 +245,8 @@ def _extra_margin(spec: Spec) -> Tensor | None:
     if terms is None:
         return None
     _, c, compute = MARGINS[spec.precision]
+    if spec.precision == torch.float64:  # both sides' sums count, growing with the classes
+        c *= float64_summation_factor(spec.shape[spec.class_dim])
     extra = c * torch.finfo(compute).eps * terms
     if spec.op == "softmax" and spec.precision in (torch.float16, torch.bfloat16):
         extra = extra + 2 * torch.finfo(spec.precision).eps * terms
@@ -346,7 +348,8 @@ def differences(spec: Spec, backend: str) -> list[str]:
     extra = _extra_margin(spec) if len(pairs) > 1 else None
     loss_terms = _loss_term_scale(spec)
     eps64 = torch.finfo(torch.float64).eps
-    value_extra = None if loss_terms is None else MARGINS[torch.float64][1] * eps64 * loss_terms
+    c64 = MARGINS[torch.float64][1] * float64_summation_factor(spec.shape[spec.class_dim] if spec.shape else 1)
+    value_extra = None if loss_terms is None else c64 * eps64 * loss_terms
     for what, a, b, t in pairs:
         row_dim = None if what == "value" else spec.class_dim
         margin = value_extra if what == "value" else extra if what == "grad 0" else None

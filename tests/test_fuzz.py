@@ -107,6 +107,10 @@ FOUND = [
     Spec("cross_entropy", (10,), torch.float32, 1, magnitude=1000.0),
     Spec("nll_loss", (3, 1, 3), torch.float16, 0, offset=30000.0, neg_inf="scattered", nan=True),
     Spec("cross_entropy", (41,), torch.float16, 0, magnitude=1e4, target="prob", target_dtype=torch.float16),
+    # a loss of 3e-39 next to an ignored NaN row; torch's float64 log-sum over 16821 classes
+    Spec("cross_entropy", (2, 2), torch.float32, 2, magnitude=100.0, nan=True),
+    Spec("cross_entropy", (3, 7045), torch.float64, 3, nan=True, target="confident", target_dtype=torch.float64),
+    Spec("cross_entropy", (2, 16821), torch.float64, 0, nan=True, target="confident", target_dtype=torch.float64),
 ]
 
 

@@ -82,6 +82,15 @@ def gradient_terms(u: Tensor, logits: Tensor, class_dim: int) -> Tensor:
 
 def value_terms(u: Tensor, logits: Tensor, class_dim: int, reduced: bool) -> Tensor:
     """``Σ_c |u_c|·(|log p_c| + 1)`` per output element, for ``u`` taken with an upstream of
-    ones: per row for reduction='none', over everything for a reduced loss."""
-    terms = u.abs() * (logits.detach().log_softmax(class_dim).abs() + 1)
-    return _finite(terms.sum() if reduced else terms.sum(class_dim))
+    ones: per row for reduction='none', over everything for a reduced loss. An ignored row
+    (``u = 0``) with NaN logits adds nothing."""
+    terms = _finite(u.abs() * (logits.detach().log_softmax(class_dim).abs() + 1))
+    return terms.sum() if reduced else terms.sum(class_dim)
+
+
+def float64_summation_factor(classes: int) -> float:
+    """How much more than ``compare``'s float64 ``c`` (derived for sums over 2500 classes, about
+    ``sqrt(2500)·eps`` apart in two summation orders) a sum over ``classes`` terms may differ:
+    ``sqrt(classes / 2500)``, at least 1. torch's float64 log-sum over 16821 classes is about
+    130 eps of its running total off."""
+    return max(1.0, (classes / 2500) ** 0.5)

@@ -66,7 +66,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .cancellation import gradient_terms, log_prob_upstream, value_terms
+from .cancellation import float64_summation_factor, gradient_terms, log_prob_upstream, value_terms
 from .grid import Case, Inputs, build_inputs, seed_of
 from .linear_rule import rounded_logits_truth
 
@@ -381,6 +381,8 @@ def _cross_entropy_margins(case: Case, reference: Callable[..., Any], device: st
     tol = TOLERANCES.get(dtype, TOLERANCES[torch.float32])
     eps = torch.finfo(tol.compute).eps
     dim = case.class_dim
+    # In float64 both sides' sums count, and they grow with the classes summed.
+    factor = float64_summation_factor(logits.shape[dim]) if dtype == torch.float64 else 1.0
 
     def call() -> Tensor:
         return inputs.call(reference)
@@ -393,9 +395,10 @@ def _cross_entropy_margins(case: Case, reference: Callable[..., Any], device: st
     if u is not None:
         per_row = value_terms(u, logits, dim, reduced=False)
         terms = per_row if per_row.shape == value.shape else per_row.sum()
-        value_margin = TOLERANCES[torch.float64].scale_ulps * torch.finfo(torch.float64).eps * terms
+        c64 = TOLERANCES[torch.float64].scale_ulps * float64_summation_factor(logits.shape[dim])
+        value_margin = c64 * torch.finfo(torch.float64).eps * terms
     u = log_prob_upstream(call, logits, _upstream(case, value).double())
-    grad_margin = None if u is None else tol.scale_ulps * eps * gradient_terms(u, logits, dim)
+    grad_margin = None if u is None else tol.scale_ulps * factor * eps * gradient_terms(u, logits, dim)
     return value_margin, grad_margin
 
 
