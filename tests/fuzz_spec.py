@@ -208,9 +208,11 @@ def build(spec: Spec) -> Call:
 
 
 def upstream(spec: Spec, out: Tensor) -> Tensor:
-    """A random upstream gradient, the same for ours, torch and the float64 truth."""
+    """A random upstream gradient, the same values for ours, torch and the float64 truth: rounded
+    through the precision the op computes in (the truth's float64 output would otherwise get
+    digits that ours and torch's never saw)."""
     gen = torch.Generator().manual_seed(spec.seed ^ 0x5EED)
-    return torch.randn(out.shape, generator=gen, dtype=torch.float64).to(out.dtype)
+    return torch.randn(out.shape, generator=gen, dtype=torch.float64).to(spec.precision).to(out.dtype)
 
 
 # --------------------------------------------------------------------------------------------

@@ -186,10 +186,11 @@ def test_uint8_issue_example(backend):
     torch.testing.assert_close(total / mean, torch.tensor(64.0))  # no row is ignored
 
 
-@pytest.mark.parametrize("shape", [(0, 10, 3), (0, 5, 2, 2), (2, 5, 0)])
+@pytest.mark.parametrize("shape", [(0, 10, 3), (0, 5, 2, 2), (2, 5, 0), (2, 0, 2, 3), (2, 0, 0)])
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_empty_kdim_batch_with_uint8_target(backend, shape):
-    """torch returns NaN ('mean') or 0 ('sum') here, and raises only for 'none'."""
+    """torch returns NaN ('mean') or 0 ('sum') for an empty target, and raises for 'none', and for
+    rows without classes, (2, 0, 2, 3), even reduced."""
     x = torch.randn(shape)
     target = torch.zeros((shape[0], *shape[2:]), dtype=torch.uint8)
     weight = torch.rand(shape[1])
@@ -207,3 +208,82 @@ def test_empty_kdim_batch_with_uint8_target(backend, shape):
                 with use_backend(backend):
                     got = ours(x, target, reduction=reduction, **kwargs)
                 torch.testing.assert_close(got, expected, equal_nan=True)
+
+
+def _confident_logits(shape: tuple[int, ...], hot: int = 3) -> torch.Tensor:
+    """float32 logits of scale 1 with class ``hot`` (dim 1) 20 above the rest: the row's sum of
+    exponentials is ``1 + rest`` with ``rest`` about ``C·e^-20``, far below the ulp of 1."""
+    gen = torch.Generator().manual_seed(sum(shape))
+    x = torch.randn(shape, generator=gen, dtype=torch.float64)
+    x.select(1, hot).add_(20.0)
+    return x.float()
+
+
+# Row path (C >= 32), tile path (C < 32, and K-dimensional), several Triton column blocks.
+CONFIDENT_SHAPES = [(4, 10), (4, 1000), (2, 700, 3)]
+
+
+@pytest.mark.parametrize("shape", CONFIDENT_SHAPES, ids=str)
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_confident_row_keeps_the_digits_of_its_log_sum(backend, shape):
+    """The loss of a confident row's own class, its log-probability, and a near-one-hot
+    probability target's loss are all ``log1p(rest)`` (plus the target's small terms): they must
+    keep their relative digits. ``log(1 + rest)`` rounded the sum at the ulp of 1 first, and kept
+    none of them (torch does: its relative error here is 1e-2 to 1)."""
+    x = _confident_logits(shape)
+    hot = torch.full((shape[0], *shape[2:]), 3)
+    classes = shape[1]
+    near_one_hot = F.one_hot(hot, classes).movedim(-1, 1).double() * (1 - 1e-6) + 1e-6 / classes
+    with use_backend(backend):
+        results = {
+            "index loss": (fusedce.cross_entropy(x, hot, reduction="none"),
+                           F.cross_entropy(x.double(), hot, reduction="none")),
+            "log p of the class": (fusedce.log_softmax(x, 1).select(1, 3),
+                                   F.log_softmax(x.double(), 1).select(1, 3)),
+            "probability-target loss": (fusedce.cross_entropy(x, near_one_hot.float(), reduction="none"),
+                                        F.cross_entropy(x.double(), near_one_hot, reduction="none")),
+        }
+    for what, (ours, truth) in results.items():
+        relative = ((ours.double() - truth) / truth).abs().max().item()
+        assert relative <= 8 * torch.finfo(torch.float32).eps, f"{what}: relative error {relative:.3g}"
+
+
+@pytest.mark.parametrize("shape", CONFIDENT_SHAPES, ids=str)
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_float32_softmax_backward_of_a_confident_row(backend, shape):
+    """softmax's gradient ``y·(g - Σ g·y)`` on confident rows, where the bracket cancels to about
+    the size of the small probabilities: it must be what the float64 formula gives on the same
+    (float32) output, to an eps of the tensor's largest element. A float32 ``Σ g·y`` is off by an
+    ulp of ``g``, thousands of times that (torch's own is)."""
+    x = _confident_logits(shape).requires_grad_()
+    upstream = torch.randn(shape, generator=torch.Generator().manual_seed(1))
+    with use_backend(backend):
+        y = fusedce.softmax(x, 1)
+        (grad,) = torch.autograd.grad(y, x, upstream)
+    exact = torch._softmax_backward_data(upstream.double(), y.detach().double(), 1, torch.float64)
+    error = (grad.double() - exact).abs().max().item()
+    scale = exact.abs().max().item()
+    assert error <= 2 * torch.finfo(torch.float32).eps * scale, f"error {error:.3g} vs scale {scale:.3g}"
+
+
+@pytest.mark.parametrize("ignore_index,colliding_class", [*UINT8_CASES, (256, 0)])
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_uint8_target_under_label_smoothing(backend, ignore_index, colliding_class):
+    """torch's smoothing term masks the rows whose target equals ignore_index in the target's
+    dtype (a uint8 156 equals -100 there), while its NLL term compares in int64: such a row keeps
+    its NLL and loses its smoothing term, and 'mean' divides each term by its own count."""
+    gen = torch.Generator().manual_seed(4)
+    x = torch.randn(12, 300, generator=gen)
+    target = torch.randint(0, 256, (12,), generator=gen, dtype=torch.uint8)
+    target[::3] = colliding_class
+    for reduction in ("mean", "sum", "none"):
+        leaf, theirs_leaf = x.clone().requires_grad_(), x.clone().requires_grad_()
+        expected = F.cross_entropy(theirs_leaf, target, ignore_index=ignore_index, label_smoothing=0.4,
+                                   reduction=reduction)
+        with use_backend(backend):
+            got = fusedce.cross_entropy(leaf, target, ignore_index=ignore_index, label_smoothing=0.4,
+                                        reduction=reduction)
+        torch.testing.assert_close(got, expected, msg=lambda m, r=reduction: f"{r}: {m}")
+        upstream = torch.ones_like(expected)
+        torch.testing.assert_close(torch.autograd.grad(got, leaf, upstream)[0],
+                                   torch.autograd.grad(expected, theirs_leaf, upstream)[0])

@@ -51,6 +51,9 @@ def test_the_recipes_build_the_values_they_promise():
             assert wrapped in (156, 112)
         elif case.special == "uint8_empty_batch":
             assert inputs.target.dtype == torch.uint8 and x.shape[0] == 0 and x.dim() >= 3, case.id
+        elif case.special == "confident_prob_target":
+            loss = F.cross_entropy(x, inputs.target.detach().double(), reduction="none")
+            assert 0 < loss.max() < 1e-3, case.id
 
 
 def test_torch_passes_its_own_hostile_cases():
@@ -73,3 +76,43 @@ def test_a_candidate_that_forms_lse_first_fails_the_offset_cases():
     failed = {r.case.dtype for r in report.results if r.problems}
     assert torch.float32 in failed and torch.float64 in failed, report.details(4)
     assert testing.check(F.log_softmax, cases).ok
+
+
+class _ProbTargetCrossEntropy(torch.autograd.Function):
+    """cross_entropy with a probability target and reduction='none', its logits' gradient
+    ``g·(Σt·p - t)`` by hand, with the probabilities below ``flush`` set to zero."""
+
+    @staticmethod
+    def forward(ctx, x, target, flush):
+        ctx.save_for_backward(x, target)
+        ctx.flush = flush
+        return F.cross_entropy(x, target, reduction="none")
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, target = ctx.saved_tensors
+        p = x.softmax(1)
+        p = p.masked_fill(p < ctx.flush, 0)
+        g = grad.unsqueeze(1)
+        return g * (target.sum(1, keepdim=True) * p - target), -g * x.log_softmax(1), None
+
+
+def test_the_confident_cases_still_catch_a_lost_small_probability():
+    """The logits' gradient of a confident row is a difference of much larger terms, and the
+    rule allows eps times their size (testing.cancellation); a kernel that flushes the small
+    probabilities (about 1e-9 here) to zero still fails, and the same formula without the flush
+    passes."""
+    cases = [c for c in HOSTILE if c.special == "confident_prob_target" and c.reduction == "none"
+             and c.dtype in (torch.float32, torch.float64)]
+    assert cases
+
+    def candidate(flush):
+        def cross_entropy(input, target, **kwargs):
+            assert kwargs == {"reduction": "none"}, kwargs
+            return _ProbTargetCrossEntropy.apply(input, target, flush)
+
+        return cross_entropy
+
+    assert testing.check(candidate(0.0), cases, label="by hand").ok
+    report = testing.check(candidate(1e-4), cases, label="flushed")
+    assert all(r.problems and "grad 0" in r.problems[0] for r in report.results), report.details(4)

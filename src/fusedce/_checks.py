@@ -131,7 +131,8 @@ def check_label_smoothing(smoothing: float) -> float:
     return smoothing
 
 
-def check_smoothing_quirks(input: Tensor, target: Tensor, weight: Tensor | None, reduction: str) -> None:
+def check_smoothing_quirks(input: Tensor, target: Tensor, weight: Tensor | None, reduction: str,
+                           ignore_index: int | None = None) -> None:
     """Two failures of torch's label-smoothing path (index targets, ε > 0), reproduced because
     a drop-in must fail where torch fails:
 
@@ -145,6 +146,14 @@ def check_smoothing_quirks(input: Tensor, target: Tensor, weight: Tensor | None,
         shape[0 if input.dim() == 1 else 1] = weight.shape[0]
         raise RuntimeError(f"shape '{list(shape)}' is invalid for input of size {weight.numel()}")
     if weight is not None and reduction == "mean" and target.dtype == torch.uint8 and target.numel() > 0:
+        if ignore_index is not None and not input.is_cuda:
+            # torch's NLL term runs before the gather: an out-of-range target raises its
+            # IndexError first (on CPU; CUDA reports it in the kernel, after the gather).
+            classes = input.shape[0 if input.dim() == 1 else 1]
+            values = target.long().reshape(-1)
+            bad = values[((values < 0) | (values >= classes)) & (values != ignore_index)]
+            if bad.numel():
+                raise IndexError(f"Target {int(bad[0])} is out of bounds.")
         raise RuntimeError("gather(): Expected dtype int32/int64 for index")
 
 
@@ -288,9 +297,9 @@ def check_nll_dtypes(input: Tensor, target: Tensor, weight: Tensor | None, reduc
             f"expected scalar type {scalar_type_name(input.dtype)} but found {scalar_type_name(weight.dtype)}"
         )
     # Last: torch's spatial kernel reads the target as int64 once the input and weight dtypes
-    # passed, except where it returns early: a reduced loss of an empty input (NaN for 'mean',
-    # 0 for 'sum').
-    if target.dtype == torch.uint8 and spatial and (reduction == "none" or input.numel() > 0):
+    # passed, except where it returns early: a reduced loss of an empty target (NaN for 'mean',
+    # 0 for 'sum'). An input with no classes but some rows, (2, 0, 2, 3), still raises.
+    if target.dtype == torch.uint8 and spatial and (reduction == "none" or target.numel() > 0):
         raise RuntimeError("expected scalar type Long but found Byte")
 
 

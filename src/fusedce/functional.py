@@ -254,20 +254,29 @@ def _cross_entropy_index(
     _checks.check_softmax_dtype("log_softmax", input, class_dim)
     _checks.check_nll(input, target, weight, reduction)
     if smoothing > 0:
-        _checks.check_smoothing_quirks(input, target, weight, reduction)
+        _checks.check_smoothing_quirks(input, target, weight, reduction, ignore_index)
 
     x = canonical(input, class_dim)
     _check_inplace_backward(inplace_backward, input, x)
     rows = canonical_rows(target, x.shape[0], x.shape[2])
     weight = _flat_weight(weight)
     stats = None
-    if extras is None:
-        loss, _ = _autograd.cross_entropy(x, rows, weight, ignore_index, smoothing, inplace_backward)
+    if extras is None and _smoothing_mask_wraps(target, ignore_index, smoothing):
+        if inplace_backward:
+            raise ValueError(
+                "fusedce: inplace_backward=True is not supported for a uint8 target with label smoothing "
+                "and an ignore_index outside 0..255 (torch's two terms need two kernel passes)"
+            )
+        _unbatched_target_quirk(input, target, x.new_zeros(()), smoothing)  # raises, as torch does
+        reduced = _uint8_smoothing_quirk(x, rows, weight, ignore_index, smoothing, reduction, input)
     else:
-        args = (ignore_index, smoothing, extras.z_loss, extras.softcap, inplace_backward)
-        loss, stats = _autograd.cross_entropy_extras(x, rows, weight, *args)
-    loss = _unbatched_target_quirk(input, target, loss, smoothing)
-    reduced = _reduce_index_loss(loss, rows, weight, ignore_index, reduction, input, smoothing)
+        if extras is None:
+            loss, _ = _autograd.cross_entropy(x, rows, weight, ignore_index, smoothing, inplace_backward)
+        else:
+            args = (ignore_index, smoothing, extras.z_loss, extras.softcap, inplace_backward)
+            loss, stats = _autograd.cross_entropy_extras(x, rows, weight, *args)
+        loss = _unbatched_target_quirk(input, target, loss, smoothing)
+        reduced = _reduce_index_loss(loss, rows, weight, ignore_index, reduction, input, smoothing)
     if smoothing > 0 and x.shape[1] == 0:
         # torch scales the smoothing term, an empty sum (0) with no classes, by ε/C = inf after
         # masking the ignored rows: NaN on every row, ignored ones included, and NaN for every
@@ -356,6 +365,35 @@ def _check_inplace_backward(inplace_backward: bool, input: Tensor, x: Tensor) ->
             "fusedce: inplace_backward=True needs logits that can be viewed as (N, C, d1*...*dk) "
             "without a copy; call .contiguous() on them first"
         )
+
+
+def _smoothing_mask_wraps(target: Tensor, ignore_index: int, smoothing: float) -> bool:
+    """torch's label-smoothing term masks the rows whose target equals ignore_index compared in
+    the target's own dtype: for a uint8 target an ignore_index outside 0..255 wraps (-100 to 156,
+    256 to 0), so a row of class 156 loses its smoothing term while its NLL term, compared in
+    int64, counts. Only then do the two terms need separate masks (``_uint8_smoothing_quirk``)."""
+    return smoothing > 0 and target.dtype == torch.uint8 and not 0 <= ignore_index <= 255
+
+
+def _uint8_smoothing_quirk(
+    x: Tensor, rows: Tensor, weight: Tensor | None, ignore_index: int, smoothing: float,
+    reduction: Reduction, input: Tensor,
+) -> Tensor:
+    """torch's ``(1-ε)·NLL + (ε/C)·smooth`` with the smoothing term masked where the uint8 target
+    equals ``ignore_index % 256`` (``_smoothing_mask_wraps``): each term from its own kernel pass
+    (ε = 0 gives the NLL, ε = 1 the smoothing term over C), and under 'mean' each divided by its
+    own count, as torch divides them. (A weighted 'mean' with a uint8 target raises earlier.)"""
+    nll, _ = _autograd.cross_entropy(x, rows, weight, ignore_index, 0.0, False)
+    smooth, _ = _autograd.cross_entropy(x, rows, weight, ignore_index, 1.0, False)
+    kept = rows != ignore_index % 256
+    smooth = torch.where(kept, smooth, 0)
+    if reduction != "mean":
+        combined = (1 - smoothing) * nll + smoothing * smooth
+        return _reduce_index_loss(combined, rows, weight, ignore_index, reduction, input, 0.0)
+    valid = rows.long() != ignore_index  # every row: ignore_index is outside the uint8 range
+    nll_mean = nll.sum() / valid.sum()
+    smooth_mean = smooth.sum() / kept.sum()
+    return ((1 - smoothing) * nll_mean + smoothing * smooth_mean).to(input.dtype)
 
 
 def _unbatched_target_quirk(input: Tensor, target: Tensor, loss: Tensor, smoothing: float) -> Tensor:

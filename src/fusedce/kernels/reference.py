@@ -55,12 +55,23 @@ def row_stats(x: Tensor) -> Tensor:
     The max is detached: every derived quantity is invariant to it (shifting by any constant),
     so the double-backward path differentiates through the log-sum alone and never sees amax's
     subgradient at ties.
+
+    The sum is ``1 + rest``, where ``rest`` holds the terms of every class but one maximal one
+    (whose term is exactly 1), and the log-sum is ``log1p(rest)``. A confident row (one logit far
+    above the others) has a tiny ``rest``: ``log(1 + rest)`` would round ``1 + rest`` to the
+    dtype first and keep only ``rest``'s digits above ulp(1), which is all the loss of a target
+    on that class is made of. Every backend forms it this way. The maximal class contributes
+    ``expm1(x - m)``, 0 in value but with the derivative ``exp(x - m)`` of the term it stands for.
     """
     xf = _acc(x)
     if x.shape[1] == 0:
         return xf.new_full((x.shape[0], x.shape[2], 2), float("-inf"))
     row_max = xf.amax(dim=1, keepdim=True).detach()
-    logsum = (xf - row_max).exp().sum(dim=1, keepdim=True).log()
+    shifted = xf - row_max
+    top = _onehot(shifted.argmax(dim=1), x.shape[1])
+    rest = torch.where(top, torch.expm1(shifted), shifted.exp()).sum(dim=1, keepdim=True)
+    # (m - m) is NaN for a max that is not finite: the NaN log-sum described above.
+    logsum = rest.log1p() + (row_max - row_max)
     return torch.stack((row_max.squeeze(1), logsum.squeeze(1)), dim=-1)
 
 
@@ -393,8 +404,17 @@ def softmax_forward(x: Tensor) -> Tensor:
 
 
 def softmax_backward(grad_out: Tensor, out: Tensor) -> Tensor:
-    """``out·(grad - Σ_c grad·out)``."""
-    g, y = _acc(grad_out), _acc(out)
+    """``out·(grad - Σ_c grad·out)``.
+
+    float32 computes it in float64: where one class holds almost all the probability, the bracket
+    is a difference of nearly equal numbers, and a float32 ``Σ`` (off by an ulp of the row's
+    largest ``grad·out``) would be most of the result. The cpu backend compensates the sum
+    instead, to the same effect. The half types' own rounding of ``out`` is far coarser than
+    float32's sum, and float64 is what torch computes in."""
+    if out.dtype == torch.float32:
+        g, y = grad_out.double(), out.double()
+    else:
+        g, y = _acc(grad_out), _acc(out)
     return (y * (g - (g * y).sum(dim=1, keepdim=True))).to(out.dtype).contiguous()
 
 

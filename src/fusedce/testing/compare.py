@@ -33,6 +33,13 @@ to zero fails. The only absolute allowance is the dtype's subnormal spacing, the
 For a loss reduced to a scalar, ``S`` is the value times ``sum |l_i| / |sum l_i|`` over the
 unreduced losses: a sum is only as exact as its terms are large (``_sum_condition``).
 
+cross_entropy's results are sums and differences of terms that can be far larger than ``S``: its
+gradient with respect to the logits is ``u - p·Σu`` (``u = ∂loss/∂log p``), which a confident row
+with a near-one-hot target cancels to almost nothing. That gradient is allowed ``c * eps_compute *
+T`` more per element, ``T`` the size of its two terms; and a float64 value, judged against torch,
+whose log-sum is rounded at the ulp of 1, ``c * eps64`` of the loss's terms. ``testing.cancellation``
+derives both.
+
 The gradient of softmax and log_softmax is, in torch as here, a function of the saved output, and
 magnifies that output's rounding: where it fails against the truth it is judged again against
 torch's float64 backward of the candidate's own output (see ``_backward_of_own_output``).
@@ -59,6 +66,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from .cancellation import float64_summation_factor, gradient_terms, log_prob_upstream, value_terms
 from .grid import Case, Inputs, build_inputs, seed_of
 from .linear_rule import rounded_logits_truth
 
@@ -320,8 +328,11 @@ def compare(case: Case, candidate: Callable[..., Any], reference: Callable[..., 
     if dtype != torch.float64:
         truth = run(reference, case, _as_float64(_contiguous(build_inputs(case, device))))
     condition = _sum_condition(case, reference, device, truth is not None) if theirs.value.dim() == 0 else 1.0
+    value_margin, logits_grad_margin = (None, None)
+    if case.op == "cross_entropy":
+        value_margin, logits_grad_margin = _cross_entropy_margins(case, reference, device, dtype, theirs.value)
     problem = _compare_tensor("value", ours.value, theirs.value, truth.value if truth else None, dtype,
-                              condition=condition)
+                              condition=condition, extra_margin=value_margin)
     if problem:
         problems.append(problem)
     if len(ours.grads) != len(theirs.grads):
@@ -338,7 +349,8 @@ def compare(case: Case, candidate: Callable[..., Any], reference: Callable[..., 
         if truth is not None and g_truth is None:
             problems.append(f"grad {i}: the float64 truth has no gradient here: the case cannot be judged")
             continue
-        problem = _compare_tensor(f"grad {i}", g_ours, g_theirs, g_truth, dtype)
+        problem = _compare_tensor(f"grad {i}", g_ours, g_theirs, g_truth, dtype,
+                                  extra_margin=logits_grad_margin if i == 0 else None)
         if problem and truth is not None:
             own = _backward_of_own_output(case, ours_inputs, ours.value)
             if own is not None and not _compare_tensor(f"grad {i}", g_ours, g_theirs, own, dtype, credit_torch=False):
@@ -355,6 +367,39 @@ def compare(case: Case, candidate: Callable[..., Any], reference: Callable[..., 
         if problem:
             problems.append(problem)
     return problems
+
+
+def _cross_entropy_margins(case: Case, reference: Callable[..., Any], device: str | torch.device,
+                           dtype: torch.dtype, value: Tensor) -> tuple[Tensor | None, Tensor | None]:
+    """cross_entropy's allowances for cancelling terms (``testing.cancellation``): for the value
+    (float64 epsilons of the loss's terms), and for the gradient with respect to the logits
+    (grad 0, when the logits require grad: ``c·eps`` of the compute precision times its terms)."""
+    inputs = _as_float64(_contiguous(build_inputs(case, device)))
+    logits = inputs.input
+    if not isinstance(logits, Tensor) or not logits.requires_grad or logits.dim() == 0:
+        return None, None
+    tol = TOLERANCES.get(dtype, TOLERANCES[torch.float32])
+    eps = torch.finfo(tol.compute).eps
+    dim = case.class_dim
+    # In float64 both sides' sums count, and they grow with the classes summed.
+    factor = float64_summation_factor(logits.shape[dim]) if dtype == torch.float64 else 1.0
+
+    def call() -> Tensor:
+        return inputs.call(reference)
+
+    # The value's allowance is in float64 epsilons whatever the dtype: it is the float64 answer's
+    # (torch's, or the truth's) own rounding of log Σ, far below a float32 loss's ulp unless the
+    # loss is about that small (logits 40 apart: 4e-18, which float64 torch rounds to 0).
+    value_margin = None
+    u = log_prob_upstream(call, logits, None)
+    if u is not None:
+        per_row = value_terms(u, logits, dim, reduced=False)
+        terms = per_row if per_row.shape == value.shape else per_row.sum()
+        c64 = TOLERANCES[torch.float64].scale_ulps * float64_summation_factor(logits.shape[dim])
+        value_margin = c64 * torch.finfo(torch.float64).eps * terms
+    u = log_prob_upstream(call, logits, _upstream(case, value).double())
+    grad_margin = None if u is None else tol.scale_ulps * factor * eps * gradient_terms(u, logits, dim)
+    return value_margin, grad_margin
 
 
 def _sum_condition(case: Case, reference: Callable[..., Any], device: str | torch.device, in_float64: bool) -> float:

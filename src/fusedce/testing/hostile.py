@@ -7,12 +7,10 @@ while passing the ordinary grid (issue 8).
 * uint8 targets whose ignore_index lies outside 0..255: torch compares targets as int64, so the
   default -100 does NOT ignore a target of 156 (-100 mod 256), nor 368 one of 112; and uint8
   targets on an empty K-dimensional batch;
-
-Not here yet: tiny losses, a near-one-hot probability target on a confident logit (about 1e-5).
-There the log of a sum of exponentials near 1 carries an absolute error of about the compute
-dtype's epsilon in torch and fusedce alike, so each element's error is rounding noise of the same
-size on both sides, and "no worse than torch's, element by element" cannot tell them apart;
-tests/test_exactness.py holds such a case to a bound derived from that epsilon instead.
+* tiny losses: a near-one-hot probability target on a confident logit (a loss of about 1e-5),
+  where ``lse·Σt - Σ t·x`` cancels to nothing, and where ``log Σ exp(x - max)`` is the log of a
+  sum just above 1: ``log(1 + rest)`` rounds the sum at the ulp of 1 and keeps few of the loss's
+  digits (torch does), ``log1p(rest)`` keeps them all.
 
 Each is a ``Case`` with a ``special`` recipe, registered in ``grid.SPECIALS`` on import, and
 ``hostile_cases`` lists them for ``grid.default_grid``.
@@ -92,12 +90,25 @@ def _uint8_empty_batch(case: Case, inputs: Inputs) -> None:
     inputs.target = inputs.target.detach()[:0].clamp(min=0).to(torch.uint8)
 
 
+def _confident_prob_target(case: Case, inputs: Inputs) -> None:
+    """A near-one-hot probability target whose class has a logit 20 above the others: a loss of
+    about 1e-5, made of ``log Σ exp(x - max)`` (about ``C·e^-20``) and the other classes' small
+    target terms."""
+    dim = case.class_dim
+    classes = case.shape[dim]
+    hot = (torch.arange(classes).view([-1] + [1] * (len(case.shape) - dim - 1)) == seed_of(case) % classes)
+    hot = hot.double().expand(case.shape)
+    _modified_input(inputs, lambda x: x + 20 * hot)
+    inputs.target = (hot * (1 - 1e-6) + 1e-6 / classes).to(inputs.target.dtype)
+
+
 HOSTILE_SPECIALS: dict[str, Callable[[Case, Inputs], None]] = {
     "common_offset": _common_offset,
     "neg_inf_mask": _neg_inf_mask,
     "nan_logits": _nan_logits,
     "uint8_wrapping_target": _uint8_wrapping_target,
     "uint8_empty_batch": _uint8_empty_batch,
+    "confident_prob_target": _confident_prob_target,
 }
 SPECIALS.update(HOSTILE_SPECIALS)
 
@@ -129,6 +140,9 @@ def _loss_cases(op: str, dtype: torch.dtype) -> Iterator[Case]:
     for shape in ((3, 10, 3), (3, 5, 2, 2)):  # K-dimensional: an empty batch only
         for reduction in (None, "sum"):
             yield Case(op, shape, dtype, reduction=reduction, special="uint8_empty_batch")
+    if op == "cross_entropy":
+        for shape, reduction in (((4, 50), "none"), ((2, 50, 3), "none"), ((4, 50), None)):
+            yield Case(op, shape, dtype, target="prob", reduction=reduction, special="confident_prob_target")
 
 
 def hostile_cases(op: str, dtypes: tuple[torch.dtype, ...] = DTYPES) -> Iterator[Case]:

@@ -772,6 +772,65 @@ struct KahanSum {
   }
 };
 
+// Σ_c exp(x_c - m) of a row, kept as 1 + rest: `rest` sums the terms of every class but one
+// maximal one, whose term is exactly 1, so that log Σ = log1p(rest) keeps the digits of a small
+// rest (a confident row: one logit far above the others, whose loss is all in those digits;
+// log(1 + rest) would round 1 + rest first). See reference.row_stats. add() takes d = x - m
+// (padding -inf): a lane at the max (d == 0) adds 1 to `ties` instead of its term to `rest`,
+// and the row's rest is Σ rest + (ties - 1), the ties being exact small integers.
+template <typename acc>
+struct ExpSumRest {
+  Vectorized<acc> rest{acc(0)}, ties{acc(0)};
+
+  void add(const Vectorized<acc>& d) {
+    const Vectorized<acc> zero(0);
+    const Vectorized<acc> top = d == zero;
+    rest += Vectorized<acc>::blendv(SumExp{}(d), zero, top);  // not exp_u20: see FastExp
+    ties += Vectorized<acc>(1) & top;
+  }
+
+  // The row's rest; its max must be finite (so that some lane had d == 0).
+  acc total() const { return hsum(rest) + (hsum(ties) - acc(1)); }
+};
+
+// Σ a·b to about twice the working precision (the Dot2 of Ogita, Rump and Oishi): each product's
+// rounding error (recovered exactly with an FMA) and each addition's (TwoSum) go into a second
+// accumulator. softmax's float32 backward uses it for Σ_c grad·out: where one class holds almost
+// all the probability, out·(grad - Σ) is a difference of nearly equal numbers, and a plainly
+// rounded Σ (off by an ulp of the row's largest grad·out) would be most of the result.
+template <typename acc>
+struct CompensatedDot {
+  Vectorized<acc> sum{acc(0)}, err{acc(0)};
+
+  void add(const Vectorized<acc>& a, const Vectorized<acc>& b) {
+    const Vectorized<acc> p = a * b;
+    const Vectorized<acc> product_err = at::vec::fmsub(a, b, p);
+    const Vectorized<acc> s = sum + p;
+    const Vectorized<acc> z = s - sum;
+    err = err + (product_err + ((sum - (s - z)) + (p - z)));
+    sum = s;
+  }
+
+  // The total as hi + lo (hi = the rounded total). The lanes are combined with TwoSum too. A
+  // total that is not finite (an infinite product) is the plain sum, with lo = 0, so that the
+  // error terms (inf - inf) cannot turn it into NaN.
+  void total(acc& hi, acc& lo) const {
+    __at_align__ acc s[Vectorized<acc>::size()], e[Vectorized<acc>::size()];
+    sum.store(s);
+    err.store(e);
+    hi = 0;
+    lo = 0;
+    for (int64_t k = 0; k < Vectorized<acc>::size(); ++k) {
+      const acc t = hi + s[k], z = t - hi;
+      lo += ((hi - (t - z)) + (s[k] - z)) + e[k];
+      hi = t;
+    }
+    const acc t = hi + lo;
+    lo = std::isfinite(t) ? lo - (t - hi) : acc(0);
+    hi = std::isfinite(t) ? t : hsum(sum);
+  }
+};
+
 // Lane-wise row stats of a tile: the max into `max_out`, and log Σ exp(x - max) into `logsum`.
 // The two are kept apart (see reference.row_stats): a rounded max + log Σ loses digits when the
 // logits share a large offset. `inv_sum`, when given, receives 1 / Σ exp(x - max) (NaN where
@@ -787,10 +846,12 @@ inline void tile_stats(const acc* tile, int64_t ld, int64_t classes, int64_t n, 
   using AVec = Vectorized<acc>;
   const int64_t lanes = (n + AVec::size() - 1) / AVec::size() * AVec::size();  // within ld
   __at_align__ acc carry[kMaxTileRows + AVec::size()];
+  __at_align__ acc ties[kMaxTileRows + AVec::size()];  // lanes at the max: see ExpSumRest
   for (int64_t lb = 0; lb < lanes; lb += AVec::size()) {
     AVec(-kInf<acc>).store(max_out + lb);
-    AVec(0).store(logsum + lb);  // the running sum until the last loop
+    AVec(0).store(logsum + lb);  // the running rest (ExpSumRest) until the last loop
     AVec(0).store(carry + lb);
+    AVec(0).store(ties + lb);
   }
   // The max pass reads the tile from memory. Each class's run is short (a page or so), and the
   // hardware prefetcher stops at page boundaries, so the next class's run is prefetched while
@@ -806,23 +867,29 @@ inline void tile_stats(const acc* tile, int64_t ld, int64_t classes, int64_t n, 
     }
   }
   // Lanes whose max is not finite come out NaN below. Sleef's exp, not exp_u20: see FastExp.
+  // The sum is 1 + rest, as in ExpSumRest: a lane at its max adds 1 to `ties`, not to the sum.
+  const AVec zero(0), one(1);
   for (int64_t c = 0; c < classes; ++c) {
     const acc* run = tile + c * ld;
     for (int64_t lb = 0; lb < lanes; lb += AVec::size()) {
+      const AVec d = AVec::loadu(run + lb) - AVec::loadu(max_out + lb);
+      const AVec top = d == zero;
       KahanSum<acc> sum{AVec::loadu(logsum + lb), AVec::loadu(carry + lb)};
-      sum.add((AVec::loadu(run + lb) - AVec::loadu(max_out + lb)).exp());
+      sum.add(AVec::blendv(d.exp(), zero, top));
       sum.sum.store(logsum + lb);
       sum.carry.store(carry + lb);
+      (AVec::loadu(ties + lb) + (one & top)).store(ties + lb);
     }
   }
-  // log Σ, a vector at a time (a scalar log per row was most of a small-C tile's time).
-  // max - max is 0 for a finite max and NaN otherwise, so a row that is all -inf, or holds
-  // +inf or NaN, gets a NaN log-sum, as in reference.row_stats.
+  // log Σ = log1p(rest), a vector at a time (a scalar log per row was most of a small-C tile's
+  // time). max - max is 0 for a finite max and NaN otherwise, so a row that is all -inf, or
+  // holds +inf or NaN, gets a NaN log-sum, as in reference.row_stats.
   for (int64_t lb = 0; lb < lanes; lb += AVec::size()) {
-    const AVec m = AVec::loadu(max_out + lb), s = AVec::loadu(logsum + lb);
-    (s.log() + (m - m)).store(logsum + lb);
+    const AVec m = AVec::loadu(max_out + lb);
+    const AVec rest = AVec::loadu(logsum + lb) + (AVec::loadu(ties + lb) - one);
+    (rest.log1p() + (m - m)).store(logsum + lb);
     if (inv_sum != nullptr) {
-      (s.reciprocal() + (m - m)).store(inv_sum + lb);
+      ((rest + one).reciprocal() + (m - m)).store(inv_sum + lb);
     }
   }
 }

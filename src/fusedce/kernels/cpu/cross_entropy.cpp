@@ -69,12 +69,13 @@ void ce_forward_kernel(const Tensor& x, const Tensor& target, const std::optiona
             acc ls = kNaN<acc>, shifted = 0;
             if (std::isfinite(m)) {  // otherwise the row's log-sum is NaN, and so is its loss
               const AVec vm(m);
-              AVec sum(0), wsum(0);
+              ExpSumRest<acc> sum;  // the loss's precision: a 1-ulp exp, as log1p (see there)
+              AVec wsum(0);
               const scalar_t* next = next_row(xv, r, end, inner);
               auto body = [&](const AVec& v, int64_t j, int64_t n) {
                 prefetch(next, j);
                 const AVec d = v - vm;  // padding is -inf: exp gives 0
-                sum += SumExp{}(d);  // the loss's precision: not exp_u20 (see FastExp)
+                sum.add(d);  // the loss's precision: see ExpSumRest
                 if constexpr (kSmooth) {
                   if constexpr (kWeight) {
                     wsum += mask_tail(load_acc(wp + j, n) * d, n);
@@ -89,7 +90,7 @@ void ce_forward_kernel(const Tensor& x, const Tensor& target, const std::optiona
               } else {
                 for_each_vec_unordered(row, classes, -kInf<acc>, body);
               }
-              ls = std::log(hsum(sum));
+              ls = std::log1p(sum.total());
               shifted = hsum(wsum);
             }
             const int64_t t = tv(o, i);
@@ -369,13 +370,13 @@ void ce_prob_forward_kernel(const Tensor& x, const Tensor& target,
           continue;
         }
         const AVec vm(m);
-        AVec sum(0);
+        ExpSumRest<acc> sum;  // the loss's precision: a 1-ulp exp, as log1p (see there)
         const scalar_t* next = next_row(xv, r, end, inner);
         for_each_vec(row, classes, -kInf<acc>, [&](const AVec& v, int64_t j, int64_t) {
           prefetch(next, j);
-          sum += SumExp{}(v - vm);  // the loss's precision: not exp_u20 (see FastExp)
+          sum.add(v - vm);
         });
-        const acc ls = std::log(hsum(sum));
+        const acc ls = std::log1p(sum.total());
         const AVec vl(ls);
         AVec l(0);
         for_each_vec2(row, tv.row(o, i), classes,

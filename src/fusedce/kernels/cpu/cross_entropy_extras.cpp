@@ -59,15 +59,22 @@ void ce_extras_forward_kernel(const Tensor& x, const Tensor& target,
       }
       acc ls = kNaN<acc>, shifted = 0;  // shifted: Σ w_c·(x'_c - m), for the smoothing term
       if (std::isfinite(m)) {  // otherwise the row's log-sum is NaN, and so is its loss
-        acc sum = 0;
+        // Σ exp(d) = 1 + rest, with one class at the max left out of rest: log1p keeps a small
+        // rest's digits (see ExpSumRest in common.h).
+        acc rest = 0;
+        bool top_seen = false;
         for (int64_t c = 0; c < classes; ++c) {
           const acc d = capped(static_cast<acc>(row[c * xv.s1])) - m;
-          sum += std::exp(d);
+          if (d == 0 && !top_seen) {
+            top_seen = true;
+          } else {
+            rest += std::exp(d);
+          }
           if (smooth) {
             shifted += (wp ? wp[c] : acc(1)) * d;
           }
         }
-        ls = std::log(sum);
+        ls = std::log1p(rest);
       }
       stats_p[2 * r] = m;
       stats_p[2 * r + 1] = ls;

@@ -27,14 +27,15 @@ void softmax_forward_kernel(const Tensor& x, Tensor& out) {
         acc ls = kNaN<acc>, inv = kNaN<acc>;
         if (std::isfinite(m)) {
           const AVec vm(m);
-          AVec sum(0);
+          ExpSumRest<acc> sum;  // the outputs' precision: a 1-ulp exp, as log1p (see there)
           const scalar_t* next = next_row(xv, r, end, inner);
           for_each_vec(row, classes, -kInf<acc>, [&](const AVec& v, int64_t j, int64_t) {
             prefetch(next, j);
-            sum += (v - vm).exp();  // the outputs' precision: not exp_u20 (see FastExp)
+            sum.add(v - vm);
           });
-          ls = std::log(hsum(sum));
-          inv = acc(1) / hsum(sum);
+          const acc rest = sum.total();
+          ls = std::log1p(rest);
+          inv = acc(1) / (acc(1) + rest);
         }
         const AVec vm(m), vl(ls), vinv(inv);
         map_row(row, ov.row(o, i), classes, [&](const AVec& v, int64_t, int64_t) {
@@ -80,11 +81,14 @@ inline bool fast_exp_ok(acc max_out) {
   return !std::isnan(max_out) && max_out < acc(80);
 }
 
-// Backward. kLog: grad - exp(out)·Σ_c grad. Otherwise (softmax): out·(grad - Σ_c grad·out).
+// Backward. kLog: grad - exp(out)·Σ_c grad. Otherwise (softmax): out·(grad - Σ_c grad·out), with
+// Σ_c grad·out compensated (CompensatedDot) for float32, as reference.softmax_backward takes it
+// in float64. Not for the half types, whose own rounding of out is far coarser, nor float64.
 template <typename scalar_t, bool kLog>
 void softmax_backward_kernel(const Tensor& grad_out, const Tensor& out, Tensor& grad) {
   using acc = acc_t<scalar_t>;
   using AVec = Vectorized<acc>;
+  constexpr bool kPrecise = std::is_same_v<scalar_t, float>;
   const int64_t outer = out.size(0), classes = out.size(1), inner = out.size(2);
   const auto gv = view3<const scalar_t>(grad_out);
   const auto yv = view3<const scalar_t>(out);
@@ -98,15 +102,22 @@ void softmax_backward_kernel(const Tensor& grad_out, const Tensor& out, Tensor& 
         const scalar_t* grow = gv.row(o, i);
         const scalar_t* yrow = yv.row(o, i);
         AVec sum(0), max_out(-kInf<acc>);
+        CompensatedDot<acc> dot;  // kPrecise: see there
         for_each_vec2(grow, yrow, classes, [&](const AVec& g, const AVec& y, int64_t, int64_t n) {
           if constexpr (kLog) {
             sum += g;  // padding is 0
             max_out = at::vec::maximum(max_out, mask_tail(y, n));
+          } else if constexpr (kPrecise) {
+            dot.add(g, y);
           } else {
             sum += g * y;
           }
         });
-        const AVec vs(hsum(sum));
+        acc s_hi = hsum(sum), s_lo = 0;
+        if constexpr (!kLog && kPrecise) {
+          dot.total(s_hi, s_lo);
+        }
+        const AVec vs(s_hi), vs_lo(s_lo);
         if constexpr (kLog) {
           dispatch_exp(fast_exp_ok(hmax(max_out)), [&](auto exp_fn) {
             map_row2(grow, yrow, dv.row(o, i), classes,
@@ -115,8 +126,10 @@ void softmax_backward_kernel(const Tensor& grad_out, const Tensor& out, Tensor& 
                      });
           });
         } else {
-          map_row2(grow, yrow, dv.row(o, i), classes,
-                   [&](const AVec& g, const AVec& y, int64_t, int64_t) { return y * (g - vs); });
+          // g - s_hi is exact where it cancels (Sterbenz), and s_lo then adds the digits.
+          map_row2(grow, yrow, dv.row(o, i), classes, [&](const AVec& g, const AVec& y, int64_t, int64_t) {
+            return y * ((g - vs) - vs_lo);
+          });
         }
       }
     });
@@ -139,15 +152,25 @@ void softmax_backward_kernel(const Tensor& grad_out, const Tensor& out, Tensor& 
       gld = yld = dld = ld;
     }
     for (int64_t lb = 0; lb < rows.n; lb += AVec::size()) {
-      AVec sum(0), max_out(-kInf<acc>);
+      AVec sum(0), max_out(-kInf<acc>), sum_lo(0);
+      CompensatedDot<acc> dot;  // kPrecise: lane-wise, each lane one row (no lane combination)
       for (int64_t c = 0; c < classes; ++c) {
         const AVec g = AVec::loadu(gsrc + c * gld + lb), y = AVec::loadu(ysrc + c * yld + lb);
         if constexpr (kLog) {
           sum += g;
           max_out = at::vec::maximum(max_out, y);  // padding lanes hold 0: harmless
+        } else if constexpr (kPrecise) {
+          dot.add(g, y);
         } else {
           sum += g * y;
         }
+      }
+      if constexpr (!kLog && kPrecise) {
+        // hi + lo per lane; a lane whose sum is not finite keeps it, with lo = 0 (see total()).
+        const AVec t = dot.sum + dot.err;
+        const AVec finite = (t - t) == AVec(0);
+        sum = AVec::blendv(dot.sum, t, finite);
+        sum_lo = AVec::blendv(AVec(0), dot.err - (t - dot.sum), finite);
       }
       auto body = [&](auto exp_fn) {
         for (int64_t c = 0; c < classes; ++c) {
@@ -156,7 +179,7 @@ void softmax_backward_kernel(const Tensor& grad_out, const Tensor& out, Tensor& 
           if constexpr (kLog) {
             (g - exp_fn(y) * sum).store(p);
           } else {
-            (y * (g - sum)).store(p);
+            (y * ((g - sum) - sum_lo)).store(p);
           }
         }
       };

@@ -234,28 +234,46 @@ def scalar(hi, lo, ACC: tl.constexpr):
 
 @triton.jit
 def online_lse_step(m, s, xf, cmask):
-    """Fold a [BLOCK_R, BLOCK_C] block into the running max ``m`` and scaled sum ``s``.
+    """Fold a [BLOCK_R, BLOCK_C] block into the running max ``m`` and the running ``s``.
 
-    ``s`` is ``Σ exp(x - m)``. While a row's max is still -inf, the shift is 0 instead, so that
+    ``Σ exp(x - m)`` is kept as ``1 + s``: ``s`` holds the terms of every class but one maximal
+    one (whose term is exactly 1), so that ``log1p(s)`` keeps the digits of a small ``s`` (a
+    confident row, see ``reference.row_stats``). A block's lanes at the new max count as ``ties``
+    (exact small integers) instead of adding their 1s to the sum. When the max grows from ``m``,
+    the old total ``1 + s`` is rescaled and one of the new block's ties is the new excluded term;
+    otherwise every tie adds 1. While a row's max is still -inf, the shift is 0 instead, so that
     ``exp(-inf - -inf)`` never makes a NaN: such a row keeps ``s = 0`` until a finite logit
-    arrives. +inf and NaN still propagate (``exp(inf - inf)`` and ``exp(nan)`` are NaN), which is
-    what the max-subtracted reference gives.
+    arrives. +inf and NaN still propagate (``exp(inf - inf)`` and ``exp(nan)`` are NaN, and
+    neither is a tie), which is what the max-subtracted reference gives.
     """
     xm = tl.where(cmask, xf, float("-inf"))
     m_new = tl.maximum(m, tl.max(xm, axis=1))
     shift = tl.where(m_new == float("-inf"), 0.0, m_new)
-    p = tl.where(cmask, tl.exp(xm - shift[:, None]), 0.0)
-    s = s * tl.exp(m - shift) + tl.sum(p, axis=1)
-    return m_new, s
+    d = xm - shift[:, None]
+    top = cmask & (d == 0.0)
+    p = tl.where(cmask & (d != 0.0), tl.exp(d), 0.0)
+    ties = tl.sum(tl.where(top, 1.0, 0.0), axis=1).to(s.dtype)
+    grew = m_new > m
+    carried = tl.where(grew, (1.0 + s) * tl.exp(m - shift) + (ties - 1.0), s + ties)
+    return m_new, carried + tl.sum(p, axis=1)
+
+
+@triton.jit
+def log1p(s):
+    """``log(1 + s)`` for ``s >= 0`` to a few ulp (the interpreter has no libdevice log1p):
+    ``s·log(u)/(u - 1)`` with ``u = 1 + s`` rounded, whose rounding error cancels in the ratio
+    (Goldberg, "What every computer scientist should know about floating-point arithmetic")."""
+    u = 1.0 + s
+    return tl.where(u == 1.0, s, tl.log(u) * (s / tl.where(u == 1.0, 1.0, u - 1.0)))
 
 
 @triton.jit
 def finish_logsum(m, s):
-    """``log(s) = log Σ exp(x - m)``, NaN for a row that is all -inf (as ``-inf - -inf`` is in the
-    reference). It is kept apart from ``m``: a rounded ``m + log(s)`` loses digits when the logits
-    share a large offset (see ``reference.row_stats``)."""
+    """``log1p(s) = log Σ exp(x - m)`` (``s`` from ``online_lse_step``), NaN for a row that is all
+    -inf (as ``-inf - -inf`` is in the reference). It is kept apart from ``m``: a rounded
+    ``m + log(s)`` loses digits when the logits share a large offset (see ``reference.row_stats``)."""
     empty = m == float("-inf")
-    return tl.where(empty, float("nan"), tl.log(tl.where(empty, 1.0, s)))
+    return tl.where(empty, float("nan"), log1p(tl.where(empty, 0.0, s)))
 
 
 @triton.jit

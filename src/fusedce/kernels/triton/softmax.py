@@ -58,7 +58,7 @@ def _softmax_fwd_kernel(
         xf = tl.load(x_ptr + x_row[:, None] + offs[None, :], mask=cmask, other=0.0).to(ACC)
         m, s = online_lse_step(m, s, xf, cmask)
     logsum = finish_logsum(m, s)
-    inv_sum = tl.where(logsum == logsum, 1.0 / s, float("nan"))
+    inv_sum = tl.where(logsum == logsum, 1.0 / (1.0 + s), float("nan"))  # Σ = 1 + s
 
     out_row = o * num_classes * inner + i
     for c0 in range(0, num_classes, BLOCK_C):
@@ -98,13 +98,16 @@ def _softmax_bwd_kernel(
     INNER_TILE: tl.constexpr,
     COL_I64: tl.constexpr,
     LOG: tl.constexpr,
+    SUM: tl.constexpr,
 ):
     o, i, _r, rmask = tile_rows(tl.program_id(0), n_rows, inner, inner_tiles, BLOCK_R, INNER_TILE)
     g_row = o * stride_go + i * stride_gi
     y_row = o * stride_oo + i * stride_oi
 
-    # log_softmax: Σ_c grad_c.  softmax: Σ_c grad_c·out_c.
-    total = tl.zeros([BLOCK_R], ACC)
+    # log_softmax: Σ_c grad_c.  softmax: Σ_c grad_c·out_c, in SUM: float64 for float32 outputs
+    # (see reference.softmax_backward), then split into hi + lo float32s: g - hi is exact where
+    # it cancels, and lo adds the digits.
+    total = tl.zeros([BLOCK_R], SUM)
     for c0 in range(0, num_classes, BLOCK_C):
         cols, g_offs = col_offsets(c0, stride_gc, BLOCK_C, COL_I64)
         cmask = rmask[:, None] & (cols < num_classes)[None, :]
@@ -114,7 +117,9 @@ def _softmax_bwd_kernel(
         else:
             cols, y_offs = col_offsets(c0, stride_oc, BLOCK_C, COL_I64)
             y = tl.load(out_ptr + y_row[:, None] + y_offs[None, :], mask=cmask, other=0.0).to(ACC)
-            total += tl.sum(g * y, axis=1)
+            total += tl.sum(g.to(SUM) * y.to(SUM), axis=1)
+    hi = total.to(ACC)
+    lo = (total - hi.to(SUM)).to(ACC)
 
     gi_row = o * num_classes * inner + i
     for c0 in range(0, num_classes, BLOCK_C):
@@ -125,7 +130,7 @@ def _softmax_bwd_kernel(
         g = tl.load(grad_out_ptr + g_row[:, None] + g_offs[None, :], mask=cmask, other=0.0).to(ACC)
         y = tl.load(out_ptr + y_row[:, None] + y_offs[None, :], mask=cmask, other=0.0).to(ACC)
         # log_softmax: at a -inf output the gradient is the upstream one (exp(-inf) = 0), not 0.
-        grad = g - tl.exp(y) * total[:, None] if LOG else y * (g - total[:, None])
+        grad = g - tl.exp(y) * hi[:, None] if LOG else y * ((g - hi[:, None]) - lo[:, None])
         tl.store(
             grad_in_ptr + gi_row[:, None] + gi_offs[None, :],
             to_output(grad, grad_in_ptr.dtype.element_ty),
@@ -173,6 +178,7 @@ def _backward(grad_out: Tensor, out: Tensor, log: bool) -> Tensor:
         grad_out.stride(0), grad_out.stride(1), grad_out.stride(2),
         out.stride(0), out.stride(1), out.stride(2),
         ACC=tl_acc(out.dtype), LOG=log,
+        SUM=tl.float64 if out.dtype == torch.float32 and not log else tl_acc(out.dtype),
         num_warps=tiling.num_warps, **tiling.meta(),
     )  # fmt: skip
     return grad_in
