@@ -271,7 +271,7 @@ void ce_backward_kernel(const Tensor& grad_loss, const Tensor& x, const Tensor& 
     acc* dst = io.dst;
     const int64_t sld = io.sld, dld = io.dld;
     __at_align__ acc m[kMaxTileRows], ls[kMaxTileRows], coef[kMaxTileRows], sw[kMaxTileRows];
-    acc x_t[kMaxTileRows];
+    __at_align__ acc tf[kMaxTileRows], x_t[kMaxTileRows];
     Coefs k[kMaxTileRows];
     for (int64_t b = 0; b < ld; ++b) {
       if (b < rows.n) {
@@ -284,7 +284,19 @@ void ce_backward_kernel(const Tensor& grad_loss, const Tensor& x, const Tensor& 
       }
       coef[b] = k[b].coef;
       sw[b] = k[b].sw;
-      x_t[b] = b < rows.n ? src[k[b].t * sld + b] : acc(0);
+      tf[b] = static_cast<acc>(k[b].t);
+      x_t[b] = 0;
+    }
+    // x_t is picked in the class loop below, by comparing each lane's target with the class, as
+    // the forward's tile_losses does: a load per row at its target class reads a random one of
+    // `classes` distant runs before the loop has streamed them in, a cache miss per row that was
+    // half of the backward's time. Past the classes the accumulation dtype counts exactly, the
+    // per-row load it is.
+    const bool pick = classes <= kExactIndices<acc>;
+    if (!pick) {
+      for (int64_t b = 0; b < rows.n; ++b) {
+        x_t[b] = src[k[b].t * sld + b];
+      }
     }
     // Class by class, each over the tile's run of lanes: streams x and out (see tile_stats).
     // p_c = exp((x_c - m) - ls), as in the row path.
@@ -293,12 +305,17 @@ void ce_backward_kernel(const Tensor& grad_loss, const Tensor& x, const Tensor& 
         const acc* run = src + c * sld;
         acc* out_run = dst + c * dld;
         const AVec wc(smooth && wp ? wp[c] : acc(1));
+        const AVec vc(static_cast<acc>(c));
         const acc* next = c + 1 < classes ? run + sld : nullptr;  // as tile_stats's max pass
         for (int64_t lb = 0; lb < rows.n; lb += AVec::size()) {
           if (next != nullptr) {
             __builtin_prefetch(next + lb);
           }
-          const AVec shifted = (AVec::loadu(run + lb) - AVec::loadu(m + lb)) - AVec::loadu(ls + lb);
+          const AVec x = AVec::loadu(run + lb);
+          if (pick) {
+            AVec::blendv(AVec::loadu(x_t + lb), x, AVec::loadu(tf + lb) == vc).store(x_t + lb);
+          }
+          const AVec shifted = (x - AVec::loadu(m + lb)) - AVec::loadu(ls + lb);
           AVec grad = AVec::loadu(coef + lb) * exp_fn(shifted);
           if (smooth) {
             grad = grad - AVec::loadu(sw + lb) * wc;
@@ -308,7 +325,7 @@ void ce_backward_kernel(const Tensor& grad_loss, const Tensor& x, const Tensor& 
       }
     });
     for (int64_t b = 0; b < rows.n; ++b) {
-      // The target class, from x_t read before the class loop (src may be dst).
+      // The target class, from x_t read in or before the class loop (src may be dst).
       dst[k[b].t * dld + b] = target_grad(k[b], x_t[b], m[b], ls[b]);
     }
     io.finish();
