@@ -461,27 +461,38 @@ inline TilePlan plan_tiles(int64_t total_rows, int64_t classes, int64_t lanes, i
 // The rows of one tile, with each lane's (o, i).
 struct TileRows {
   int64_t r0 = 0, n = 0;
-  bool one_outer = false;  // all rows share o[0], so they are i[0], i[0]+1, ...
-  int64_t o[kMaxTileRows];
-  int64_t i[kMaxTileRows];
+  bool one_outer = false;  // all rows share o(0), so they are i(0), i(0)+1, ...
 
   void set(int64_t first, int64_t count, int64_t inner) {
     r0 = first;
     n = count;
     // One division per tile, then a counter: a division per row was a large share of a
-    // small-C tile's time.
-    int64_t oo = inner > 0 ? first / inner : 0;
-    int64_t ii = first - oo * inner;
+    // small-C tile's time. A tile within one outer index (the usual K-dimensional tile) needs
+    // no table at all: filling one was several percent of seg's forward.
+    o0_ = inner > 0 ? first / inner : 0;
+    i0_ = first - o0_ * inner;
+    one_outer = n > 0 && i0_ + n <= inner;
+    if (one_outer) {
+      return;
+    }
+    int64_t oo = o0_, ii = i0_;
     for (int64_t b = 0; b < n; ++b) {
-      o[b] = oo;
-      i[b] = ii;
+      o_[b] = oo;
+      i_[b] = ii;
       if (++ii == inner) {
         ii = 0;
         ++oo;
       }
     }
-    one_outer = n > 0 && o[n - 1] == o[0];
   }
+
+  int64_t o(int64_t b) const { return one_outer ? o0_ : o_[b]; }
+  int64_t i(int64_t b) const { return one_outer ? i0_ + b : i_[b]; }
+
+ private:
+  int64_t o0_ = 0, i0_ = 0;
+  int64_t o_[kMaxTileRows];
+  int64_t i_[kMaxTileRows];
 };
 
 // Convert a contiguous run into accumulation dtype.
@@ -520,14 +531,14 @@ inline void gather_tile(const View3<const scalar_t>& x, int64_t classes, const T
   using acc = acc_t<scalar_t>;
   if (rows.one_outer && x.s2 == 1) {
     // The K-dimensional contiguous case: each class of the tile is one contiguous run.
-    const scalar_t* base = x.row(rows.o[0], rows.i[0]);
+    const scalar_t* base = x.row(rows.o(0), rows.i(0));
     for (int64_t c = 0; c < classes; ++c) {
       load_run(base + c * x.s1, tile + c * ld, rows.n);
     }
   } else if (x.s1 <= x.s2) {
     // Classes closer together than rows (channels-last): read each row in order.
     for (int64_t b = 0; b < rows.n; ++b) {
-      const scalar_t* p = x.row(rows.o[b], rows.i[b]);
+      const scalar_t* p = x.row(rows.o(b), rows.i(b));
       for (int64_t c = 0; c < classes; ++c) {
         tile[c * ld + b] = static_cast<acc>(p[c * x.s1]);
       }
@@ -535,7 +546,7 @@ inline void gather_tile(const View3<const scalar_t>& x, int64_t classes, const T
   } else {
     for (int64_t c = 0; c < classes; ++c) {
       for (int64_t b = 0; b < rows.n; ++b) {
-        tile[c * ld + b] = static_cast<acc>(x.row(rows.o[b], rows.i[b])[c * x.s1]);
+        tile[c * ld + b] = static_cast<acc>(x.row(rows.o(b), rows.i(b))[c * x.s1]);
       }
     }
   }
@@ -550,13 +561,13 @@ template <typename scalar_t>
 inline void scatter_tile(const acc_t<scalar_t>* tile, int64_t ld, int64_t classes,
                          const TileRows& rows, const View3<scalar_t>& y) {
   if (rows.one_outer && y.s2 == 1) {
-    scalar_t* base = y.row(rows.o[0], rows.i[0]);
+    scalar_t* base = y.row(rows.o(0), rows.i(0));
     for (int64_t c = 0; c < classes; ++c) {
       store_run(tile + c * ld, base + c * y.s1, rows.n);
     }
   } else {
     for (int64_t b = 0; b < rows.n; ++b) {
-      scalar_t* p = y.row(rows.o[b], rows.i[b]);
+      scalar_t* p = y.row(rows.o(b), rows.i(b));
       for (int64_t c = 0; c < classes; ++c) {
         p[c * y.s1] = static_cast<scalar_t>(tile[c * ld + b]);
       }
@@ -572,7 +583,7 @@ template <typename acc, typename scalar_t>
 inline acc* direct_tile(const View3<scalar_t>& x, const TileRows& rows, int64_t ld) {
   if constexpr (std::is_same_v<std::remove_const_t<scalar_t>, acc>) {
     if (rows.one_outer && x.s2 == 1 && rows.n == ld) {
-      return const_cast<acc*>(x.row(rows.o[0], rows.i[0]));
+      return const_cast<acc*>(x.row(rows.o(0), rows.i(0)));
     }
   }
   return nullptr;
@@ -646,61 +657,185 @@ struct KahanSum {
     carry = carry & (carry == carry);
     sum = t;
   }
+
+  // For terms in [0, 1] (exponentials of x - max): the carry stays finite and needs no mask.
+  // A lane that meets a NaN or a non-finite max comes out NaN, which its caller wants anyway.
+  void add_unit(const Vectorized<acc>& v) {
+    const Vectorized<acc> y = v - carry;
+    const Vectorized<acc> t = sum + y;
+    carry = (t - sum) - y;
+    sum = t;
+  }
 };
+
+// Lane operations for the tile loops, which run once per logit: on AVX-512 float each is one
+// instruction, where the generic Vectorized forms take three or four (a vector mask built from
+// a mask register, then turned back; a NaN-propagating max).
+
+// Where u == w, b; elsewhere a.
+template <typename acc>
+inline Vectorized<acc> select_eq(const Vectorized<acc>& u, const Vectorized<acc>& w,
+                                 const Vectorized<acc>& b, const Vectorized<acc>& a) {
+#if defined(CPU_CAPABILITY_AVX512)
+  if constexpr (std::is_same_v<acc, float>) {
+    return _mm512_mask_blend_ps(_mm512_cmp_ps_mask(u, w, _CMP_EQ_OQ), a, b);
+  }
+#endif
+  return Vectorized<acc>::blendv(a, b, u == w);
+}
+
+// The larger of a running max m and x; where x is NaN the result may be either (block_stats
+// finds such lanes afterwards, from their NaN sum, and takes the NaN-propagating max there).
+template <typename acc>
+inline Vectorized<acc> max_unordered(const Vectorized<acc>& m, const Vectorized<acc>& x) {
+#if defined(CPU_CAPABILITY_AVX512)
+  if constexpr (std::is_same_v<acc, float>) {
+    return _mm512_max_ps(m, x);
+  }
+#elif defined(CPU_CAPABILITY_AVX2)
+  if constexpr (std::is_same_v<acc, float>) {
+    return _mm256_max_ps(m, x);
+  }
+#endif
+  return at::vec::maximum(m, x);
+}
+
+// exp(d) for d <= 0, -inf or NaN (d = x - max, in the row sums): inline, to about an ulp, where
+// a call to Sleef's exp forces every running value of the tile loops out of the registers and
+// back around each call. On AVX-512 float: d = n·ln2 + r with n = round(d / ln2) and r within
+// ±ln2/2 (ln2 split in two, the high part short enough that n·hi is exact), e^r by its Taylor
+// series to r^7 (truncation below 1e-8 relatively, under a fifth of an ulp; each Horner step
+// rounds once), and the scaling by 2^n in one scalef, which rounds subnormal results correctly.
+// d is first raised to -104 (exp(-104) rounds to 0), keeping NaN (maxps returns its second
+// operand when either is NaN), so -inf gives 0 and NaN gives NaN. Elsewhere: Sleef's 1-ulp exp.
+template <typename acc>
+inline Vectorized<acc> exp_nonpositive(const Vectorized<acc>& d) {
+#if defined(CPU_CAPABILITY_AVX512)
+  if constexpr (std::is_same_v<acc, float>) {
+    const __m512 x = _mm512_max_ps(_mm512_set1_ps(-104.0f), d);
+    const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+                                          _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
+    r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
+    __m512 p = _mm512_set1_ps(1.0f / 5040);
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 720));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 120));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 24));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 6));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.5f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
+    return _mm512_scalef_ps(p, n);
+  }
+#endif
+  return d.exp();
+}
+
+// Lane-wise row stats of a block of NV vectors of lanes (src points at the block's first lane of
+// class 0; class c is at src + c*sld): the max into m, and Σ exp(x - m), compensated, into sum.
+// The block is walked class by class twice, the max pass and then the exp pass, with every
+// running value in registers: a block's classes (NV cache lines each) stay in L1 between the two
+// passes, and nothing but the logits is loaded or stored. `per_class(c, v, x)` runs in the exp
+// pass for each class c and vector v of the block, with the loaded x and d = x - m (the loss's
+// target pick, the smoothing sum).
+// Lanes whose max is not finite come out with a meaningless sum: callers add (m - m).
+template <int NV, typename acc, typename F>
+inline void block_stats(const acc* src, int64_t sld, int64_t classes, Vectorized<acc> (&m)[NV],
+                        Vectorized<acc> (&sum)[NV], F&& per_class) {
+  using AVec = Vectorized<acc>;
+  constexpr int64_t L = AVec::size();
+  // Running values in locals, not in the caller's arrays: those may alias the loads, and would
+  // be stored and reloaded every class.
+  AVec mx[NV];
+  for (int v = 0; v < NV; ++v) {
+    mx[v] = AVec(-kInf<acc>);
+  }
+  for (int64_t c = 0; c < classes; ++c) {
+    const acc* run = src + c * sld;
+    for (int v = 0; v < NV; ++v) {
+      __builtin_prefetch(run + (v + NV) * L);  // the next block (the prefetcher stops at pages)
+      mx[v] = max_unordered(mx[v], AVec::loadu(run + v * L));
+    }
+  }
+  KahanSum<acc> s[NV];
+  for (int64_t c = 0; c < classes; ++c) {
+    const acc* run = src + c * sld;
+    for (int v = 0; v < NV; ++v) {
+      const AVec x = AVec::loadu(run + v * L);
+      const AVec d = x - mx[v];
+      s[v].add_unit(exp_nonpositive(d));
+      per_class(c, v, x, d);
+    }
+  }
+  // The sum is NaN exactly where the row holds a NaN, a +inf (inf - inf) or nothing but -inf:
+  // there the max is taken again, propagating NaN, as in reference.row_stats.
+  AVec finite(0);
+  for (int v = 0; v < NV; ++v) {
+    m[v] = mx[v];
+    sum[v] = s[v].sum;
+    finite = finite + (sum[v] - sum[v]);
+  }
+  if (finite.zero_mask() != (1 << L) - 1) {
+    for (int v = 0; v < NV; ++v) {
+      m[v] = AVec(-kInf<acc>);
+      for (int64_t c = 0; c < classes; ++c) {
+        m[v] = at::vec::maximum(m[v], AVec::loadu(src + c * sld + v * L));
+      }
+    }
+  }
+}
+
+// Vectors per block of the tile loops: enough independent chains to hide the latencies, few
+// enough that a block's running values stay in registers.
+constexpr int kBlockVecs = 4;
+
+// Runs f(lb, integral_constant<NV>) over the lanes [0, n) rounded up to whole vectors, in blocks
+// of kBlockVecs vectors and then single vectors.
+template <typename acc, typename F>
+inline void for_each_block(int64_t n, F&& f) {
+  using AVec = Vectorized<acc>;
+  const int64_t lanes = (n + AVec::size() - 1) / AVec::size() * AVec::size();
+  int64_t lb = 0;
+  for (; lb + kBlockVecs * AVec::size() <= lanes; lb += kBlockVecs * AVec::size()) {
+    f(lb, std::integral_constant<int, kBlockVecs>{});
+  }
+  for (; lb < lanes; lb += AVec::size()) {
+    f(lb, std::integral_constant<int, 1>{});
+  }
+}
+
+// The stats of a block, stored: the max into max_out, log Σ exp(x - max) into logsum, and, when
+// inv_sum is given, 1 / Σ exp(x - max). max - max is 0 for a finite max and NaN otherwise, so a
+// row that is all -inf, or holds +inf or NaN, gets a NaN log-sum (and 1/Σ), as in
+// reference.row_stats. The log a vector at a time: a scalar log per row was most of a small-C
+// tile's time.
+template <int NV, typename acc>
+inline void store_block_stats(const Vectorized<acc> (&m)[NV], const Vectorized<acc> (&sum)[NV],
+                              acc* max_out, acc* logsum, acc* inv_sum) {
+  constexpr int64_t L = Vectorized<acc>::size();
+  for (int v = 0; v < NV; ++v) {
+    m[v].store(max_out + v * L);
+    (sum[v].log() + (m[v] - m[v])).store(logsum + v * L);
+    if (inv_sum != nullptr) {
+      (sum[v].reciprocal() + (m[v] - m[v])).store(inv_sum + v * L);
+    }
+  }
+}
 
 // Lane-wise row stats of a tile: the max into `max_out`, and log Σ exp(x - max) into `logsum`.
 // The two are kept apart (see reference.row_stats): a rounded max + log Σ loses digits when the
 // logits share a large offset. `inv_sum`, when given, receives 1 / Σ exp(x - max) (NaN where
-// the log-sum is), for softmax.
-//
-// The loops run class by class, each over the tile's whole run of lanes: a class is one
-// contiguous run of memory in the K-dimensional case, which the hardware prefetcher streams,
-// where a lane-block-major order would touch `classes` distant cache lines per vector. The
-// running max, sum and Kahan carry live in small lane arrays (L1) between classes.
+// the log-sum is), for softmax. Block by block (block_stats).
 template <typename acc>
 inline void tile_stats(const acc* tile, int64_t ld, int64_t classes, int64_t n, acc* max_out,
                        acc* logsum, acc* inv_sum = nullptr) {
-  using AVec = Vectorized<acc>;
-  const int64_t lanes = (n + AVec::size() - 1) / AVec::size() * AVec::size();  // within ld
-  __at_align__ acc carry[kMaxTileRows + AVec::size()];
-  for (int64_t lb = 0; lb < lanes; lb += AVec::size()) {
-    AVec(-kInf<acc>).store(max_out + lb);
-    AVec(0).store(logsum + lb);  // the running sum until the last loop
-    AVec(0).store(carry + lb);
-  }
-  // The max pass reads the tile from memory. Each class's run is short (a page or so), and the
-  // hardware prefetcher stops at page boundaries, so the next class's run is prefetched while
-  // this one is read (the later passes hit the cache).
-  for (int64_t c = 0; c < classes; ++c) {
-    const acc* run = tile + c * ld;
-    const acc* next = c + 1 < classes ? run + ld : nullptr;
-    for (int64_t lb = 0; lb < lanes; lb += AVec::size()) {
-      if (next != nullptr) {
-        __builtin_prefetch(next + lb);
-      }
-      at::vec::maximum(AVec::loadu(max_out + lb), AVec::loadu(run + lb)).store(max_out + lb);
-    }
-  }
-  // Lanes whose max is not finite come out NaN below. Sleef's exp, not exp_u20: see FastExp.
-  for (int64_t c = 0; c < classes; ++c) {
-    const acc* run = tile + c * ld;
-    for (int64_t lb = 0; lb < lanes; lb += AVec::size()) {
-      KahanSum<acc> sum{AVec::loadu(logsum + lb), AVec::loadu(carry + lb)};
-      sum.add((AVec::loadu(run + lb) - AVec::loadu(max_out + lb)).exp());
-      sum.sum.store(logsum + lb);
-      sum.carry.store(carry + lb);
-    }
-  }
-  // log Σ, a vector at a time (a scalar log per row was most of a small-C tile's time).
-  // max - max is 0 for a finite max and NaN otherwise, so a row that is all -inf, or holds
-  // +inf or NaN, gets a NaN log-sum, as in reference.row_stats.
-  for (int64_t lb = 0; lb < lanes; lb += AVec::size()) {
-    const AVec m = AVec::loadu(max_out + lb), s = AVec::loadu(logsum + lb);
-    (s.log() + (m - m)).store(logsum + lb);
-    if (inv_sum != nullptr) {
-      (s.reciprocal() + (m - m)).store(inv_sum + lb);
-    }
-  }
+  for_each_block<acc>(n, [&](int64_t lb, auto kNV) {
+    constexpr int NV = decltype(kNV)::value;
+    Vectorized<acc> m[NV], sum[NV];
+    block_stats<NV>(tile + lb, ld, classes, m, sum,
+                    [](int64_t, int, const Vectorized<acc>&, const Vectorized<acc>&) {});
+    store_block_stats<NV>(m, sum, max_out + lb, logsum + lb, inv_sum ? inv_sum + lb : nullptr);
+  });
 }
 
 // True when every lane's value is finite: the tile may use FastExp.
