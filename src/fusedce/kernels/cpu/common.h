@@ -753,7 +753,7 @@ inline void block_stats(const acc* src, int64_t sld, int64_t classes, Vectorized
   for (int64_t c = 0; c < classes; ++c) {
     const acc* run = src + c * sld;
     for (int v = 0; v < NV; ++v) {
-      __builtin_prefetch(run + (v + NV) * L);  // the next block (the prefetcher stops at pages)
+      __builtin_prefetch(run + (v + 2 * NV) * L, 0, 2);  // the next block (the prefetcher stops at pages)
       mx[v] = max_unordered(mx[v], AVec::loadu(run + v * L));
     }
   }

@@ -234,11 +234,14 @@ void ce_backward_kernel(const Tensor& grad_loss, const Tensor& x, const Tensor& 
   // The target class's gradient, with the precise exp and g multiplied last, as in reference:
   // g·((pc·p_t - (ε/C)·w_t) - tc). p_t ≈ 1 in a confident row (exactly 1 when C = 1), where the
   // fast exp's error, or g pre-multiplied into each term, would survive the cancellation.
-  auto target_grad = [&](const Coefs& k, acc x_t, acc m, acc ls) -> acc {
+  auto target_grad_of = [&](const Coefs& k, acc p_t) -> acc {
     const acc w_t = wp ? wp[k.t] : acc(1);
     const acc tc = (1 - eps) * w_t;
     const acc pc = tc + eps_per_class * total_w;
-    return k.g * ((pc * std::exp((x_t - m) - ls) - eps_per_class * w_t) - tc);
+    return k.g * ((pc * p_t - eps_per_class * w_t) - tc);
+  };
+  auto target_grad = [&](const Coefs& k, acc x_t, acc m, acc ls) -> acc {
+    return target_grad_of(k, std::exp((x_t - m) - ls));
   };
 
   if (row_contiguous(xv.s1, classes) && row_contiguous(ov.s1, classes)) {
@@ -363,9 +366,18 @@ void ce_backward_kernel(const Tensor& grad_loss, const Tensor& x, const Tensor& 
             }
           }
           // The target class, from x_t read in or before the class loop (src may be dst), while
-          // the block's output is still in L1.
-          for (int64_t b = lb; b < std::min(lb + NV * L, rows.n); ++b) {
-            dst[k[b].t * dld + b] = target_grad(k[b], x_t[b], m[b], ls[b]);
+          // the block's output is still in L1. The exps in a loop of their own: a libm call
+          // amid the vector code costs a vzeroupper and the reload of every vector constant.
+          const int64_t end = std::min(lb + NV * L, rows.n);
+          __at_align__ acc p_t[NV * L];
+          for (int64_t b = lb; b < end; ++b) {
+            p_t[b - lb] = (x_t[b] - m[b]) - ls[b];
+          }
+          for (int64_t b = 0; b < end - lb; ++b) {
+            p_t[b] = std::exp(p_t[b]);
+          }
+          for (int64_t b = lb; b < end; ++b) {
+            dst[k[b].t * dld + b] = target_grad_of(k[b], p_t[b - lb]);
           }
         });
       });
