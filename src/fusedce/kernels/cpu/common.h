@@ -404,6 +404,28 @@ inline Tensor long_targets(const Tensor& target) {
 // and guards the kernels' target-indexed loads.
 inline void check_targets(const View2<int64_t>& t, int64_t outer, int64_t inner, int64_t classes,
                           int64_t ignore_index) {
+  // First a branch-free pass that the compiler vectorises (contiguous rows, the usual case):
+  // nothing to report is the common outcome, and the ordered search below only runs when it has.
+  auto any_bad = [&](const int64_t* p, int64_t count) {
+    bool bad = false;
+    for (int64_t k = 0; k < count; ++k) {
+      bad |= (p[k] != ignore_index) & (static_cast<uint64_t>(p[k]) >= static_cast<uint64_t>(classes));
+    }
+    return bad;
+  };
+  if (inner == 1 && t.s0 == 1) {  // (N, C) inputs: the targets are one run
+    if (!any_bad(t.data, outer)) {
+      return;
+    }
+  } else if (t.s1 == 1) {
+    bool bad = false;
+    for (int64_t o = 0; o < outer; ++o) {
+      bad |= any_bad(t.data + o * t.s0, inner);
+    }
+    if (!bad) {
+      return;
+    }
+  }
   for (int64_t o = 0; o < outer; ++o) {
     for (int64_t i = 0; i < inner; ++i) {
       const int64_t v = t(o, i);
@@ -753,7 +775,6 @@ inline void block_stats(const acc* src, int64_t sld, int64_t classes, Vectorized
   for (int64_t c = 0; c < classes; ++c) {
     const acc* run = src + c * sld;
     for (int v = 0; v < NV; ++v) {
-      __builtin_prefetch(run + (v + 2 * NV) * L, 0, 2);  // the next block (the prefetcher stops at pages)
       mx[v] = max_unordered(mx[v], AVec::loadu(run + v * L));
     }
   }
@@ -761,6 +782,10 @@ inline void block_stats(const acc* src, int64_t sld, int64_t classes, Vectorized
   for (int64_t c = 0; c < classes; ++c) {
     const acc* run = src + c * sld;
     for (int v = 0; v < NV; ++v) {
+      // The block after next, spread over the compute-bound exp pass, where the max pass's
+      // loads would issue them in a burst (the hardware prefetcher stops at page boundaries,
+      // and a block spans `classes` pages).
+      __builtin_prefetch(run + (v + 4 * NV) * L);
       const AVec x = AVec::loadu(run + v * L);
       const AVec d = x - mx[v];
       s[v].add_unit(exp_nonpositive(d));

@@ -348,7 +348,7 @@ void ce_backward_kernel(const Tensor& grad_loss, const Tensor& x, const Tensor& 
             const AVec vc(static_cast<acc>(c));
             const AVec wc(kSmooth && wp ? wp[c] : acc(1));
             for (int v = 0; v < NV; ++v) {
-              __builtin_prefetch(run + (v + NV) * L);  // the next block, as block_stats
+              __builtin_prefetch(run + (v + 4 * NV) * L);  // as block_stats
               const AVec x = AVec::loadu(run + v * L);
               if (pick) {
                 xt[v] = select_eq(t[v], vc, x, xt[v]);
