@@ -528,6 +528,28 @@ inline Tensor long_targets(const Tensor& target) {
 // and guards the kernels' target-indexed loads.
 inline void check_targets(const View2<int64_t>& t, int64_t outer, int64_t inner, int64_t classes,
                           int64_t ignore_index) {
+  // First a branch-free pass that the compiler vectorises (contiguous rows, the usual case):
+  // nothing to report is the common outcome, and the ordered search below only runs when it has.
+  auto any_bad = [&](const int64_t* p, int64_t count) {
+    bool bad = false;
+    for (int64_t k = 0; k < count; ++k) {
+      bad |= (p[k] != ignore_index) & (static_cast<uint64_t>(p[k]) >= static_cast<uint64_t>(classes));
+    }
+    return bad;
+  };
+  if (inner == 1 && t.s0 == 1) {  // (N, C) inputs: the targets are one run
+    if (!any_bad(t.data, outer)) {
+      return;
+    }
+  } else if (t.s1 == 1) {
+    bool bad = false;
+    for (int64_t o = 0; o < outer; ++o) {
+      bad |= any_bad(t.data + o * t.s0, inner);
+    }
+    if (!bad) {
+      return;
+    }
+  }
   for (int64_t o = 0; o < outer; ++o) {
     for (int64_t i = 0; i < inner; ++i) {
       const int64_t v = t(o, i);
@@ -585,27 +607,38 @@ inline TilePlan plan_tiles(int64_t total_rows, int64_t classes, int64_t lanes, i
 // The rows of one tile, with each lane's (o, i).
 struct TileRows {
   int64_t r0 = 0, n = 0;
-  bool one_outer = false;  // all rows share o[0], so they are i[0], i[0]+1, ...
-  int64_t o[kMaxTileRows];
-  int64_t i[kMaxTileRows];
+  bool one_outer = false;  // all rows share o(0), so they are i(0), i(0)+1, ...
 
   void set(int64_t first, int64_t count, int64_t inner) {
     r0 = first;
     n = count;
     // One division per tile, then a counter: a division per row was a large share of a
-    // small-C tile's time.
-    int64_t oo = inner > 0 ? first / inner : 0;
-    int64_t ii = first - oo * inner;
+    // small-C tile's time. A tile within one outer index (the usual K-dimensional tile) needs
+    // no table at all: filling one was several percent of seg's forward.
+    o0_ = inner > 0 ? first / inner : 0;
+    i0_ = first - o0_ * inner;
+    one_outer = n > 0 && i0_ + n <= inner;
+    if (one_outer) {
+      return;
+    }
+    int64_t oo = o0_, ii = i0_;
     for (int64_t b = 0; b < n; ++b) {
-      o[b] = oo;
-      i[b] = ii;
+      o_[b] = oo;
+      i_[b] = ii;
       if (++ii == inner) {
         ii = 0;
         ++oo;
       }
     }
-    one_outer = n > 0 && o[n - 1] == o[0];
   }
+
+  int64_t o(int64_t b) const { return one_outer ? o0_ : o_[b]; }
+  int64_t i(int64_t b) const { return one_outer ? i0_ + b : i_[b]; }
+
+ private:
+  int64_t o0_ = 0, i0_ = 0;
+  int64_t o_[kMaxTileRows];
+  int64_t i_[kMaxTileRows];
 };
 
 // Convert a contiguous run into accumulation dtype.
@@ -644,14 +677,14 @@ inline void gather_tile(const View3<const scalar_t>& x, int64_t classes, const T
   using acc = acc_t<scalar_t>;
   if (rows.one_outer && x.s2 == 1) {
     // The K-dimensional contiguous case: each class of the tile is one contiguous run.
-    const scalar_t* base = x.row(rows.o[0], rows.i[0]);
+    const scalar_t* base = x.row(rows.o(0), rows.i(0));
     for (int64_t c = 0; c < classes; ++c) {
       load_run(base + c * x.s1, tile + c * ld, rows.n);
     }
   } else if (x.s1 <= x.s2) {
     // Classes closer together than rows (channels-last): read each row in order.
     for (int64_t b = 0; b < rows.n; ++b) {
-      const scalar_t* p = x.row(rows.o[b], rows.i[b]);
+      const scalar_t* p = x.row(rows.o(b), rows.i(b));
       for (int64_t c = 0; c < classes; ++c) {
         tile[c * ld + b] = static_cast<acc>(p[c * x.s1]);
       }
@@ -659,7 +692,7 @@ inline void gather_tile(const View3<const scalar_t>& x, int64_t classes, const T
   } else {
     for (int64_t c = 0; c < classes; ++c) {
       for (int64_t b = 0; b < rows.n; ++b) {
-        tile[c * ld + b] = static_cast<acc>(x.row(rows.o[b], rows.i[b])[c * x.s1]);
+        tile[c * ld + b] = static_cast<acc>(x.row(rows.o(b), rows.i(b))[c * x.s1]);
       }
     }
   }
@@ -674,13 +707,13 @@ template <typename scalar_t>
 inline void scatter_tile(const acc_t<scalar_t>* tile, int64_t ld, int64_t classes,
                          const TileRows& rows, const View3<scalar_t>& y) {
   if (rows.one_outer && y.s2 == 1) {
-    scalar_t* base = y.row(rows.o[0], rows.i[0]);
+    scalar_t* base = y.row(rows.o(0), rows.i(0));
     for (int64_t c = 0; c < classes; ++c) {
       store_run(tile + c * ld, base + c * y.s1, rows.n);
     }
   } else {
     for (int64_t b = 0; b < rows.n; ++b) {
-      scalar_t* p = y.row(rows.o[b], rows.i[b]);
+      scalar_t* p = y.row(rows.o(b), rows.i(b));
       for (int64_t c = 0; c < classes; ++c) {
         p[c * y.s1] = static_cast<scalar_t>(tile[c * ld + b]);
       }
@@ -696,7 +729,7 @@ template <typename acc, typename scalar_t>
 inline acc* direct_tile(const View3<scalar_t>& x, const TileRows& rows, int64_t ld) {
   if constexpr (std::is_same_v<std::remove_const_t<scalar_t>, acc>) {
     if (rows.one_outer && x.s2 == 1 && rows.n == ld) {
-      return const_cast<acc*>(x.row(rows.o[0], rows.i[0]));
+      return const_cast<acc*>(x.row(rows.o(0), rows.i(0)));
     }
   }
   return nullptr;
@@ -770,6 +803,15 @@ struct KahanSum {
     carry = carry & (carry == carry);
     sum = t;
   }
+
+  // For terms in [0, 1] (exponentials of x - max): the carry stays finite and needs no mask.
+  // A lane that meets a NaN or a non-finite max comes out NaN, which its caller wants anyway.
+  void add_unit(const Vectorized<acc>& v) {
+    const Vectorized<acc> y = v - carry;
+    const Vectorized<acc> t = sum + y;
+    carry = (t - sum) - y;
+    sum = t;
+  }
 };
 
 // Σ_c exp(x_c - m) of a row, kept as 1 + rest: `rest` sums the terms of every class but one
@@ -830,68 +872,155 @@ struct CompensatedDot {
     hi = std::isfinite(t) ? t : hsum(sum);
   }
 };
+// Lane operations for the tile loops, which run once per logit: on AVX-512 float each is one
+// instruction, where the generic Vectorized forms take three or four (a vector mask built from
+// a mask register, then turned back; a NaN-propagating max).
+
+// Where u == w, b; elsewhere a.
+template <typename acc>
+inline Vectorized<acc> select_eq(const Vectorized<acc>& u, const Vectorized<acc>& w,
+                                 const Vectorized<acc>& b, const Vectorized<acc>& a) {
+#if defined(CPU_CAPABILITY_AVX512)
+  if constexpr (std::is_same_v<acc, float>) {
+    return _mm512_mask_blend_ps(_mm512_cmp_ps_mask(u, w, _CMP_EQ_OQ), a, b);
+  }
+#endif
+  return Vectorized<acc>::blendv(a, b, u == w);
+}
+
+// The larger of a running max m and x; where x is NaN the result may be either (block_stats
+// finds such lanes afterwards, from their NaN rest, and takes the NaN-propagating max there).
+template <typename acc>
+inline Vectorized<acc> max_unordered(const Vectorized<acc>& m, const Vectorized<acc>& x) {
+#if defined(CPU_CAPABILITY_AVX512)
+  if constexpr (std::is_same_v<acc, float>) {
+    return _mm512_max_ps(m, x);
+  }
+#elif defined(CPU_CAPABILITY_AVX2)
+  if constexpr (std::is_same_v<acc, float>) {
+    return _mm256_max_ps(m, x);
+  }
+#endif
+  return at::vec::maximum(m, x);
+}
+
+// Lane-wise row stats of a block of NV vectors of lanes (src points at the block's first lane of
+// class 0; class c is at src + c*sld): the max into m, and Σ exp(x - m) - 1, compensated, into
+// rest, as in ExpSumRest: a lane at its max counts a tie instead of adding its term, so that the
+// log-sum is log1p(rest) and a confident row keeps the digits of its small terms.
+// The block is walked class by class twice, the max pass and then the exp pass, with every
+// running value in registers: a block's classes (NV cache lines each) stay in L1 between the two
+// passes, and nothing but the logits is loaded or stored. `per_class(c, v, x)` runs in the exp
+// pass for each class c and vector v of the block, with the loaded x and d = x - m (the loss's
+// target pick, the smoothing sum).
+// Lanes whose max is not finite come out with a meaningless sum: callers add (m - m).
+template <int NV, typename acc, typename F>
+inline void block_stats(const acc* src, int64_t sld, int64_t classes, Vectorized<acc> (&m)[NV],
+                        Vectorized<acc> (&rest)[NV], F&& per_class) {
+  using AVec = Vectorized<acc>;
+  constexpr int64_t L = AVec::size();
+  // Running values in locals, not in the caller's arrays: those may alias the loads, and would
+  // be stored and reloaded every class.
+  AVec mx[NV];
+  for (int v = 0; v < NV; ++v) {
+    mx[v] = AVec(-kInf<acc>);
+  }
+  for (int64_t c = 0; c < classes; ++c) {
+    const acc* run = src + c * sld;
+    for (int v = 0; v < NV; ++v) {
+      mx[v] = max_unordered(mx[v], AVec::loadu(run + v * L));
+    }
+  }
+  KahanSum<acc> s[NV];
+  AVec ties[NV];
+  for (int v = 0; v < NV; ++v) {
+    ties[v] = AVec(0);
+  }
+  const AVec zero(0), one(1);
+  for (int64_t c = 0; c < classes; ++c) {
+    const acc* run = src + c * sld;
+    for (int v = 0; v < NV; ++v) {
+      // The block after next, spread over the compute-bound exp pass, where the max pass's
+      // loads would issue them in a burst (the hardware prefetcher stops at page boundaries,
+      // and a block spans `classes` pages).
+      __builtin_prefetch(run + (v + 4 * NV) * L);
+      const AVec x = AVec::loadu(run + v * L);
+      const AVec d = x - mx[v];
+      const AVec top = d == zero;
+      s[v].add_unit(AVec::blendv(SumExp{}(d), zero, top));  // not exp_u20: see FastExp
+      ties[v] = ties[v] + (one & top);
+      per_class(c, v, x, d);
+    }
+  }
+  // The rest is NaN exactly where the row holds a NaN, a +inf (inf - inf) or nothing but -inf:
+  // there the max is taken again, propagating NaN, as in reference.row_stats.
+  AVec finite(0);
+  for (int v = 0; v < NV; ++v) {
+    m[v] = mx[v];
+    rest[v] = s[v].sum + (ties[v] - one);  // the ties are exact small integers
+    finite = finite + (rest[v] - rest[v]);
+  }
+  if (finite.zero_mask() != (1 << L) - 1) {
+    for (int v = 0; v < NV; ++v) {
+      m[v] = AVec(-kInf<acc>);
+      for (int64_t c = 0; c < classes; ++c) {
+        m[v] = at::vec::maximum(m[v], AVec::loadu(src + c * sld + v * L));
+      }
+    }
+  }
+}
+
+// Vectors per block of the tile loops: enough independent chains to hide the latencies, few
+// enough that a block's running values stay in registers.
+constexpr int kBlockVecs = 4;
+
+// Runs f(lb, integral_constant<NV>) over the lanes [0, n) rounded up to whole vectors, in blocks
+// of kBlockVecs vectors and then single vectors.
+template <typename acc, typename F>
+inline void for_each_block(int64_t n, F&& f) {
+  using AVec = Vectorized<acc>;
+  const int64_t lanes = (n + AVec::size() - 1) / AVec::size() * AVec::size();
+  int64_t lb = 0;
+  for (; lb + kBlockVecs * AVec::size() <= lanes; lb += kBlockVecs * AVec::size()) {
+    f(lb, std::integral_constant<int, kBlockVecs>{});
+  }
+  for (; lb < lanes; lb += AVec::size()) {
+    f(lb, std::integral_constant<int, 1>{});
+  }
+}
+
+// The stats of a block, stored: the max into max_out, log Σ exp(x - max) = log1p(rest) into
+// logsum, and, when inv_sum is given, 1 / Σ exp(x - max). max - max is 0 for a finite max and NaN otherwise, so a
+// row that is all -inf, or holds +inf or NaN, gets a NaN log-sum (and 1/Σ), as in
+// reference.row_stats. The log a vector at a time: a scalar log per row was most of a small-C
+// tile's time.
+template <int NV, typename acc>
+inline void store_block_stats(const Vectorized<acc> (&m)[NV], const Vectorized<acc> (&rest)[NV],
+                              acc* max_out, acc* logsum, acc* inv_sum) {
+  constexpr int64_t L = Vectorized<acc>::size();
+  for (int v = 0; v < NV; ++v) {
+    m[v].store(max_out + v * L);
+    (rest[v].log1p() + (m[v] - m[v])).store(logsum + v * L);
+    if (inv_sum != nullptr) {
+      ((rest[v] + Vectorized<acc>(1)).reciprocal() + (m[v] - m[v])).store(inv_sum + v * L);
+    }
+  }
+}
 
 // Lane-wise row stats of a tile: the max into `max_out`, and log Σ exp(x - max) into `logsum`.
 // The two are kept apart (see reference.row_stats): a rounded max + log Σ loses digits when the
 // logits share a large offset. `inv_sum`, when given, receives 1 / Σ exp(x - max) (NaN where
-// the log-sum is), for softmax.
-//
-// The loops run class by class, each over the tile's whole run of lanes: a class is one
-// contiguous run of memory in the K-dimensional case, which the hardware prefetcher streams,
-// where a lane-block-major order would touch `classes` distant cache lines per vector. The
-// running max, sum and Kahan carry live in small lane arrays (L1) between classes.
+// the log-sum is), for softmax. Block by block (block_stats).
 template <typename acc>
 inline void tile_stats(const acc* tile, int64_t ld, int64_t classes, int64_t n, acc* max_out,
                        acc* logsum, acc* inv_sum = nullptr) {
-  using AVec = Vectorized<acc>;
-  const int64_t lanes = (n + AVec::size() - 1) / AVec::size() * AVec::size();  // within ld
-  __at_align__ acc carry[kMaxTileRows + AVec::size()];
-  __at_align__ acc ties[kMaxTileRows + AVec::size()];  // lanes at the max: see ExpSumRest
-  for (int64_t lb = 0; lb < lanes; lb += AVec::size()) {
-    AVec(-kInf<acc>).store(max_out + lb);
-    AVec(0).store(logsum + lb);  // the running rest (ExpSumRest) until the last loop
-    AVec(0).store(carry + lb);
-    AVec(0).store(ties + lb);
-  }
-  // The max pass reads the tile from memory. Each class's run is short (a page or so), and the
-  // hardware prefetcher stops at page boundaries, so the next class's run is prefetched while
-  // this one is read (the later passes hit the cache).
-  for (int64_t c = 0; c < classes; ++c) {
-    const acc* run = tile + c * ld;
-    const acc* next = c + 1 < classes ? run + ld : nullptr;
-    for (int64_t lb = 0; lb < lanes; lb += AVec::size()) {
-      if (next != nullptr) {
-        __builtin_prefetch(next + lb);
-      }
-      at::vec::maximum(AVec::loadu(max_out + lb), AVec::loadu(run + lb)).store(max_out + lb);
-    }
-  }
-  // Lanes whose max is not finite come out NaN below. Sleef's exp, not exp_u20: see FastExp.
-  // The sum is 1 + rest, as in ExpSumRest: a lane at its max adds 1 to `ties`, not to the sum.
-  const AVec zero(0), one(1);
-  for (int64_t c = 0; c < classes; ++c) {
-    const acc* run = tile + c * ld;
-    for (int64_t lb = 0; lb < lanes; lb += AVec::size()) {
-      const AVec d = AVec::loadu(run + lb) - AVec::loadu(max_out + lb);
-      const AVec top = d == zero;
-      KahanSum<acc> sum{AVec::loadu(logsum + lb), AVec::loadu(carry + lb)};
-      sum.add(AVec::blendv(d.exp(), zero, top));
-      sum.sum.store(logsum + lb);
-      sum.carry.store(carry + lb);
-      (AVec::loadu(ties + lb) + (one & top)).store(ties + lb);
-    }
-  }
-  // log Σ = log1p(rest), a vector at a time (a scalar log per row was most of a small-C tile's
-  // time). max - max is 0 for a finite max and NaN otherwise, so a row that is all -inf, or
-  // holds +inf or NaN, gets a NaN log-sum, as in reference.row_stats.
-  for (int64_t lb = 0; lb < lanes; lb += AVec::size()) {
-    const AVec m = AVec::loadu(max_out + lb);
-    const AVec rest = AVec::loadu(logsum + lb) + (AVec::loadu(ties + lb) - one);
-    (rest.log1p() + (m - m)).store(logsum + lb);
-    if (inv_sum != nullptr) {
-      ((rest + one).reciprocal() + (m - m)).store(inv_sum + lb);
-    }
-  }
+  for_each_block<acc>(n, [&](int64_t lb, auto kNV) {
+    constexpr int NV = decltype(kNV)::value;
+    Vectorized<acc> m[NV], rest[NV];
+    block_stats<NV>(tile + lb, ld, classes, m, rest,
+                    [](int64_t, int, const Vectorized<acc>&, const Vectorized<acc>&) {});
+    store_block_stats<NV>(m, rest, max_out + lb, logsum + lb, inv_sum ? inv_sum + lb : nullptr);
+  });
 }
 
 // True when every lane's value is finite: the tile may use FastExp.

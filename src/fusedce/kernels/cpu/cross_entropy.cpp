@@ -104,88 +104,99 @@ void ce_forward_kernel(const Tensor& x, const Tensor& target, const std::optiona
     return;
   }
 
-  // A tile's losses, vectorised across its rows: x_t (and w_t, and Σ w_c(x_c - m) when
-  // smoothing) are picked class by class, in tile_stats's streaming order, by comparing each
-  // lane's target with the class (a scalar gather per row was most of a small-C tile's time).
-  // Targets are held as accumulation values, -1 for an ignored row, which matches no class; the
-  // caller keeps C within the values the accumulation dtype counts exactly.
-  auto tile_losses = [&](const acc* src, int64_t sld, int64_t classes, const TileRows& rows,
-                         const acc* m, const acc* ls, acc* shifted) {
-    const int64_t lanes = (rows.n + AVec::size() - 1) / AVec::size() * AVec::size();
-    __at_align__ acc tf[kMaxTileRows + AVec::size()], xt[kMaxTileRows + AVec::size()];
-    __at_align__ acc wt[kMaxTileRows + AVec::size()], carry[kMaxTileRows + AVec::size()];
-    for (int64_t b = 0; b < lanes; ++b) {
-      const int64_t t = b < rows.n ? tv(rows.o[b], rows.i[b]) : ignore_index;
-      tf[b] = t == ignore_index ? acc(-1) : static_cast<acc>(t);
-      xt[b] = shifted[b] = carry[b] = 0;
-      wt[b] = wp ? acc(0) : acc(1);
+  // A block of a tile's losses, vectorised across its rows, in block_stats's exp pass: x_t (and
+  // w_t, and Σ w_c(x_c - m) when smoothing) are picked class by class by comparing each lane's
+  // target with the class (a scalar gather per row was most of a small-C tile's time). Targets
+  // are held as accumulation values, -1 for an ignored row, which matches no class; the caller
+  // keeps C within the values the accumulation dtype counts exactly.
+  auto block_losses = [&](auto kSmooth, auto kWeight, auto kNV, const acc* src, int64_t sld,
+                          const acc* tf, int64_t r0, int64_t n) {
+    constexpr int NV = decltype(kNV)::value;
+    constexpr int64_t L = AVec::size();
+    AVec t[NV], xt[NV], wt[NV], m[NV], rest[NV];
+    KahanSum<acc> shifted[NV];
+    for (int v = 0; v < NV; ++v) {
+      t[v] = AVec::loadu(tf + v * L);
+      xt[v] = AVec(0);
+      wt[v] = AVec(kWeight ? acc(0) : acc(1));
     }
-    for (int64_t c = 0; c < classes; ++c) {
-      const acc* run = src + c * sld;
-      const AVec vc(static_cast<acc>(c)), wc(wp ? wp[c] : acc(1));
-      for (int64_t lb = 0; lb < lanes; lb += AVec::size()) {
-        const AVec x = AVec::loadu(run + lb);
-        const AVec hit = AVec::loadu(tf + lb) == vc;
-        AVec::blendv(AVec::loadu(xt + lb), x, hit).store(xt + lb);
-        if (wp) {
-          AVec::blendv(AVec::loadu(wt + lb), wc, hit).store(wt + lb);
-        }
-        if (smooth) {  // compensated, as tile_stats's sum
-          KahanSum<acc> sum{AVec::loadu(shifted + lb), AVec::loadu(carry + lb)};
-          sum.add(wc * (x - AVec::loadu(m + lb)));
-          sum.sum.store(shifted + lb);
-          sum.carry.store(carry + lb);
-        }
+    block_stats<NV>(src, sld, classes, m, rest, [&](int64_t c, int v, const AVec& x, const AVec& d) {
+      const AVec vc(static_cast<acc>(c));
+      xt[v] = select_eq(t[v], vc, x, xt[v]);
+      if constexpr (kWeight) {
+        wt[v] = select_eq(t[v], vc, AVec(wp[c]), wt[v]);
       }
-    }
-    const AVec one_minus_eps(1 - eps), vepc(eps_per_class), vtotal(total_w), zero(0);
-    for (int64_t lb = 0; lb < rows.n; lb += AVec::size()) {
-      const AVec vm = AVec::loadu(m + lb), vl = AVec::loadu(ls + lb);
-      AVec l = AVec::loadu(wt + lb) * ((vm - AVec::loadu(xt + lb)) + vl);
-      if (smooth) {
-        l = one_minus_eps * l + vepc * (vtotal * vl - AVec::loadu(shifted + lb));
+      if constexpr (kSmooth) {  // compensated, as the exp sum
+        shifted[v].add(kWeight ? AVec(wp[c]) * d : d);
+      }
+    });
+    __at_align__ acc ms[NV * L], lss[NV * L];
+    const AVec one_minus_eps(1 - eps), vepc(eps_per_class), vtotal(total_w), zero(0), none(-1);
+    for (int v = 0; v < NV; ++v) {
+      const AVec vl = rest[v].log1p() + (m[v] - m[v]);  // NaN where the max is not finite
+      AVec l = wt[v] * ((m[v] - xt[v]) + vl);
+      if constexpr (kSmooth) {
+        l = one_minus_eps * l + vepc * (vtotal * vl - shifted[v].sum);
       }
       // torch masks the loss of an ignored row, even a NaN one.
-      l = AVec::blendv(l, zero, AVec::loadu(tf + lb) == AVec(-1));
-      l.store(loss_p + rows.r0 + lb, std::min<int64_t>(AVec::size(), rows.n - lb));
+      l = select_eq(t[v], none, zero, l);
+      const int64_t real = std::min<int64_t>(L, n - v * L);  // >= 1: lanes are whole vectors
+      if (real == L) {
+        l.store(loss_p + r0 + v * L);
+      } else {
+        l.store(loss_p + r0 + v * L, real);
+      }
+      m[v].store(ms + v * L);
+      vl.store(lss + v * L);
     }
-    for (int64_t b = 0; b < rows.n; ++b) {
-      store_stats(stats_p, rows.r0 + b, m[b], ls[b]);
+    for (int64_t b = 0; b < std::min<int64_t>(NV * L, n); ++b) {
+      store_stats(stats_p, r0 + b, ms[b], lss[b]);
     }
   };
 
-  for_each_tile<acc>(outer, inner, classes, 1, [&](const TileRows& rows, acc* tile, int64_t ld) {
-    // Read float32/float64 tiles in place (sld = class stride); gather the others.
-    const acc* src = direct_tile<acc>(xv, rows, ld);
-    int64_t sld = xv.s1;
-    if (src == nullptr) {
-      gather_tile(xv, classes, rows, tile, ld);
-      src = tile;
-      sld = ld;
-    }
-    __at_align__ acc m[kMaxTileRows], ls[kMaxTileRows], shifted[kMaxTileRows];
-    tile_stats(src, sld, classes, rows.n, m, ls);
-    if (classes <= kExactIndices<acc>) {
-      tile_losses(src, sld, classes, rows, m, ls, shifted);
-      return;
-    }
-    // More classes than the accumulation dtype counts exactly: a scalar gather per row.
-    if (smooth) {
-      for (int64_t lb = 0; lb < rows.n; lb += AVec::size()) {
-        const AVec vm = AVec::loadu(m + lb);
-        KahanSum<acc> wsum;
-        for (int64_t c = 0; c < classes; ++c) {
-          wsum.add(AVec(wp ? wp[c] : acc(1)) * (AVec::loadu(src + c * sld + lb) - vm));
+  dispatch_bool(smooth, [&](auto kSmooth) {
+    dispatch_bool(wp != nullptr, [&](auto kWeight) {
+      for_each_tile<acc>(outer, inner, classes, 1, [&](const TileRows& rows, acc* tile, int64_t ld) {
+        // Read float32/float64 tiles in place (sld = class stride); gather the others.
+        const acc* src = direct_tile<acc>(xv, rows, ld);
+        int64_t sld = xv.s1;
+        if (src == nullptr) {
+          gather_tile(xv, classes, rows, tile, ld);
+          src = tile;
+          sld = ld;
         }
-        wsum.sum.store(shifted + lb);
-      }
-    }
-    for (int64_t b = 0; b < rows.n; ++b) {
-      const int64_t t = tv(rows.o[b], rows.i[b]);
-      const acc x_t = t == ignore_index ? acc(0) : src[t * sld + b];
-      store_stats(stats_p, rows.r0 + b, m[b], ls[b]);
-      loss_p[rows.r0 + b] = row_loss(t, m[b], ls[b], x_t, smooth ? shifted[b] : acc(0));
-    }
+        if (classes <= kExactIndices<acc>) {
+          __at_align__ acc tf[kMaxTileRows + AVec::size()];
+          for (int64_t b = 0; b < ld; ++b) {
+            const int64_t t = b < rows.n ? tv(rows.o(b), rows.i(b)) : ignore_index;
+            tf[b] = t == ignore_index ? acc(-1) : static_cast<acc>(t);
+          }
+          for_each_block<acc>(rows.n, [&](int64_t lb, auto kNV) {
+            block_losses(kSmooth, kWeight, kNV, src + lb, sld, tf + lb, rows.r0 + lb, rows.n - lb);
+          });
+          return;
+        }
+        // More classes than the accumulation dtype counts exactly: a scalar gather per row.
+        __at_align__ acc m[kMaxTileRows], ls[kMaxTileRows], shifted[kMaxTileRows];
+        tile_stats(src, sld, classes, rows.n, m, ls);
+        if (smooth) {
+          for (int64_t lb = 0; lb < rows.n; lb += AVec::size()) {
+            const AVec vm = AVec::loadu(m + lb);
+            KahanSum<acc> wsum;
+            for (int64_t c = 0; c < classes; ++c) {
+              wsum.add(AVec(wp ? wp[c] : acc(1)) * (AVec::loadu(src + c * sld + lb) - vm));
+            }
+            wsum.sum.store(shifted + lb);
+          }
+        }
+        for (int64_t b = 0; b < rows.n; ++b) {
+          const int64_t t = tv(rows.o(b), rows.i(b));
+          const acc x_t = t == ignore_index ? acc(0) : src[t * sld + b];
+          store_stats(stats_p, rows.r0 + b, m[b], ls[b]);
+          loss_p[rows.r0 + b] = row_loss(t, m[b], ls[b], x_t, smooth ? shifted[b] : acc(0));
+        }
+      });
+    });
   });
 }
 
@@ -217,23 +228,27 @@ void ce_backward_kernel(const Tensor& grad_loss, const Tensor& x, const Tensor& 
     int64_t t;  // the target, or 0 for an ignored row (reference's `safe`)
     acc g, coef, sw, tg;
   };
-  auto coefs = [&](int64_t o, int64_t i) -> Coefs {
-    const int64_t t = tv(o, i);
+  // From a row's target t and upstream gradient g_row.
+  auto coefs_of = [&](int64_t t, acc g_row) -> Coefs {
     const bool valid = t != ignore_index;
     const int64_t safe = valid ? t : 0;
-    const acc g = valid ? gv(o, i) : acc(0);
+    const acc g = valid ? g_row : acc(0);
     const acc target_coef = (1 - eps) * (wp ? wp[safe] : acc(1));
     return {safe, g, (target_coef + eps_per_class * total_w) * g, eps_per_class * g,
             target_coef * g};
   };
+  auto coefs = [&](int64_t o, int64_t i) -> Coefs { return coefs_of(tv(o, i), gv(o, i)); };
   // The target class's gradient, with the precise exp and g multiplied last, as in reference:
   // g·((pc·p_t - (ε/C)·w_t) - tc). p_t ≈ 1 in a confident row (exactly 1 when C = 1), where the
   // fast exp's error, or g pre-multiplied into each term, would survive the cancellation.
-  auto target_grad = [&](const Coefs& k, acc x_t, acc m, acc ls) -> acc {
+  auto target_grad_of = [&](const Coefs& k, acc p_t) -> acc {
     const acc w_t = wp ? wp[k.t] : acc(1);
     const acc tc = (1 - eps) * w_t;
     const acc pc = tc + eps_per_class * total_w;
-    return k.g * ((pc * std::exp((x_t - m) - ls) - eps_per_class * w_t) - tc);
+    return k.g * ((pc * p_t - eps_per_class * w_t) - tc);
+  };
+  auto target_grad = [&](const Coefs& k, acc x_t, acc m, acc ls) -> acc {
+    return target_grad_of(k, std::exp((x_t - m) - ls));
   };
 
   if (row_contiguous(xv.s1, classes) && row_contiguous(ov.s1, classes)) {
@@ -278,46 +293,102 @@ void ce_backward_kernel(const Tensor& grad_loss, const Tensor& x, const Tensor& 
     acc* dst = io.dst;
     const int64_t sld = io.sld, dld = io.dld;
     __at_align__ acc m[kMaxTileRows], ls[kMaxTileRows], coef[kMaxTileRows], sw[kMaxTileRows];
-    acc x_t[kMaxTileRows];
+    __at_align__ acc tf[kMaxTileRows], x_t[kMaxTileRows];
     Coefs k[kMaxTileRows];
+    // Per-row values. Within one outer index, each per-row tensor is a pointer and a stride:
+    // no (o, i) pair per row, whose index products were a large share of the per-row work.
+    dispatch_bool(rows.one_outer, [&](auto kOne) {
+      const int64_t o0 = rows.o(0), i0 = rows.i(0);
+      auto at = [&](const auto& v, int64_t b) {
+        if constexpr (kOne) {
+          return v.data[o0 * v.s0 + (i0 + b) * v.s1];
+        } else {
+          return v(rows.o(b), rows.i(b));
+        }
+      };
+      for (int64_t b = 0; b < rows.n; ++b) {
+        k[b] = coefs_of(at(tv, b), at(gv, b));
+        m[b] = at(mv, b);
+        ls[b] = at(lv, b);
+      }
+    });
     for (int64_t b = 0; b < ld; ++b) {
-      if (b < rows.n) {
-        k[b] = coefs(rows.o[b], rows.i[b]);
-        m[b] = mv(rows.o[b], rows.i[b]);
-        ls[b] = lv(rows.o[b], rows.i[b]);
-      } else {
+      if (b >= rows.n) {
         k[b] = {0, 0, 0, 0, 0};
         m[b] = ls[b] = 0;
       }
       coef[b] = k[b].coef;
       sw[b] = k[b].sw;
-      x_t[b] = b < rows.n ? src[k[b].t * sld + b] : acc(0);
+      tf[b] = static_cast<acc>(k[b].t);
+      x_t[b] = 0;
     }
-    // Class by class, each over the tile's run of lanes: streams x and out (see tile_stats).
-    // p_c = exp((x_c - m) - ls), as in the row path.
-    dispatch_exp(all_finite(ls, rows.n), [&](auto exp_fn) {
-      for (int64_t c = 0; c < classes; ++c) {
-        const acc* run = src + c * sld;
-        acc* out_run = dst + c * dld;
-        const AVec wc(smooth && wp ? wp[c] : acc(1));
-        const acc* next = c + 1 < classes ? run + sld : nullptr;  // as tile_stats's max pass
-        for (int64_t lb = 0; lb < rows.n; lb += AVec::size()) {
-          if (next != nullptr) {
-            __builtin_prefetch(next + lb);
-          }
-          const AVec shifted = (AVec::loadu(run + lb) - AVec::loadu(m + lb)) - AVec::loadu(ls + lb);
-          AVec grad = AVec::loadu(coef + lb) * exp_fn(shifted);
-          if (smooth) {
-            grad = grad - AVec::loadu(sw + lb) * wc;
-          }
-          grad.store(out_run + lb);
-        }
+    // x_t is picked in the class loop below, by comparing each lane's target with the class, as
+    // the forward's block_losses does: a load per row at its target class reads a random one of
+    // `classes` distant runs before the loop has streamed them in, a cache miss per row that was
+    // half of the backward's time. Past the classes the accumulation dtype counts exactly, the
+    // per-row load it is.
+    const bool pick = classes <= kExactIndices<acc>;
+    if (!pick) {
+      for (int64_t b = 0; b < rows.n; ++b) {
+        x_t[b] = src[k[b].t * sld + b];
       }
-    });
-    for (int64_t b = 0; b < rows.n; ++b) {
-      // The target class, from x_t read before the class loop (src may be dst).
-      dst[k[b].t * dld + b] = target_grad(k[b], x_t[b], m[b], ls[b]);
     }
+    // Block by block (see block_stats), class by class within a block, every per-row value in
+    // registers. p_c = exp((x_c - m) - ls), as in the row path.
+    dispatch_bool(smooth, [&](auto kSmooth) {
+      dispatch_exp(all_finite(ls, rows.n), [&](auto exp_fn) {
+        for_each_block<acc>(rows.n, [&](int64_t lb, auto kNV) {
+          constexpr int NV = decltype(kNV)::value;
+          constexpr int64_t L = AVec::size();
+          AVec vm[NV], vl[NV], vcoef[NV], vsw[NV], t[NV], xt[NV];
+          for (int v = 0; v < NV; ++v) {
+            vm[v] = AVec::loadu(m + lb + v * L);
+            vl[v] = AVec::loadu(ls + lb + v * L);
+            vcoef[v] = AVec::loadu(coef + lb + v * L);
+            vsw[v] = AVec::loadu(sw + lb + v * L);
+            t[v] = AVec::loadu(tf + lb + v * L);
+            xt[v] = AVec(0);
+          }
+          for (int64_t c = 0; c < classes; ++c) {
+            const acc* run = src + c * sld + lb;
+            acc* out_run = dst + c * dld + lb;
+            const AVec vc(static_cast<acc>(c));
+            const AVec wc(kSmooth && wp ? wp[c] : acc(1));
+            for (int v = 0; v < NV; ++v) {
+              __builtin_prefetch(run + (v + 4 * NV) * L);  // as block_stats
+              const AVec x = AVec::loadu(run + v * L);
+              if (pick) {
+                xt[v] = select_eq(t[v], vc, x, xt[v]);
+              }
+              AVec grad = vcoef[v] * exp_fn((x - vm[v]) - vl[v]);
+              if constexpr (kSmooth) {
+                grad = grad - vsw[v] * wc;
+              }
+              grad.store(out_run + v * L);
+            }
+          }
+          if (pick) {
+            for (int v = 0; v < NV; ++v) {
+              xt[v].store(x_t + lb + v * L);
+            }
+          }
+          // The target class, from x_t read in or before the class loop (src may be dst), while
+          // the block's output is still in L1. The exps in a loop of their own: a libm call
+          // amid the vector code costs a vzeroupper and the reload of every vector constant.
+          const int64_t end = std::min(lb + NV * L, rows.n);
+          __at_align__ acc p_t[NV * L];
+          for (int64_t b = lb; b < end; ++b) {
+            p_t[b - lb] = (x_t[b] - m[b]) - ls[b];
+          }
+          for (int64_t b = 0; b < end - lb; ++b) {
+            p_t[b] = std::exp(p_t[b]);
+          }
+          for (int64_t b = lb; b < end; ++b) {
+            dst[k[b].t * dld + b] = target_grad_of(k[b], p_t[b - lb]);
+          }
+        });
+      });
+    });
     io.finish();
   });
 }
@@ -469,9 +540,9 @@ void ce_prob_backward_kernel(const Tensor& grad_loss, const Tensor& x, const Ten
     gather_tile(tv, classes, rows, ttile, ld);
     __at_align__ acc m[kMaxTileRows], ls[kMaxTileRows], g[kMaxTileRows];
     for (int64_t b = 0; b < ld; ++b) {
-      m[b] = b < rows.n ? mv(rows.o[b], rows.i[b]) : acc(0);
-      ls[b] = b < rows.n ? lv(rows.o[b], rows.i[b]) : acc(0);
-      g[b] = b < rows.n ? gv(rows.o[b], rows.i[b]) : acc(0);
+      m[b] = b < rows.n ? mv(rows.o(b), rows.i(b)) : acc(0);
+      ls[b] = b < rows.n ? lv(rows.o(b), rows.i(b)) : acc(0);
+      g[b] = b < rows.n ? gv(rows.o(b), rows.i(b)) : acc(0);
     }
     dispatch_exp(all_finite(ls, rows.n), [&](auto exp_fn) {
       for (int64_t lb = 0; lb < rows.n; lb += AVec::size()) {
