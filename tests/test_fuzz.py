@@ -102,6 +102,9 @@ FOUND = [
     # an out-of-range uint8 target under a weighted, smoothed 'mean': torch's IndexError comes first
     Spec("cross_entropy", (0,), torch.float32, 0, nan=True, target_dtype=torch.uint8, weight="positive",
          label_smoothing=1.0),
+    # ... and with that target ignored, torch's gather sees no index and the 'mean' is NaN
+    Spec("cross_entropy", (0,), torch.float32, 0, nan=True, target_dtype=torch.uint8, ignore_index=0,
+         weight="positive", label_smoothing=1.0),
     # a loss of 4e-18 (logits 40 apart) that the float64 truth rounds to 0; torch's float16 NaN
     # (inf - inf) where the truth and fusedce are +inf
     Spec("cross_entropy", (10,), torch.float32, 1, magnitude=1000.0),

@@ -138,14 +138,15 @@ def check_smoothing_quirks(input: Tensor, target: Tensor, weight: Tensor | None,
 
     * it views the weight as ``(1, C, 1, ...)`` by its first dim, so a ``(1, C)`` weight that
       the spatial checks accepted fails the view;
-    * its 'mean' with a weight gathers the weight by the target, which gather refuses for a
-      non-empty uint8 target.
+    * its 'mean' with a weight gathers the weight by the targets its smoothing term keeps (those
+      unequal to ``ignore_index`` compared in uint8, where -100 is 156), which gather refuses
+      for a uint8 target when any is kept; with none kept it returns NaN (0 / 0).
     """
     if weight is not None and weight.dim() != 1:
         shape = [1] * input.dim()
         shape[0 if input.dim() == 1 else 1] = weight.shape[0]
         raise RuntimeError(f"shape '{list(shape)}' is invalid for input of size {weight.numel()}")
-    if weight is not None and reduction == "mean" and target.dtype == torch.uint8 and target.numel() > 0:
+    if weight is not None and reduction == "mean" and target.dtype == torch.uint8 and _keeps_any(target, ignore_index):
         if ignore_index is not None and not input.is_cuda:
             # torch's NLL term runs before the gather: an out-of-range target raises its
             # IndexError first (on CPU; CUDA reports it in the kernel, after the gather).
@@ -155,6 +156,14 @@ def check_smoothing_quirks(input: Tensor, target: Tensor, weight: Tensor | None,
             if bad.numel():
                 raise IndexError(f"Target {int(bad[0])} is out of bounds.")
         raise RuntimeError("gather(): Expected dtype int32/int64 for index")
+
+
+def _keeps_any(target: Tensor, ignore_index: int | None) -> bool:
+    """Whether torch's smoothing term keeps any target: one unequal to ``ignore_index`` in the
+    target's own dtype (``!=`` with a Python int wraps it, as torch's mask does)."""
+    if ignore_index is None:
+        return target.numel() > 0
+    return bool((target != ignore_index).any())
 
 
 def _format_double(value: float) -> str:
