@@ -48,10 +48,12 @@ void ce_extras_forward_kernel(const Tensor& x, const Tensor& target,
       const int64_t o = r / inner, i = r - o * inner;
       const scalar_t* row = xv.row(o, i);
       acc m = -kInf<acc>;
+      int64_t top = 0;  // a class at the max
       for (int64_t c = 0; c < classes; ++c) {
         const acc v = capped(static_cast<acc>(row[c * xv.s1]));
         if (v > m || std::isnan(v)) {
           m = v;
+          top = c;
         }
         if (std::isnan(m)) {
           break;
@@ -59,15 +61,14 @@ void ce_extras_forward_kernel(const Tensor& x, const Tensor& target,
       }
       acc ls = kNaN<acc>, shifted = 0;  // shifted: Σ w_c·(x'_c - m), for the smoothing term
       if (std::isfinite(m)) {  // otherwise the row's log-sum is NaN, and so is its loss
-        // Σ exp(d) = 1 + rest, with one class at the max left out of rest: log1p keeps a small
-        // rest's digits (see ExpSumRest in common.h).
+        // Σ exp(d) = 1 + rest, with the class `top` left out of rest: log1p keeps a small rest's
+        // digits (see ExpSumRest in common.h). The max's class is known by index, not found
+        // again by d == 0: the compiler may contract capped(x) - m into one FMA, whose d at the
+        // max is the product's rounding error rather than 0.
         acc rest = 0;
-        bool top_seen = false;
         for (int64_t c = 0; c < classes; ++c) {
-          const acc d = capped(static_cast<acc>(row[c * xv.s1])) - m;
-          if (d == 0 && !top_seen) {
-            top_seen = true;
-          } else {
+          const acc d = c == top ? acc(0) : capped(static_cast<acc>(row[c * xv.s1])) - m;
+          if (c != top) {
             rest += std::exp(d);
           }
           if (smooth) {

@@ -250,8 +250,12 @@ def online_lse_step(m, s, xf, cmask):
     m_new = tl.maximum(m, tl.max(xm, axis=1))
     shift = tl.where(m_new == float("-inf"), 0.0, m_new)
     d = xm - shift[:, None]
-    top = cmask & (d == 0.0)
-    p = tl.where(cmask & (d != 0.0), tl.exp(d), 0.0)
+    # Ties by comparing values, not by d == 0: where xf is a product (the soft cap's cap·tanh),
+    # the compiler may contract it with this subtraction into an FMA, whose d at the max is the
+    # product's rounding error. A row still at -inf has shift 0, which no -inf lane equals; a
+    # +inf is no tie, so that its exp(inf - inf) makes the row NaN, as in the reference.
+    top = cmask & (xm == shift[:, None]) & (shift[:, None] != float("inf"))
+    p = tl.where(cmask & ~top, tl.exp(d), 0.0)
     ties = tl.sum(tl.where(top, 1.0, 0.0), axis=1).to(s.dtype)
     grew = m_new > m
     carried = tl.where(grew, (1.0 + s) * tl.exp(m - shift) + (ties - 1.0), s + ties)
