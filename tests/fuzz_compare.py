@@ -156,6 +156,9 @@ def compare_tensor(what: str, ours: Tensor, theirs: Tensor, truth: Tensor | None
     # Or ours is the truth's own infinity (the truth rounds to it in the dtype).
     representable = t.isfinite() & (t.abs() <= torch.finfo(precision).max)
     torch_overflowed = ~b.isfinite() & ((representable & a.isfinite()) | (a == t.to(precision).double()))
+    # Or torch is finite where the truth is beyond the dtype's range and ours is its infinity.
+    ours_rounds_to_inf = a.isinf() & b.isfinite() & (a == t.to(precision).double())
+    torch_overflowed = torch_overflowed | ours_rounds_to_inf
     nan_mismatch = (a.isnan() != b.isnan()) & ~torch_overflowed
     if nan_mismatch.any():
         idx, value = _at(a, nan_mismatch)
@@ -167,7 +170,7 @@ def compare_tensor(what: str, ours: Tensor, theirs: Tensor, truth: Tensor | None
     # Where the truth itself is not finite but torch is, torch is the reference.
     reference = torch.where(t.isfinite(), t, b)
     # Only finite results are judged against the truth there (an infinity of ours passed above).
-    judged = (b.isfinite() | (torch_overflowed & a.isfinite())) & reference.isfinite()
+    judged = ((b.isfinite() & ~ours_rounds_to_inf) | (torch_overflowed & a.isfinite())) & reference.isfinite()
     if not judged.any():
         return None
     err_torch = (b - reference).abs().where(b.isfinite() & t.isfinite(), 0)

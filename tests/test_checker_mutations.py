@@ -275,3 +275,16 @@ def test_linear_half_gradients_scaled_by_098_are_flagged(which):
     ours = testing.check({"linear_cross_entropy": fusedce.linear_cross_entropy}, cases, label="fusedce")
     assert not ours.failures, ours.details()
     assert len(flagged.failures) >= len(cases) - 1, f"{len(flagged.failures)} of {len(cases)} flagged"
+
+
+def test_an_infinity_passes_only_where_the_truth_rounds_to_it():
+    """Where torch is finite, ours may be inf only when the float64 truth is beyond the dtype's
+    range (it rounds to inf); an inf where the truth is representable is a failure."""
+    from fusedce.testing.compare import _compare_tensor
+
+    torch_result = torch.tensor([65504.0, 1.0], dtype=torch.float16)
+    ours = torch.tensor([float("inf"), 1.0], dtype=torch.float16)
+    beyond = torch.tensor([65530.5, 1.0], dtype=torch.float64)
+    within = torch.tensor([65500.0, 1.0], dtype=torch.float64)
+    assert _compare_tensor("grad", ours, torch_result, beyond, torch.float16) is None
+    assert "infinity" in (_compare_tensor("grad", ours, torch_result, within, torch.float16) or "")

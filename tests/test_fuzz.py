@@ -110,6 +110,10 @@ FOUND = [
     Spec("cross_entropy", (10,), torch.float32, 1, magnitude=1000.0),
     Spec("nll_loss", (3, 1, 3), torch.float16, 0, offset=30000.0, neg_inf="scattered", nan=True),
     Spec("cross_entropy", (41,), torch.float16, 0, magnitude=1e4, target="prob", target_dtype=torch.float16),
+    # a float16 target gradient whose truth (65530.5) rounds to inf: ours inf, torch's float16
+    # log-probability times the upstream 65504
+    Spec("cross_entropy", (2, 3001), torch.float16, 0, magnitude=1e4, nan=True, target="prob",
+         target_dtype=torch.float16, reduction="sum"),
     # a loss of 3e-39 next to an ignored NaN row; torch's float64 log-sum over 16821 classes
     Spec("cross_entropy", (2, 2), torch.float32, 2, magnitude=100.0, nan=True),
     Spec("cross_entropy", (3, 7045), torch.float64, 3, nan=True, target="confident", target_dtype=torch.float64),
