@@ -114,6 +114,10 @@ FOUND = [
     # log-probability times the upstream 65504
     Spec("cross_entropy", (2, 3001), torch.float16, 0, magnitude=1e4, nan=True, target="prob",
          target_dtype=torch.float16, reduction="sum"),
+    # the uint8 smoothing path (ignore_index -100 wraps to 156) on a row whose target is at -inf:
+    # torch's loss is inf (an ε = 1 kernel pass gave 0·inf = NaN)
+    Spec("cross_entropy", (3, 3), torch.float32, 0, neg_inf="scattered", nan=True, target_dtype=torch.uint8,
+         reduction="none", label_smoothing=0.5),
     # a loss of 3e-39 next to an ignored NaN row; torch's float64 log-sum over 16821 classes
     Spec("cross_entropy", (2, 2), torch.float32, 2, magnitude=100.0, nan=True),
     Spec("cross_entropy", (3, 7045), torch.float64, 3, nan=True, target="confident", target_dtype=torch.float64),

@@ -382,9 +382,15 @@ def _uint8_smoothing_quirk(
     """torch's ``(1-ε)·NLL + (ε/C)·smooth`` with the smoothing term masked where the uint8 target
     equals ``ignore_index % 256`` (``_smoothing_mask_wraps``): each term from its own kernel pass
     (ε = 0 gives the NLL, ε = 1 the smoothing term over C), and under 'mean' each divided by its
-    own count, as torch divides them. (A weighted 'mean' with a uint8 target raises earlier.)"""
+    own count, as torch divides them. (A weighted 'mean' with a uint8 target raises earlier.)
+
+    The smoothing term is torch's formula on a log-softmax (this rare path materialises it): a
+    kernel pass with ε = 1 would scale an infinite NLL term by 0 (NaN) where torch adds inf."""
     nll, _ = _autograd.cross_entropy(x, rows, weight, ignore_index, 0.0, False)
-    smooth, _ = _autograd.cross_entropy(x, rows, weight, ignore_index, 1.0, False)
+    log_p = torch.log_softmax(x if x.dtype in (torch.float32, torch.float64) else x.float(), dim=1)
+    if weight is not None:
+        log_p = log_p * weight.to(log_p.dtype).reshape(1, -1, 1)
+    smooth = -log_p.sum(1) / x.shape[1]
     kept = rows != ignore_index % 256
     smooth = torch.where(kept, smooth, 0)
     if reduction != "mean":
