@@ -118,6 +118,9 @@ FOUND = [
     # torch's loss is inf (an ε = 1 kernel pass gave 0·inf = NaN)
     Spec("cross_entropy", (3, 3), torch.float32, 0, neg_inf="scattered", nan=True, target_dtype=torch.uint8,
          reduction="none", label_smoothing=0.5),
+    # logits 94 apart in float32: the target class's gradient is -1.2e-41 (p_t - 1 from expm1),
+    # the other class's a subnormal p (the row path's exp, not exp_u20, in the small-C tile path)
+    Spec("cross_entropy", (2,), torch.float32, 7, magnitude=100.0),
     # a loss of 3e-39 next to an ignored NaN row; torch's float64 log-sum over 16821 classes
     Spec("cross_entropy", (2, 2), torch.float32, 2, magnitude=100.0, nan=True),
     Spec("cross_entropy", (3, 7045), torch.float64, 3, nan=True, target="confident", target_dtype=torch.float64),

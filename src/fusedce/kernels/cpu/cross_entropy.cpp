@@ -238,17 +238,18 @@ void ce_backward_kernel(const Tensor& grad_loss, const Tensor& x, const Tensor& 
             target_coef * g};
   };
   auto coefs = [&](int64_t o, int64_t i) -> Coefs { return coefs_of(tv(o, i), gv(o, i)); };
-  // The target class's gradient, with the precise exp and g multiplied last, as in reference:
-  // g·((pc·p_t - (ε/C)·w_t) - tc). p_t ≈ 1 in a confident row (exactly 1 when C = 1), where the
-  // fast exp's error, or g pre-multiplied into each term, would survive the cancellation.
-  auto target_grad_of = [&](const Coefs& k, acc p_t) -> acc {
+  // The target class's gradient, g multiplied last, as in reference: g·((pc·p_t - (ε/C)·w_t) - tc)
+  // = g·(pc·(p_t - 1) + (ε/C)·(W - w_t)), with W = Σ w_c and pc = tc + (ε/C)·W, from
+  // p_t - 1 = expm1(log p_t): p_t ≈ 1 in a confident row, where p_t - 1 rounded from p_t loses
+  // every digit (0 where the truth is -1e-41), and the fast exp's error, or g pre-multiplied into
+  // each term, would survive the cancellation. Exactly 0 when C = 1.
+  auto target_grad_of = [&](const Coefs& k, acc p_t_minus_1) -> acc {
     const acc w_t = wp ? wp[k.t] : acc(1);
-    const acc tc = (1 - eps) * w_t;
-    const acc pc = tc + eps_per_class * total_w;
-    return k.g * ((pc * p_t - eps_per_class * w_t) - tc);
+    const acc pc = (1 - eps) * w_t + eps_per_class * total_w;
+    return k.g * (pc * p_t_minus_1 + eps_per_class * (total_w - w_t));
   };
   auto target_grad = [&](const Coefs& k, acc x_t, acc m, acc ls) -> acc {
-    return target_grad_of(k, std::exp((x_t - m) - ls));
+    return target_grad_of(k, std::expm1((x_t - m) - ls));
   };
 
   if (row_contiguous(xv.s1, classes) && row_contiguous(ov.s1, classes)) {
@@ -336,7 +337,8 @@ void ce_backward_kernel(const Tensor& grad_loss, const Tensor& x, const Tensor& 
     // Block by block (see block_stats), class by class within a block, every per-row value in
     // registers. p_c = exp((x_c - m) - ls), as in the row path.
     dispatch_bool(smooth, [&](auto kSmooth) {
-      dispatch_exp(all_finite(ls, rows.n), [&](auto exp_fn) {
+      // The row path's exps: exp_u20 flushes a subnormal p_c (1e-41 for logits 94 apart) to 0.
+      dispatch_row_grad_exp<scalar_t, decltype(kSmooth)::value>(all_finite(ls, rows.n), [&](auto exp_fn) {
         for_each_block<acc>(rows.n, [&](int64_t lb, auto kNV) {
           constexpr int NV = decltype(kNV)::value;
           constexpr int64_t L = AVec::size();
@@ -376,15 +378,15 @@ void ce_backward_kernel(const Tensor& grad_loss, const Tensor& x, const Tensor& 
           // the block's output is still in L1. The exps in a loop of their own: a libm call
           // amid the vector code costs a vzeroupper and the reload of every vector constant.
           const int64_t end = std::min(lb + NV * L, rows.n);
-          __at_align__ acc p_t[NV * L];
+          __at_align__ acc p_t_minus_1[NV * L];
           for (int64_t b = lb; b < end; ++b) {
-            p_t[b - lb] = (x_t[b] - m[b]) - ls[b];
+            p_t_minus_1[b - lb] = (x_t[b] - m[b]) - ls[b];
           }
           for (int64_t b = 0; b < end - lb; ++b) {
-            p_t[b] = std::exp(p_t[b]);
+            p_t_minus_1[b] = std::expm1(p_t_minus_1[b]);
           }
           for (int64_t b = lb; b < end; ++b) {
-            dst[k[b].t * dld + b] = target_grad_of(k[b], p_t[b - lb]);
+            dst[k[b].t * dld + b] = target_grad_of(k[b], p_t_minus_1[b - lb]);
           }
         });
       });
