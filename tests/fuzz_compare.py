@@ -13,6 +13,8 @@ The rule, per element of the value and of every gradient (the parity checker's, 
   magnitude ``S`` in the precision a fused kernel computes in (float32 for the half types).
 * A cross_entropy value adds ``c·eps64·Σ_c |u_c|·(|log p_c| + 1)`` (``_loss_term_scale``): torch
   in float64, the answer or the truth, rounds a confident row's ``log Σ`` at the ulp of 1.
+* A probability target's gradient, ``A_c·log p_c``, adds ``c·eps64·|A_c|·(|log p_c| + 1)`` per
+  element for the same reason (``_target_grad_terms``).
 * The gradient with respect to the logits adds ``c·eps_compute·T`` per element, where ``T`` is the
   size of the terms that element is the difference of (``_term_scale``): every one of these
   gradients is ``u - p·Σu`` (or ``y·(g - Σ g·y)``), and where the two sides nearly cancel (a
@@ -29,6 +31,7 @@ Exceptions (type and first line), warnings, output dtype and shape must match to
 
 from __future__ import annotations
 
+import math
 import os
 import re
 import warnings
@@ -256,6 +259,36 @@ def _extra_margin(spec: Spec) -> Tensor | None:
     return extra
 
 
+def _target_grad_terms(spec: Spec) -> Tensor | None:
+    """For a probability target's gradient, ``∂loss/∂t_c = A_c·log p_c``: ``|A_c|·(|log p_c| + 1)``
+    per element, the size of its terms, as ``_loss_term_scale`` for the value (torch's float64
+    ``log p_c`` carries the rounding of ``1 + rest`` at the ulp of 1: a confident row's
+    ``log p_c ≈ -1e-8`` is 1e-8 relatively off in torch, exact in fusedce's ``log1p``). ``A_c``
+    (-(1-ε)·g·w_c) does not depend on the logits: it is torch's float64 target gradient at
+    logits 0, where every ``log p_c = -log C``. None where that is not defined (C = 1)."""
+    if spec.op != "cross_entropy" or spec.target not in ("prob", "confident", "raw") or not spec.shape:
+        return None
+    classes = spec.shape[spec.class_dim]
+    if classes < 2:
+        return None
+    call = _float64(build(spec))
+    if not (isinstance(call.target, Tensor) and call.target.requires_grad):
+        return None
+    zeros = torch.zeros_like(call.input.detach())
+    flat = Call(zeros, call.target, call.kwargs)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        try:
+            out = flat.invoke(F.cross_entropy)
+            (grad,) = torch.autograd.grad(out, [call.target], upstream(spec, out).double())
+        except RuntimeError:
+            return None
+    coefficient = grad.abs() / math.log(classes)
+    log_p = call.input.detach().log_softmax(spec.class_dim)
+    terms = coefficient * (log_p.abs() + 1)
+    return terms.where(terms.isfinite(), 0)
+
+
 def _class_last(spec: Spec) -> Outcome | None:
     """torch's result with each row's classes contiguous and last (softmax ops: the class dim
     moved last; the losses: ``(N·d, C)`` rows), put back in the spec's shapes; None where that
@@ -353,9 +386,11 @@ def differences(spec: Spec, backend: str) -> list[str]:
     eps64 = torch.finfo(torch.float64).eps
     c64 = MARGINS[torch.float64][1] * float64_summation_factor(spec.shape[spec.class_dim] if spec.shape else 1)
     value_extra = None if loss_terms is None else c64 * eps64 * loss_terms
+    target_terms = _target_grad_terms(spec) if len(pairs) > 2 else None
+    target_extra = None if target_terms is None else c64 * eps64 * target_terms
     for what, a, b, t in pairs:
         row_dim = None if what == "value" else spec.class_dim
-        margin = value_extra if what == "value" else extra if what == "grad 0" else None
+        margin = {"value": value_extra, "grad 0": extra, "grad 1": target_extra}.get(what)
         problem = compare_tensor(what, a, b, t, spec.precision, row_dim, margin)
         if problem and spec.precision == torch.float64:
             rows = _class_last(spec)
