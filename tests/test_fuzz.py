@@ -121,6 +121,8 @@ FOUND = [
     # logits 94 apart in float32: the target class's gradient is -1.2e-41 (p_t - 1 from expm1),
     # the other class's a subnormal p (the row path's exp, not exp_u20, in the small-C tile path)
     Spec("cross_entropy", (2,), torch.float32, 7, magnitude=100.0),
+    # ... and with label smoothing 1 the expm1 form cancels pc against (ε/C)·W: only for p_t > 1/2
+    Spec("cross_entropy", (105,), torch.float32, 0, magnitude=0.1, label_smoothing=1.0),
     # a confident float64 row: torch's log p_t = -1.29e-8 is 1e-8 relatively off (it rounds
     # 1 + rest), fusedce's log1p exact; the target's gradient earns the value's allowance
     Spec("cross_entropy", (2,), torch.float64, 0, target="confident", target_dtype=torch.float64,

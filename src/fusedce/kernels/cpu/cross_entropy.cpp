@@ -238,18 +238,23 @@ void ce_backward_kernel(const Tensor& grad_loss, const Tensor& x, const Tensor& 
             target_coef * g};
   };
   auto coefs = [&](int64_t o, int64_t i) -> Coefs { return coefs_of(tv(o, i), gv(o, i)); };
-  // The target class's gradient, g multiplied last, as in reference: g·((pc·p_t - (ε/C)·w_t) - tc)
-  // = g·(pc·(p_t - 1) + (ε/C)·(W - w_t)), with W = Σ w_c and pc = tc + (ε/C)·W, from
-  // p_t - 1 = expm1(log p_t): p_t ≈ 1 in a confident row, where p_t - 1 rounded from p_t loses
-  // every digit (0 where the truth is -1e-41), and the fast exp's error, or g pre-multiplied into
-  // each term, would survive the cancellation. Exactly 0 when C = 1.
-  auto target_grad_of = [&](const Coefs& k, acc p_t_minus_1) -> acc {
+  // The target class's gradient from log p_t, g multiplied last, as in reference:
+  // g·((pc·p_t - (ε/C)·w_t) - tc), with pc = tc + (ε/C)·W (W = Σ w_c). Where p_t > 1/2 it is
+  // formed as g·(pc·(p_t - 1) + (ε/C)·(W - w_t)) from p_t - 1 = expm1(log p_t): in a confident row
+  // p_t - 1 rounded from p_t loses every digit (0 where the truth is -1e-41), and the fast exp's
+  // error would survive the cancellation. Below 1/2 the first form keeps the small pc·p_t apart
+  // from the smoothing terms (the second would cancel pc against (ε/C)·W). Exactly 0 when C = 1.
+  auto target_grad_of = [&](const Coefs& k, acc log_p_t) -> acc {
     const acc w_t = wp ? wp[k.t] : acc(1);
-    const acc pc = (1 - eps) * w_t + eps_per_class * total_w;
-    return k.g * (pc * p_t_minus_1 + eps_per_class * (total_w - w_t));
+    const acc tc = (1 - eps) * w_t;
+    const acc pc = tc + eps_per_class * total_w;
+    if (log_p_t > -acc(0.6931471805599453)) {
+      return k.g * (pc * std::expm1(log_p_t) + eps_per_class * (total_w - w_t));
+    }
+    return k.g * ((pc * std::exp(log_p_t) - eps_per_class * w_t) - tc);
   };
   auto target_grad = [&](const Coefs& k, acc x_t, acc m, acc ls) -> acc {
-    return target_grad_of(k, std::expm1((x_t - m) - ls));
+    return target_grad_of(k, (x_t - m) - ls);
   };
 
   if (row_contiguous(xv.s1, classes) && row_contiguous(ov.s1, classes)) {
@@ -375,18 +380,15 @@ void ce_backward_kernel(const Tensor& grad_loss, const Tensor& x, const Tensor& 
             }
           }
           // The target class, from x_t read in or before the class loop (src may be dst), while
-          // the block's output is still in L1. The exps in a loop of their own: a libm call
-          // amid the vector code costs a vzeroupper and the reload of every vector constant.
+          // the block's output is still in L1. Its libm calls (target_grad_of) in a loop of their
+          // own: one amid the vector code costs a vzeroupper and the reload of every constant.
           const int64_t end = std::min(lb + NV * L, rows.n);
-          __at_align__ acc p_t_minus_1[NV * L];
+          __at_align__ acc log_p_t[NV * L];
           for (int64_t b = lb; b < end; ++b) {
-            p_t_minus_1[b - lb] = (x_t[b] - m[b]) - ls[b];
-          }
-          for (int64_t b = 0; b < end - lb; ++b) {
-            p_t_minus_1[b] = std::expm1(p_t_minus_1[b]);
+            log_p_t[b - lb] = (x_t[b] - m[b]) - ls[b];
           }
           for (int64_t b = lb; b < end; ++b) {
-            dst[k[b].t * dld + b] = target_grad_of(k[b], p_t_minus_1[b - lb]);
+            dst[k[b].t * dld + b] = target_grad_of(k[b], log_p_t[b - lb]);
           }
         });
       });
