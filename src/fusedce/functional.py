@@ -386,8 +386,11 @@ def _uint8_smoothing_quirk(
 
     The smoothing term is torch's formula on a log-softmax (this rare path materialises it): a
     kernel pass with ε = 1 would scale an infinite NLL term by 0 (NaN) where torch adds inf."""
+    # Both terms from one float32 copy of half-precision logits: their gradients add up in float32
+    # and round to the input's dtype once.
+    x = x if x.dtype in (torch.float32, torch.float64) else x.float()
     nll, _ = _autograd.cross_entropy(x, rows, weight, ignore_index, 0.0, False)
-    log_p = torch.log_softmax(x if x.dtype in (torch.float32, torch.float64) else x.float(), dim=1)
+    log_p = torch.log_softmax(x, dim=1)
     if weight is not None:
         log_p = log_p * weight.to(log_p.dtype).reshape(1, -1, 1)
     smooth = -log_p.sum(1) / x.shape[1]
