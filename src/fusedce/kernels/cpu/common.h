@@ -824,11 +824,15 @@ template <typename acc>
 struct ExpSumRest {
   Vectorized<acc> rest{acc(0)}, ties{acc(0)};
 
-  void add(const Vectorized<acc>& d) {
+  void add(const Vectorized<acc>& d) { rest += term(d, ties); }
+
+  // exp(d) for `rest`, 0 where d == 0 (a lane at the max), which counts in `ties` instead. Shared
+  // with block_stats, whose rest is compensated. Not exp_u20: see FastExp.
+  static Vectorized<acc> term(const Vectorized<acc>& d, Vectorized<acc>& ties) {
     const Vectorized<acc> zero(0);
     const Vectorized<acc> top = d == zero;
-    rest += Vectorized<acc>::blendv(SumExp{}(d), zero, top);  // not exp_u20: see FastExp
-    ties += Vectorized<acc>(1) & top;
+    ties = ties + (Vectorized<acc>(1) & top);
+    return Vectorized<acc>::blendv(SumExp{}(d), zero, top);
   }
 
   // The row's rest; its max must be finite (so that some lane had d == 0).
@@ -936,7 +940,7 @@ inline void block_stats(const acc* src, int64_t sld, int64_t classes, Vectorized
   for (int v = 0; v < NV; ++v) {
     ties[v] = AVec(0);
   }
-  const AVec zero(0), one(1);
+  const AVec one(1);
   for (int64_t c = 0; c < classes; ++c) {
     const acc* run = src + c * sld;
     for (int v = 0; v < NV; ++v) {
@@ -946,9 +950,7 @@ inline void block_stats(const acc* src, int64_t sld, int64_t classes, Vectorized
       __builtin_prefetch(run + (v + 4 * NV) * L);
       const AVec x = AVec::loadu(run + v * L);
       const AVec d = x - mx[v];
-      const AVec top = d == zero;
-      s[v].add_unit(AVec::blendv(SumExp{}(d), zero, top));  // not exp_u20: see FastExp
-      ties[v] = ties[v] + (one & top);
+      s[v].add_unit(ExpSumRest<acc>::term(d, ties[v]));
       per_class(c, v, x, d);
     }
   }

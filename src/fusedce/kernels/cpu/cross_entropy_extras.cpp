@@ -67,8 +67,9 @@ void ce_extras_forward_kernel(const Tensor& x, const Tensor& target,
         // max is the product's rounding error rather than 0.
         acc rest = 0;
         for (int64_t c = 0; c < classes; ++c) {
-          const acc d = c == top ? acc(0) : capped(static_cast<acc>(row[c * xv.s1])) - m;
+          acc d = 0;
           if (c != top) {
+            d = capped(static_cast<acc>(row[c * xv.s1])) - m;
             rest += std::exp(d);
           }
           if (smooth) {
