@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from .._torch_version import HAS_LINEAR_CROSS_ENTROPY
 from ..linear import linear_cross_entropy
 from .workloads import IGNORE_EVERY, IGNORE_INDEX, Inputs, Workload
 
@@ -85,7 +86,8 @@ def implementations(device: str, dynamic_compile: bool) -> dict[str, Callable[[]
     """Provider name -> a maker of its ``(x, weight, target) -> loss`` (None where unavailable)."""
     return {
         "fusedce": lambda: _fusedce,
-        "torch-chunked": lambda: _torch_chunked,
+        # torch's chunked path is new in 2.13: an older torch (the GPU machine's 2.11) has none.
+        "torch-chunked": lambda: _torch_chunked if HAS_LINEAR_CROSS_ENTROPY else None,
         "eager": lambda: _eager,
         "compile": lambda: torch.compile(_eager, dynamic=dynamic_compile),
         "liger": lambda: _liger(device),
