@@ -14,7 +14,8 @@
 #   4. the benchmark, side by side in one process per workload group:
 #      the small fp32 workloads against eager (and liger, 2-D); lm-128k bf16 with peak memory;
 #      the lmhead (16384 x 4096 x 128256 bf16) against eager, torch's chunked path where this
-#      torch has it, and liger, with peak memory
+#      torch has it, and liger, with peak memory; then the lmhead's time and memory for several
+#      row-block sizes (scripts/gpu_lmhead_blocks.py)
 #   5. end-to-end parity against torch on CUDA (`python -m fusedce check`, a sample)
 #
 # Logs and the benchmarks' JSON go to $OUT (or ./gpu_out). A short table is printed last.
@@ -83,6 +84,9 @@ timeout 120 python3 -m fusedce bench --device cuda --quick --provider fusedce --
     --json "$out/bench_lmhead.json" 2>"$out/bench_lmhead.err" | tee "$out/bench_lmhead.txt" || status=1
 tail -3 "$out/bench_lmhead.err"
 
+step "lmhead row blocks: time and peak memory per block size, beside eager and liger"
+timeout 60 python3 scripts/gpu_lmhead_blocks.py 2>&1 | tee "$out/lmhead_blocks.txt" || status=1
+
 step "end-to-end parity against torch on CUDA (one case in 10 of the quick grid)"
 timeout 60 python3 -m fusedce check --device cuda --backend triton --quick --every 10 --op cross_entropy \
     --failures 8 2>&1 | tee "$out/check.txt" || status=1
@@ -93,5 +97,6 @@ echo "kernel parity: $(tail -1 "$out/kernel_parity.log")"
 echo "end-to-end parity: $(grep -E 'cases, .* passed' "$out/check.txt" || echo 'did not finish')"
 grep -hE '^(copy|workload|lm-|imagenet|seg|tiny|linear_cross_entropy)' "$out"/bench_*.txt | head -24
 grep -E '^(shape|tiny|imagenet|seg|lm-)' "$out/host_time.txt" | head -12
+grep -E '^(provider|fusedce|torch|liger)' "$out/lmhead_blocks.txt"
 echo "total $((SECONDS - began)) s; status $status"
 exit $status

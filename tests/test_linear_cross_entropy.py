@@ -260,6 +260,14 @@ def test_block_rows_follow_the_budget_and_the_request():
     assert block_rows(4096, 32000, torch.float32, cpu, 300) == 300
     assert block_rows(10, 32000, torch.float32, cpu, 300) == 10
     assert block_rows(10, 7, torch.float32, cpu, None) == 10
+    # CUDA: whole matmul tiles of rows, and at least 256 of them (a Llama-3 head in bf16: 384 rows,
+    # 94 MiB a block; in float32: 256 rows).
+    cuda = torch.device("cuda")
+    assert block_rows(16384, 128256, torch.bfloat16, cuda, None) == 384
+    assert block_rows(16384, 128256, torch.float32, cuda, None) == 256
+    assert block_rows(16384, 1000, torch.float32, cuda, None) == 16384
+    assert block_rows(100, 128256, torch.float32, cuda, None) == 100
+    assert block_rows(16384, 128256, torch.bfloat16, cuda, 1000) == 1000
 
 
 def test_bench_providers_agree_on_the_micro_lmhead():

@@ -37,8 +37,15 @@ from .rows import Selection, computed_rows, selections, spread, take
 
 # One block's logits buffer stays about this large: big enough that the block's matmuls run at
 # full speed, small enough to be a rounding error next to the (N, C) logits it replaces.
-_BLOCK_BYTES = {"cuda": 256 << 20}
+_BLOCK_BYTES = {"cuda": 96 << 20}
 _DEFAULT_BLOCK_BYTES = 16 << 20
+# On CUDA a block's row count is a multiple of the matmul tile's rows (cuBLAS's are 64 to 256), so
+# that no tile of the logits matmul is mostly empty, and at least _CUDA_MIN_ROWS: the weight
+# gradient's ``addmm_`` reads and writes all of (C, H) once per block, and its depth is the block's
+# rows. With 256 or more it stays bound by arithmetic, not by that traffic (an H100/H200 does about
+# 165 bf16 FLOP per byte of HBM traffic; ``addmm_`` over k rows does k/2 per byte of bf16 C).
+_CUDA_ROW_MULTIPLE = 128
+_CUDA_MIN_ROWS = 256
 
 
 @dataclass(frozen=True)
@@ -62,7 +69,10 @@ def block_rows(rows: int, width: int, dtype: torch.dtype, device: torch.device, 
         return max(1, min(requested, rows))
     budget = _BLOCK_BYTES.get(device.type, _DEFAULT_BLOCK_BYTES)
     per_row = max(width, 1) * torch.empty((), dtype=dtype).element_size()
-    return max(1, min(budget // per_row, rows))
+    chunk = budget // per_row
+    if device.type == "cuda":
+        chunk = max(_CUDA_MIN_ROWS, chunk // _CUDA_ROW_MULTIPLE * _CUDA_ROW_MULTIPLE)
+    return max(1, min(chunk, rows))
 
 
 def _blocks(rows: int, chunk: int) -> Iterator[tuple[int, int]]:
