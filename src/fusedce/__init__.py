@@ -10,7 +10,7 @@ from . import _torch_version  # noqa: F401  (refuses a torch older than the mini
 # isort: split
 from . import distributed, functional
 from .functional import cross_entropy, log_softmax, nll_loss, softmax
-from .kernels import available_backends, use_backend
+from .kernels import available_backends, empty_cache, use_backend
 from .linear import linear_cross_entropy
 from .modules import CrossEntropyLoss, LinearCrossEntropyLoss, LogSoftmax, NLLLoss, Softmax
 from .patch import patch
@@ -26,6 +26,7 @@ __all__ = [
     "available_backends",
     "cross_entropy",
     "distributed",
+    "empty_cache",
     "functional",
     "linear_cross_entropy",
     "log_softmax",

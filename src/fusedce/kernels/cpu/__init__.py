@@ -56,6 +56,7 @@ __all__ = [
     "ce_prob_weight_grad",
     "ce_reduced_backward",
     "ce_reduced_forward",
+    "empty_cache",
     "ensure_available",
     "is_built",
     "kernel_dir",
@@ -73,10 +74,11 @@ _SOURCES = (
     "cross_entropy_extras.cpp",
     "cross_entropy_reduced.cpp",
     "nll.cpp",
+    "output_pool.cpp",
     "softmax.cpp",
     "bindings.cpp",
 )
-_HEADERS = ("common.h", "ops.h")
+_HEADERS = ("common.h", "ops.h", "output_pool.h")
 
 # ATen picks its Vectorized implementation at compile time from CPU_CAPABILITY; these are the
 # flags torch itself builds each capability with. The chosen set is part of the cache key.
@@ -323,6 +325,13 @@ def ensure_available() -> ModuleType:
 
 def _kernels() -> ModuleType:
     return _ext if _ext is not None else ensure_available()
+
+
+def empty_cache() -> None:
+    """Release the mid-sized outputs the kernels keep for reuse (output_pool.h); a no-op when
+    the kernels were never loaded."""
+    if _ext is not None:
+        _ext.empty_output_pool()
 
 
 # --------------------------------------------------------------------------------------------

@@ -3,6 +3,7 @@
 #include <torch/extension.h>
 
 #include "ops.h"
+#include "output_pool.h"
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "fusedce CPU kernels (ATen Vectorized + at::parallel_for)";
@@ -20,4 +21,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("log_softmax_backward", &fusedce::log_softmax_backward);
   m.def("softmax_forward", &fusedce::softmax_forward);
   m.def("softmax_backward", &fusedce::softmax_backward);
+  m.def("empty_output_pool", &fusedce::empty_output_pool);
 }

@@ -41,6 +41,8 @@
 #include <sys/mman.h>
 #endif
 
+#include "output_pool.h"
+
 namespace fusedce {
 
 using at::Tensor;
@@ -503,9 +505,10 @@ inline void advise_huge_pages(const Tensor& t) {
 #endif
 }
 
-// A contiguous (outer, C, inner) output: what gradients and softmax outputs are written to.
+// A contiguous (outer, C, inner) output: what gradients and softmax outputs are written to. Mid-sized
+// ones are reused once their last user lets them go (output_pool.h).
 inline Tensor empty_canonical(int64_t outer, int64_t classes, int64_t inner, const at::TensorOptions& options) {
-  Tensor out = at::empty({outer, classes, inner}, options);
+  Tensor out = pooled_empty({outer, classes, inner}, options);
   advise_huge_pages(out);
   return out;
 }

@@ -1,0 +1,28 @@
+// Reuse of the kernels' large outputs (gradients, softmax outputs) once the caller has let them go.
+//
+// A fresh CPU allocation of tens of MB is a fresh mapping: the kernel zeroes every page the first
+// time it is touched, which costs as much as the loss's own pass over memory (docs/benchmarks.md).
+// A training step drops last step's gradients (zero_grad(set_to_none=True), or the logits'
+// gradient freed as soon as the layer below has used it) and asks for the same sizes again, so
+// this pool keeps the storages of the last few outputs and hands one back out when nobody else
+// holds it any more (its use count is the pool's own reference alone). CUDA's caching allocator
+// does this for every tensor; torch's CPU allocator does not.
+//
+// Bounded: only outputs of kMinBytes to kMaxBytes are kept, at most kMaxKept of them, so the
+// memory held idle between steps is at most a few small gradients (a 16x21x128x128 segmentation
+// gradient is 22 MB; an LM's (N, C) gradient is far above kMaxBytes and always freshly allocated).
+// fusedce.empty_cache() releases them.
+#pragma once
+
+#include <ATen/ATen.h>
+
+namespace fusedce {
+
+// An uninitialised contiguous tensor of ``sizes``: a kept storage of exactly its bytes when one is
+// free, else a fresh one (then kept when it is in the pool's size range).
+at::Tensor pooled_empty(at::IntArrayRef sizes, const at::TensorOptions& options);
+
+// Drop every kept storage (those still in use live on with their tensors).
+void empty_output_pool();
+
+}  // namespace fusedce

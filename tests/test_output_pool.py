@@ -1,0 +1,77 @@
+"""The CPU kernels' output pool (src/fusedce/kernels/cpu/output_pool.h): a gradient that nobody
+holds any more is reused by the next call of its size, one that anybody still holds (itself, a
+view of it, its storage) never is, and ``fusedce.empty_cache`` lets the kept ones go."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import fusedce
+from fusedce.kernels import _load, use_backend
+
+pytestmark = pytest.mark.skipif(_load("cpu") is None, reason="the C++ CPU kernels are unavailable")
+
+SHAPE = (4, 21, 64, 64)  # a 1.4 MB float32 gradient: inside the pool's 1-64 MiB range
+
+
+def _uses(t: torch.Tensor) -> int:
+    """How many references the tensor's storage has (the Python storage object asked adds one)."""
+    return torch._C._storage_Use_Count(t.untyped_storage()._cdata)
+
+
+def _gradient(x: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    x = x.detach().requires_grad_()
+    with use_backend("cpu"):
+        fusedce.cross_entropy(x, target).backward()
+    assert x.grad is not None
+    return x.grad
+
+
+@pytest.fixture
+def inputs():
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(SHAPE, generator=gen)
+    target = torch.randint(0, SHAPE[1], (SHAPE[0], *SHAPE[2:]), generator=gen)
+    fusedce.empty_cache()
+    yield x, target
+    fusedce.empty_cache()
+
+
+def test_a_dropped_gradient_is_reused_with_the_right_values(inputs):
+    x, target = inputs
+    first = _gradient(x, target)
+    address = first.data_ptr()
+    del first
+    second = _gradient(x * 2, target)
+    assert second.data_ptr() == address
+    fresh = torch.func.grad(lambda t: torch.nn.functional.cross_entropy(t, target))(x * 2)
+    torch.testing.assert_close(second, fresh)
+
+
+@pytest.mark.parametrize("keep", ["tensor", "view", "storage"])
+def test_a_gradient_still_held_is_never_reused(inputs, keep):
+    x, target = inputs
+    first = _gradient(x, target)
+    expected = first.clone()
+    held = {"tensor": first, "view": first[1:, 3], "storage": first.untyped_storage()}[keep]
+    del first
+    second = _gradient(x * 3, target)
+    assert second.untyped_storage().data_ptr() != expected.data_ptr()
+    kept = held if keep != "storage" else torch.empty(0).set_(held).view(SHAPE)
+    torch.testing.assert_close(kept, expected if keep != "view" else expected[1:, 3], rtol=0, atol=0)
+
+
+def test_empty_cache_drops_the_pools_reference(inputs):
+    x, target = inputs
+    grad = _gradient(x, target)
+    pooled = _uses(grad)
+    fusedce.empty_cache()
+    assert _uses(grad) == pooled - 1
+
+
+def test_sizes_outside_the_range_are_not_kept(inputs):
+    _, _ = inputs
+    small = _gradient(torch.randn(8, 10), torch.randint(0, 10, (8,)))
+    alone = torch.empty(8, 10)
+    assert _uses(small) == _uses(alone)
