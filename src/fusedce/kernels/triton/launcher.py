@@ -146,10 +146,13 @@ def key(args: tuple[Any, ...]) -> tuple[Any, ...] | None:
     for a in args:
         t = type(a)
         if t is int:
-            token = int_token(a)
-            if token is None:
-                return None
-            append(token)
+            if _I32_MIN <= a < _I32_END:  # int_token's common case, inline
+                append(1 if a == 1 else (0 if a & 15 else 16))
+            else:
+                token = int_token(a)
+                if token is None:
+                    return None
+                append(token)
         elif t is torch.Tensor:
             append(a.dtype)
             append(MISALIGNED if a.data_ptr() & 15 else ALIGNED)
@@ -409,5 +412,9 @@ def _backend_agrees(kernel: Any, tr: _Triton, device: int) -> bool:
     backend = kernel.device_caches[device][3]
     agrees = tr.agreeing_backends.get(type(backend))
     if agrees is None:
-        agrees = tr.agreeing_backends[type(backend)] = specialisation_agrees(tr.specialize_impl, backend)
+        try:
+            agrees = specialisation_agrees(tr.specialize_impl, backend)
+        except Exception:  # a specialisation function that does not take these arguments: plain
+            agrees = False
+        tr.agreeing_backends[type(backend)] = agrees
     return agrees
