@@ -319,6 +319,25 @@ def test_a_result_that_is_not_a_compiled_kernel_is_not_cached(fake_triton):
     assert [c[0] for c in calls] == ["plain", "plain"]
 
 
+def test_an_unreadable_kernel_keeps_the_plain_path(fake_triton):
+    """A kernel whose binder cache does not look as expected (another Triton's layout) is launched
+    the plain way, without an error, from its first call on."""
+    calls: list[Any] = []
+    kernel = _recording_kernel(calls)
+    kernel.compiled.function = None  # not loaded: nothing to launch it with
+    args, kwargs = _args(torch.zeros(64)), {"BLOCK": 32}
+    for _ in range(2):
+        launcher.launch(kernel, 1, args, kwargs)
+    assert [c[0] for c in calls] == ["plain", "plain"]
+
+    calls.clear()
+    other = _recording_kernel(calls)
+    other.run = lambda *a, grid, warmup, **k: (calls.append(("plain",)), other.compiled)[1]  # no device_caches
+    for _ in range(2):
+        launcher.launch(other, 1, args, kwargs)
+    assert [c[0] for c in calls] == ["plain", "plain"]
+
+
 def test_disagreeing_rules_keep_the_plain_path(fake_triton, monkeypatch):
     calls: list[Any] = []
     kernel = _recording_kernel(calls)

@@ -41,7 +41,8 @@ or per key, never by catching a failed launch:
 * launch enter/exit hooks are installed (a profiler), or ``add_stages_inspection_hook`` is set;
 * an argument of another type (tuple, numpy scalar, descriptor ...), a constexpr passed by position,
   a non-constexpr argument passed by keyword;
-* the plain launch did not return a loaded ``CompiledKernel`` (e.g. a ``jit_cache_hook`` skipped it);
+* the plain launch did not return a loaded ``CompiledKernel`` (e.g. a ``jit_cache_hook`` skipped it),
+  or reading what the launcher needs from it and from the kernel failed;
 * a global that the kernel's source uses has changed since it was compiled (Triton then raises).
 """
 
@@ -365,7 +366,10 @@ def launch(kernel: Any, grid: int, args: tuple[Any, ...], kwargs: dict[str, Any]
         return
     if entry is None:
         compiled = _plain(kernel, grid, args, kwargs)
-        new = _make_entry(kernel, tr, device, compiled, args, kwargs)
+        try:
+            new = _make_entry(kernel, tr, device, compiled, args, kwargs)
+        except Exception:  # the launch has happened; a kernel we cannot read stays on the plain path
+            new = _PLAIN
         if new is not None:
             if len(entries) >= MAX_ENTRIES:
                 entries.clear()
