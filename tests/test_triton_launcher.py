@@ -405,3 +405,57 @@ def test_interpreter_launches_never_reach_the_launcher(monkeypatch):
     target = torch.randint(0, 10, (4, 1))
     loss, _ = backend.ce_forward(x, target, None, -100, 0.0)
     assert torch.isfinite(loss).all()
+
+
+def test_key_and_tail_agree_with_tritons_binder_on_our_kernels(monkeypatch):
+    """Every launch of the backend's kernels, recorded under the interpreter and replayed through
+    Triton's own binder (``create_function_from_signature`` with the base backend's rules): the
+    bound values are the positional arguments followed by ``bound_tail``, and launches with one
+    key get one specialisation (``str`` of it, as ``compute_cache_key`` uses)."""
+    from triton.backends.compiler import BaseBackend
+    from triton.runtime.jit import JITFunction, create_function_from_signature
+
+    from fusedce.kernels import _load, available_backends
+    from fusedce.kernels.triton import cross_entropy, nll, softmax
+
+    if "triton" not in available_backends("cpu"):
+        pytest.skip("records the launches under TRITON_INTERPRET=1")
+    recorded: list[tuple[Any, tuple[Any, ...], dict[str, Any]]] = []
+    for module in (cross_entropy, nll, softmax):
+
+        def recording(kernel, grid, *args, _original=module.launch, **kwargs):
+            recorded.append((kernel, args, kwargs))
+            _original(kernel, grid, *args, **kwargs)
+
+        monkeypatch.setattr(module, "launch", recording)
+    backend = _load("triton")
+    for rows, classes, offset in [(48, 300, 0), (64, 316, 0), (48, 300, 1), (64, 316, 1), (1, 300, 0)]:
+        x = torch.randn(rows * classes + offset)[offset:].view(rows, classes, 1)
+        target = torch.randint(0, classes, (rows, 1))
+        grad = torch.rand(rows, 1)
+        _, lse = backend.ce_forward(x, target, None, -100, 0.1)
+        backend.ce_backward(grad, x, target, None, lse, -100, 0.1, False)
+        backend.nll_backward(grad, target, None, -100, classes, x.dtype)
+        backend.softmax_backward(x, backend.softmax_forward(x))
+
+    binders: dict[Any, Any] = {}
+    specs: dict[Any, str] = {}
+    shared = 0
+    for kernel, args, kwargs in recorded:
+        if kernel.fn not in binders:
+            options = {k: v for k, v in kernel.kwargs.items() if k.startswith("do_not_specialize")}
+            jitted = JITFunction(kernel.fn, **options)
+            binders[kernel.fn] = (jitted, create_function_from_signature(jitted.signature, jitted.params, BaseBackend))
+        jitted, binder = binders[kernel.fn]
+        bound, specialization, _ = binder(*args, **kwargs)
+        tail = launcher.bound_tail(jitted.params, len(args), kwargs)
+        assert tail is not None
+        ours = (*args, *tail)
+        assert len(ours) == len(bound)
+        pairs = zip(ours, bound.values(), strict=True)
+        assert all(a is b or (not isinstance(a, torch.Tensor) and a == b) for a, b in pairs)
+        group = (kernel.fn, launcher.key(args), tuple(kwargs.items()))
+        if group in specs:
+            shared += 1
+        assert specs.setdefault(group, str(specialization)) == str(specialization), kernel.fn.__name__
+    assert shared >= 4  # launches with new values in an old class were compared

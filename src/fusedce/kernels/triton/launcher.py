@@ -384,6 +384,24 @@ def launch(kernel: Any, grid: int, args: tuple[Any, ...], kwargs: dict[str, Any]
     )
 
 
+def bound_tail(params: list[Any], n_args: int, kwargs: dict[str, Any]) -> tuple[Any, ...] | None:
+    """The values the binder gives the parameters after the ``n_args`` positional ones: the
+    constexpr keyword arguments, else the defaults. None when the key would not capture them: a
+    constexpr among the positional arguments (the key holds its class, not its value), or a
+    runtime argument by keyword (its value is not classified)."""
+    if any(p.is_constexpr for p in params[:n_args]):
+        return None
+    tail = []
+    for p in params[n_args:]:
+        if p.name in kwargs:
+            if not p.is_constexpr:
+                return None
+            tail.append(kwargs[p.name])
+        else:
+            tail.append(p.default)
+    return tuple(tail)
+
+
 def _make_entry(
     kernel: Any, tr: _Triton, device: int, compiled: Any, args: tuple[Any, ...], kwargs: dict[str, Any]
 ) -> Any:
@@ -391,24 +409,14 @@ def _make_entry(
     ``_PLAIN`` for an argument layout the key does not capture, or None to decide again next time."""
     if not isinstance(compiled, tr.CompiledKernel):
         return None  # e.g. a jit_cache_hook skipped the launch: nothing was launched to learn from
-    params = kernel.params
-    if any(p.is_constexpr for p in params[: len(args)]):
-        return _PLAIN  # the key holds a positional argument's class, not a constexpr's value
-    tail = []
-    for p in params[len(args) :]:
-        if p.name in kwargs:
-            if not p.is_constexpr:
-                return _PLAIN  # a runtime argument by keyword: its value is not classified
-            tail.append(kwargs[p.name])
-        else:
-            tail.append(p.default)
-    if not _backend_agrees(kernel, tr, device):
+    tail = bound_tail(kernel.params, len(args), kwargs)
+    if tail is None or not _backend_agrees(kernel, tr, device):
         return _PLAIN
     run = compiled.run  # loads the module if needed; the plain launch has done so already
     if compiled.function is None or not callable(run):
         return _PLAIN
     used = tuple((scope, name, value) for (name, _), (value, scope) in kernel.used_global_vals.items())
-    return _Entry(run, compiled.function, compiled.packed_metadata, tuple(tail), used)
+    return _Entry(run, compiled.function, compiled.packed_metadata, tail, used)
 
 
 def _backend_agrees(kernel: Any, tr: _Triton, device: int) -> bool:
