@@ -182,3 +182,70 @@ def check_large_vocabulary(backend, rows: int, classes: int, device: str) -> Non
 
     backend.ce_backward(grad_loss, x, target, None, lse, -100, smoothing, True)
     assert torch.equal(x, grad), "the in-place gradient differs from the out-of-place one"
+
+
+# --------------------------------------------------------------------------------------------
+# The cached launcher (``launcher.py``) against the plain ``kernel[grid](...)`` launch
+# --------------------------------------------------------------------------------------------
+
+
+def _every_family(backend, x, target, prob, weight):
+    """One output per kernel of the backend (cross entropy with index and probability targets,
+    with the extras, nll, softmax and log_softmax; forward and backward), cloned."""
+    outer, classes, inner = x.shape
+    acc = torch.float32
+    gen = torch.Generator(device=x.device).manual_seed(0)
+    grad_loss = torch.rand(outer, inner, dtype=acc, device=x.device, generator=gen)
+    grad_out = torch.randn(x.shape, dtype=torch.float32, device=x.device, generator=gen).to(x.dtype)
+    out = {}
+    out["ce"], lse = backend.ce_forward(x, target, weight, 2, 0.1)
+    out["ce_grad"] = backend.ce_backward(grad_loss, x, target, weight, lse, 2, 0.1, False)
+    out["ex"], ex_lse = backend.ce_extras_forward(x, target, weight, -100, 0.0, 1e-4, 30.0)
+    out["ex_grad"] = backend.ce_extras_backward(grad_loss, x, target, weight, ex_lse, -100, 0.0, 1e-4, 30.0, False)
+    out["prob"], prob_lse = backend.ce_prob_forward(x, prob, weight, 0.1)
+    out["prob_grad"] = backend.ce_prob_backward(grad_loss, x, prob, weight, prob_lse, 0.1, False)
+    out["nll"] = backend.nll_forward(x, target, weight, 2)
+    out["nll_grad"] = backend.nll_backward(grad_loss, target, weight, 2, classes, x.dtype)
+    for op in ("log_softmax", "softmax"):
+        out[op] = getattr(backend, f"{op}_forward")(x)
+        out[f"{op}_grad"] = getattr(backend, f"{op}_backward")(grad_out, out[op])
+    return {name: t.clone() for name, t in out.items()}
+
+
+def _same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return a.dtype == b.dtype and a.shape == b.shape and torch.equal(a.view(torch.uint8), b.view(torch.uint8))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("rows", [1, 48])
+@pytest.mark.parametrize("offset", [0, 1], ids=["aligned", "misaligned"])
+def test_cached_launcher_matches_the_plain_launch(backend, dtype, rows, offset):
+    """Each kernel family through ``FUSEDCE_TRITON_LAUNCH=plain`` and through the cached launcher
+    gives the same bits, and the cached launcher is used (its counter moves) once a
+    specialisation is known: a row count of 1 and of 16·k, 16-byte aligned and misaligned data."""
+    from fusedce.kernels.triton import launcher
+
+    if launcher.fast_path_unavailable() is not None:
+        pytest.skip(f"the cached launcher is unavailable: {launcher.fast_path_unavailable()}")
+    classes = 300
+    gen = torch.Generator(device="cuda").manual_seed(rows + offset)
+    flat = torch.randn(rows * classes + offset, dtype=torch.float32, device="cuda", generator=gen).to(dtype)
+    x = flat[offset:].view(rows, classes, 1)  # an element offset: misaligned for offset=1
+    assert (x.data_ptr() % 16 == 0) == (offset == 0)
+    target = torch.randint(0, classes, (rows, 1), device="cuda", generator=gen)
+    prob = torch.softmax(torch.randn(x.shape, device="cuda", generator=gen), 1).to(dtype)
+    weight = torch.rand(classes, dtype=dtype, device="cuda", generator=gen)
+    try:
+        launcher.set_mode("plain")
+        plain = _every_family(backend, x, target, prob, weight)
+        launcher.set_mode("fast")
+        _every_family(backend, x, target, prob, weight)  # the first call per key is a plain one
+        before = dict(launcher.counters)
+        fast = _every_family(backend, x, target, prob, weight)
+        torch.cuda.synchronize()
+    finally:
+        launcher.set_mode(None)
+    assert launcher.counters["fast"] - before["fast"] >= len(plain)  # one launch or more per output
+    assert launcher.counters["plain"] == before["plain"]
+    different = [name for name in plain if not _same_bits(plain[name], fast[name])]
+    assert not different, f"the cached launcher changed {different}"

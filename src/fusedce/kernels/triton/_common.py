@@ -25,6 +25,8 @@ import torch
 import triton
 import triton.language as tl
 
+from . import launcher as _launcher
+
 # The largest column block per element size, on a GPU. A program streams a long row through
 # registers in blocks of this many classes; 16 KiB of 16-bit logits or 8 KiB of fp32 per step.
 GPU_MAX_BLOCK_C = {1: 4096, 2: 4096, 4: 2048, 8: 1024}
@@ -62,14 +64,16 @@ EMULATE_BF16_RTNE: tl.constexpr = tl.constexpr(_INTERPRETED)
 def launch(kernel: Any, grid: int, *args: Any, **kwargs: Any) -> None:
     """``kernel[(grid,)](*args, **kwargs)``. Under the interpreter numpy would turn the IEEE
     results the GPU gives silently (``inf - inf``, ``0·inf``, an overflowing ``exp``) into
-    RuntimeWarnings that torch does not raise; they are silenced there."""
+    RuntimeWarnings that torch does not raise; they are silenced there. On CUDA the launch goes
+    through ``launcher.launch``, which skips Triton's per-call argument binding once a
+    specialisation has been compiled (``FUSEDCE_TRITON_LAUNCH=plain`` turns that off)."""
     if _INTERPRETED:
         import numpy as np
 
         with np.errstate(all="ignore"):
             kernel[(grid,)](*args, **kwargs)
     else:
-        kernel[(grid,)](*args, **kwargs)
+        _launcher.launch(kernel, grid, args, kwargs)
 
 
 def check_device(x: torch.Tensor) -> None:
