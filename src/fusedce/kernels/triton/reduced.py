@@ -187,7 +187,11 @@ def _ce_reduced_bwd_kernel(
 
 @functools.lru_cache(maxsize=256)
 def _tiling(
-    rows: int, num_classes: int, class_strides: tuple[int, ...], itemsize: int, device_type: str,
+    rows: int,
+    num_classes: int,
+    class_strides: tuple[int, ...],
+    itemsize: int,
+    device_type: str,
     max_block_c: int | None,
 ) -> Tiling:
     """``plan`` for an (N, C, 1) launch, once per shape: it is a pure function of these (the
