@@ -130,7 +130,7 @@ def _ce_reduced_fwd_kernel(
         if MEAN:  # noqa: SIM108 - a constexpr branch (no ternary in older Triton's jit)
             denominator = tl.sum(count_v, axis=0).to(ACC)  # the count, exact in float64
         else:
-            denominator = tl.full([], 1.0, ACC)
+            denominator = tl.cast(1.0, ACC)
         tl.store(loss_ptr, to_output(_divide(total, denominator, ACC), loss_ptr.dtype.element_ty))
         tl.store(denominator_ptr, denominator)
         tl.atomic_xchg(counter_ptr, 0)  # ready for the next launch on this stream
