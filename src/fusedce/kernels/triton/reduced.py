@@ -31,7 +31,6 @@ from torch import Tensor
 from .. import reference
 from . import _common
 from ._common import (
-    NO_SPECIALIZE,
     Tiling,
     acc_dtype,
     check_device,
@@ -47,6 +46,9 @@ from ._common import (
     to_output,
 )
 
+# The kernels do not specialise on the row count, the target stride or ignore_index (each value
+# would be one more compilation); _common.NO_SPECIALIZE's other name is no argument of theirs.
+
 # Partials the last program folds per step (a power of two); 8192 programs take 8 steps.
 _BLOCK_P = 1024
 
@@ -61,7 +63,7 @@ def _divide(total, denominator, ACC: tl.constexpr):
         return tl.math.div_rn(total, denominator)
 
 
-@triton.jit(do_not_specialize=[*NO_SPECIALIZE, "stride_t", "ignore_index"])
+@triton.jit(do_not_specialize=["n_rows", "stride_t", "ignore_index"])
 def _ce_reduced_fwd_kernel(
     # pointers: loss and denominator are 0-d; stats (N, 1, 2) and partials (programs, 2) contiguous
     x_ptr,
@@ -136,7 +138,7 @@ def _ce_reduced_fwd_kernel(
         tl.atomic_xchg(counter_ptr, 0)  # ready for the next launch on this stream
 
 
-@triton.jit(do_not_specialize=[*NO_SPECIALIZE, "stride_t", "ignore_index"])
+@triton.jit(do_not_specialize=["n_rows", "stride_t", "ignore_index"])
 def _ce_reduced_bwd_kernel(
     # pointers: grad_out and denominator are 0-d; stats (N, 1, 2) and out (N, C) contiguous
     grad_out_ptr,
