@@ -249,3 +249,154 @@ def test_cached_launcher_matches_the_plain_launch(backend, dtype, rows, offset):
     assert launcher.counters["plain"] == before["plain"]
     different = [name for name in plain if not _same_bits(plain[name], fast[name])]
     assert not different, f"the cached launcher changed {different}"
+
+
+# ---- the fused plain (N, C) 'mean'/'sum' loss (kernels/triton/reduced.py) -------------------------
+
+# (rows, classes) -> the GPU tiling's programs: ImageNet (8192 programs, several of the last
+# program's fold steps), one row per program over several column blocks, many rows per program,
+# and one program.
+REDUCED_SHAPES = [(16384, 1000), (37, 5000), (300, 10), (5, 3)]
+
+
+def _reduced_inputs(rows, classes, dtype, ignore_index=-100):
+    gen = torch.Generator(device="cuda").manual_seed(rows + classes)
+    x = (torch.randn(rows, classes, device="cuda", generator=gen, dtype=torch.float32) * 3).to(dtype)
+    target = torch.randint(0, classes, (rows,), device="cuda", generator=gen)
+    target[::4] = ignore_index
+    return x, target
+
+
+def _check_reduced(backend, x, target, ignore_index, mean):
+    """The fused forward and backward against the reference composite (_ops) in float64, the
+    truth; the gradient against the reference composite in x's dtype too."""
+    from fusedce import _ops
+
+    loss, stats, denominator = backend.ce_reduced_forward(x, target, ignore_index, mean)
+    truth = _ops._ce_reduced_forward(reference, x.double(), target, ignore_index, mean)
+    truth_loss, truth_denominator = truth[0], truth[2]
+    acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+    assert (loss.dtype, loss.shape, denominator.dtype, denominator.shape) == (x.dtype, (), acc, ())
+    assert stats.shape == (x.shape[0], 1, 2) and stats.dtype == acc
+    assert denominator.item() == truth_denominator.item()
+    assert_close_report(loss, truth_loss.to(x.dtype) if x.dtype != acc else truth_loss,
+                        TOLERANCES["kernel"][x.dtype], "reduced loss")
+    ref_loss, ref_stats, ref_denominator = _ops._ce_reduced_forward(reference, x, target, ignore_index, mean)
+    assert_close_report(loss, ref_loss, TOLERANCES["kernel"][x.dtype], "reduced loss vs the composite")
+    grad_out = torch.tensor(1.7, dtype=x.dtype, device="cuda")
+    grad = backend.ce_reduced_backward(grad_out, x, target, stats, denominator, ignore_index)
+    ref_grad = _ops._ce_reduced_backward(reference, grad_out, x, target, ref_stats, ref_denominator, ignore_index)
+    assert grad.dtype == x.dtype and grad.shape == x.shape and grad.is_contiguous()
+    assert_close_report(grad, ref_grad, TOLERANCES["kernel"][x.dtype], "reduced grad")
+    return loss, stats, denominator, grad
+
+
+@pytest.mark.parametrize("mean", [True, False], ids=["mean", "sum"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", REDUCED_SHAPES, ids=[f"{r}x{c}" for r, c in REDUCED_SHAPES])
+def test_reduced_matches_reference(backend, shape, dtype, mean):
+    x, target = _reduced_inputs(*shape, dtype)
+    _check_reduced(backend, x, target, -100, mean)
+
+
+def test_reduced_imagenet_grid_and_determinism(backend):
+    """16384 × 1000 fp32 (the ImageNet bench shape): more than one program, and every call gives
+    the same bits (the partials are folded in a fixed order) with the ticket counter back at 0."""
+    from fusedce.kernels.triton import _common, reduced
+
+    x, target = _reduced_inputs(16384, 1000, torch.float32)
+    tiling = reduced._tiling(16384, 1000, (x.stride(1),), x.element_size(), "cuda", _common.MAX_BLOCK_C)
+    assert tiling.grid > reduced._BLOCK_P
+    first_loss, first_stats, first_denominator, first_grad = _check_reduced(backend, x, target, -100, True)
+    for _ in range(5):
+        loss, stats, denominator = backend.ce_reduced_forward(x, target, -100, True)
+        grad = backend.ce_reduced_backward(torch.tensor(1.7, device="cuda"), x, target, stats, denominator, -100)
+        assert torch.equal(loss, first_loss) and torch.equal(stats, first_stats)
+        assert torch.equal(denominator, first_denominator) and torch.equal(grad, first_grad)
+        assert reduced._counter(x).item() == 0
+
+
+def test_reduced_edge_cases(backend):
+    """No kept row: NaN mean (torch's 0/0), 0 sum, zero gradient. An out-of-bounds target poisons
+    the loss (NaN) instead of asserting on the device. A strided x and target."""
+    x, target = _reduced_inputs(300, 10, torch.float32)
+    ignored = torch.full_like(target, 3)
+    loss, _, denominator, grad = _check_reduced(backend, x, ignored, 3, True)
+    assert loss.isnan().item() and denominator.item() == 0 and not grad.any()
+    loss, _, _, _ = _check_reduced(backend, x, ignored, 3, False)
+    assert loss.item() == 0
+    bad = target.clone()
+    bad[5] = 10
+    loss, _, _ = backend.ce_reduced_forward(x, bad, -100, True)
+    assert loss.isnan().item()
+    x_strided = x.t().contiguous().t()
+    _check_reduced(backend, x_strided, target.repeat_interleave(2)[::2], -100, True)
+    for rows, classes in ((0, 5), (4, 0)):  # the composite's edges
+        empty_x = torch.zeros(rows, classes, device="cuda")
+        loss, _, _ = backend.ce_reduced_forward(empty_x, torch.full((rows,), -100, device="cuda"), -100, True)
+        assert loss.isnan().item()
+
+
+def test_reduced_on_two_streams(backend):
+    """Launches on two streams at once use two ticket counters; both results stay right."""
+    x1, t1 = _reduced_inputs(16384, 1000, torch.float32)
+    x2, t2 = _reduced_inputs(4096, 1000, torch.float32)
+    expected = [backend.ce_reduced_forward(x, t, -100, True)[0] for x, t in ((x1, t1), (x2, t2))]
+    streams = [torch.cuda.Stream(), torch.cuda.Stream()]
+    for s in streams:
+        s.wait_stream(torch.cuda.current_stream())
+    results: list = [[], []]
+    for _ in range(10):
+        for k, (s, (x, t)) in enumerate(zip(streams, ((x1, t1), (x2, t2)), strict=True)):
+            with torch.cuda.stream(s):
+                results[k].append(backend.ce_reduced_forward(x, t, -100, True)[0])
+    torch.cuda.synchronize()
+    for k in range(2):
+        for value in results[k]:
+            assert torch.equal(value, expected[k])
+
+
+def test_reduced_in_a_cuda_graph(backend):
+    """Captured in a CUDA graph (its own zeroed counter, in the graph), replayed twice."""
+    x, target = _reduced_inputs(16384, 1000, torch.float32)
+    expected = backend.ce_reduced_forward(x, target, -100, True)[0]
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        backend.ce_reduced_forward(x, target, -100, True)
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        captured = backend.ce_reduced_forward(x, target, -100, True)[0]
+    for _ in range(2):
+        graph.replay()
+        torch.cuda.synchronize()
+        assert torch.equal(captured, expected)
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+def test_functional_fast_path_on_cuda(reduction):
+    """fusedce.cross_entropy on CUDA takes the fused ops (one each way) and matches torch."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    import fusedce
+
+    class Recorder(TorchDispatchMode):
+        def __init__(self) -> None:
+            super().__init__()
+            self.ops: list[str] = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
+            self.ops.append(str(func.overloadpacket).removeprefix("torch.ops."))
+            return func(*args, **(kwargs or {}))
+
+    x, target = _reduced_inputs(16384, 1000, torch.float32)
+    x.requires_grad_(True)
+    with Recorder() as recorder:
+        loss = fusedce.cross_entropy(x, target, reduction=reduction)
+    assert recorder.ops == ["fusedce.ce_reduced_forward"]
+    (grad,) = torch.autograd.grad(loss, x)
+    expected = torch.nn.functional.cross_entropy(x.double(), target, reduction=reduction)
+    (expected_grad,) = torch.autograd.grad(expected, x)
+    assert_close_report(loss, expected.float(), TOLERANCES["kernel"][torch.float32], "loss")
+    assert_close_report(grad, expected_grad, TOLERANCES["kernel"][torch.float32], "grad")

@@ -207,8 +207,8 @@ def _is_plain_call(
     label_smoothing: object, inplace_backward: bool,
 ) -> bool:
     """True for cross_entropy's common call, which the fused reduced op handles whole: eager mode,
-    plain CPU tensors, (N, C) floating logits and (N,) int64 targets of the same batch, no weight,
-    no smoothing, no legacy arguments. Cheapest and likeliest-to-fail tests first; torch.compile
+    plain CPU or CUDA tensors (on one device), (N, C) floating logits and (N,) int64 targets of the
+    same batch, no weight, no smoothing, no legacy arguments. Cheapest and likeliest-to-fail tests first; torch.compile
     comes before the functorch queries, which Dynamo cannot trace."""
     return (
         weight is None
@@ -223,8 +223,7 @@ def _is_plain_call(
         and input.shape[1] != 0  # no classes: the general path (ce_forward) handles C = 0
         and target.dim() == 1
         and target.dtype is torch.int64
-        and input.is_cpu
-        and target.is_cpu
+        and ((input.is_cpu and target.is_cpu) or (input.is_cuda and target.device == input.device))
         and input.is_floating_point()
         and input.shape[0] == target.shape[0]
         and not torch.compiler.is_compiling()

@@ -15,7 +15,9 @@ interpreter) the host check is free, so ``reference.check_targets`` runs first a
 ``IndexError`` like every other backend; hence ``CHECKS_TARGETS`` is True.
 
 Layout and tiling are described in ``_common``. ``ce_prob_target_grad`` and
-``ce_prob_weight_grad`` are the reference's (rare N×C paths).
+``ce_prob_weight_grad`` are the reference's (rare N×C paths). ``ce_reduced_forward`` and
+``ce_reduced_backward`` (not reference functions: the plain (N, C) 'mean'/'sum' loss in one launch
+each way) are in ``reduced``.
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ from .cross_entropy import (
     ce_prob_weight_grad,
 )
 from .nll import nll_backward, nll_forward
+from .reduced import ce_reduced_backward, ce_reduced_forward
 from .softmax import log_softmax_backward, log_softmax_forward, softmax_backward, softmax_forward
 
 # Index targets out of [0, C) raise torch's IndexError on CPU tensors; on CUDA they give NaN rows.
@@ -50,6 +53,8 @@ __all__ = [
     "ce_prob_forward",
     "ce_prob_target_grad",
     "ce_prob_weight_grad",
+    "ce_reduced_backward",
+    "ce_reduced_forward",
     "ensure_available",
     "log_softmax_backward",
     "log_softmax_forward",

@@ -472,8 +472,12 @@ def _per_row_outputs(x: Tensor) -> tuple[Tensor, Tensor]:
 
 
 def _saved_stats(stats: Tensor, x: Tensor) -> Tensor:
-    """The row stats as the backward kernels read them: contiguous, in the accumulation dtype."""
-    return stats.to(acc_dtype(x.dtype)).contiguous()
+    """The row stats as the backward kernels read them: contiguous, in the accumulation dtype.
+    The forward's own stats already are; the checks cost less than two no-op torch calls."""
+    acc = acc_dtype(x.dtype)
+    if stats.dtype == acc and stats.is_contiguous():
+        return stats
+    return stats.to(acc).contiguous()
 
 
 def _gradient_buffer(x: Tensor, inplace: bool) -> Tensor:
