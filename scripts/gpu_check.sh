@@ -53,7 +53,11 @@ EOF
 
 step "kernel parity: triton on CUDA against the reference; linear_cross_entropy against float64"
 launch_note="fast launcher (default)"
-timeout 150 python3 -m pytest -o addopts="" -p no:cacheprovider -q -rs --durations=8 \
+# Most of this step is Triton compiling ~100 kernel variants: spread over processes when
+# pytest-xdist is there (the GPU machine's image has it).
+parallel=()
+python3 -c "import xdist" 2>/dev/null && parallel=(-n 8)
+timeout 170 python3 -m pytest -o addopts="" -p no:cacheprovider -q -rs --durations=8 "${parallel[@]}" \
     tests/test_triton_cuda.py tests/test_linear_cuda.py 2>&1 | tee "$out/kernel_parity.log"
 parity=$?
 if [ $parity -ne 0 ]; then
