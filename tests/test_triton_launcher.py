@@ -296,7 +296,7 @@ def test_plain_mode_never_caches(fake_triton):
     "args, kwargs",
     [
         ((torch.zeros(4), torch.zeros(4), 10, 1, 0.5, 32), {}),  # a constexpr by position
-        ((torch.zeros(4), torch.zeros(4), 10, 1), {"scale": 0.5, "BLOCK": 32}),  # a runtime arg by name
+        ((torch.zeros(4), torch.zeros(4), 10), {"stride": 1, "scale": 0.5, "BLOCK": 32}),  # an int by name
         ((torch.zeros(4), torch.zeros(4), (10,), 1, 0.5), {"BLOCK": 32}),  # a tuple argument
     ],
 )
@@ -307,6 +307,21 @@ def test_layouts_the_key_does_not_capture_stay_plain(fake_triton, args, kwargs):
         launcher.launch(kernel, 1, args, kwargs)
     assert [c[0] for c in calls] == ["plain"] * 3
     assert launcher.kernel_entries(kernel) == 0
+
+
+def test_a_runtime_float_by_name_is_cached_with_its_value(fake_triton):
+    """The extras' coefficients come by keyword: a float's class is fixed (fp32), so the fast path
+    takes it, and each value has its own entry (the tail holds the value it was learnt with)."""
+    calls: list[Any] = []
+    kernel = _recording_kernel(calls)
+    args = (torch.zeros(4), torch.zeros(4), 10, 1)
+    for scale in (0.5, 0.5, 0.25, 0.25):
+        launcher.launch(kernel, 1, args, {"scale": scale, "BLOCK": 32})
+    assert [c[0] for c in calls] == ["plain", "fast", "plain", "fast"]
+    # the bound values: recorded by the binder (plain), or after the launcher's 9 leading arguments
+    bound = [c[2] if c[0] == "plain" else c[1][9:] for c in calls]
+    assert [b[4] for b in bound] == [0.5, 0.5, 0.25, 0.25]  # scale
+    assert launcher.kernel_entries(kernel) == 2
 
 
 def test_a_result_that_is_not_a_compiled_kernel_is_not_cached(fake_triton):
@@ -437,6 +452,9 @@ def test_key_and_tail_agree_with_tritons_binder_on_our_kernels(monkeypatch):
         backend.ce_backward(grad, x, target, None, lse, -100, 0.1, False)
         backend.nll_backward(grad, target, None, -100, classes, x.dtype)
         backend.softmax_backward(x, backend.softmax_forward(x))
+        # the extras pass their coefficients (runtime floats) by keyword
+        _, lse = backend.ce_extras_forward(x, target, None, -100, 0.0, 1e-4, 30.0)
+        backend.ce_extras_backward(grad, x, target, None, lse, -100, 0.0, 1e-4, 30.0, False)
 
     binders: dict[Any, Any] = {}
     specs: dict[Any, str] = {}

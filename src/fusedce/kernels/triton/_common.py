@@ -285,6 +285,14 @@ def finish_logsum(m, s):
 
 
 @triton.jit
+def reference_max(m, s):
+    """The row max as the reference reports it: NaN when the row holds a NaN. The GPU's max
+    instructions skip NaN (the interpreter's numpy does not), but a NaN logit always leaves
+    ``s`` NaN, and so does nothing else while the max is not +inf (``online_lse_step``)."""
+    return tl.where((s != s) & (m != float("inf")), float("nan"), m)
+
+
+@triton.jit
 def online_shifted_sum_step(total, weight_sum, m, m_new, wt, xf, cmask):
     """Fold a block into ``total = Σ wt_c·(m - x_c)``, the sum relative to the running max.
 

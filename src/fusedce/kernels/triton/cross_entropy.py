@@ -29,6 +29,7 @@ from ._common import (
     online_lse_step,
     online_shifted_sum_step,
     plan,
+    reference_max,
     scalar,
     split_scalar,
     store_stats,
@@ -180,7 +181,7 @@ def _ce_fwd_kernel(
     loss = tl.where(kept, loss, 0.0)
     loss = tl.where(bad, float("nan"), loss)
     tl.store(loss_ptr + r, loss, mask=rmask)
-    store_stats(stats_ptr, r, m, logsum, rmask)
+    store_stats(stats_ptr, r, reference_max(m, s), logsum, rmask)
 
 
 @triton.jit(do_not_specialize=[*NO_SPECIALIZE, "stride_go", "stride_gi", "stride_to", "stride_ti", "ignore_index"])
@@ -365,7 +366,7 @@ def _ce_prob_fwd_kernel(
     # and weights, so a small loss keeps its digits (lse·S - Σ w·t'·x would cancel).
     loss = sum_wt * logsum + sum_wtd
     tl.store(loss_ptr + r, loss, mask=rmask)
-    store_stats(stats_ptr, r, m, logsum, rmask)
+    store_stats(stats_ptr, r, reference_max(m, s), logsum, rmask)
 
 
 @triton.jit(do_not_specialize=[*NO_SPECIALIZE, "stride_go", "stride_gi"])

@@ -40,7 +40,7 @@ or per key, never by catching a failed launch:
 * the kernel is not a ``JITFunction`` (e.g. autotuned), or has pre-run hooks;
 * launch enter/exit hooks are installed (a profiler), or ``add_stages_inspection_hook`` is set;
 * an argument of another type (tuple, numpy scalar, descriptor ...), a constexpr passed by position,
-  a non-constexpr argument passed by keyword;
+  a non-constexpr argument other than a float passed by keyword;
 * the plain launch did not return a loaded ``CompiledKernel`` (e.g. a ``jit_cache_hook`` skipped it),
   or reading what the launcher needs from it and from the kernel failed;
 * a global that the kernel's source uses has changed since it was compiled (Triton then raises).
@@ -388,15 +388,18 @@ def bound_tail(params: list[Any], n_args: int, kwargs: dict[str, Any]) -> tuple[
     """The values the binder gives the parameters after the ``n_args`` positional ones: the
     constexpr keyword arguments, else the defaults. None when the key would not capture them: a
     constexpr among the positional arguments (the key holds its class, not its value), or a
-    runtime argument by keyword (its value is not classified)."""
+    runtime argument other than a float by keyword (its class is not in the key)."""
     if any(p.is_constexpr for p in params[:n_args]):
         return None
     tail = []
     for p in params[n_args:]:
         if p.name in kwargs:
-            if not p.is_constexpr:
+            value = kwargs[p.name]
+            # A runtime float by keyword (the extras' coefficients) is always an unspecialised
+            # fp32, so its class is fixed; its value is part of the cache key (``launch``).
+            if not p.is_constexpr and type(value) is not float:
                 return None
-            tail.append(kwargs[p.name])
+            tail.append(value)
         else:
             tail.append(p.default)
     return tuple(tail)

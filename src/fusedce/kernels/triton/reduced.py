@@ -40,6 +40,7 @@ from ._common import (
     load_stats,
     online_lse_step,
     plan,
+    reference_max,
     store_stats,
     tile_rows,
     tl_acc,
@@ -109,7 +110,7 @@ def _ce_reduced_fwd_kernel(
     loss = (m - x_t) + logsum
     loss = tl.where(kept, loss, 0.0)  # also 0 on the tile's rows past N (their m is -inf)
     loss = tl.where(bad, float("nan"), loss)
-    store_stats(stats_ptr, r, m, logsum, rmask)
+    store_stats(stats_ptr, r, reference_max(m, s), logsum, rmask)
 
     # This program's partial sum and count, then its ticket. The barrier orders every thread's
     # store before the (acquire-release, GPU-scope) atomic, as in Triton's layer-norm tutorial.
