@@ -287,3 +287,31 @@ def test_bench_providers_agree_on_the_micro_lmhead():
     for name in ("fusedce", "torch-chunked"):
         for ours, theirs in zip(results[name], results["eager"], strict=True):
             torch.testing.assert_close(ours, theirs)
+
+
+def test_a_unit_upstream_gradient_skips_the_scaling_of_the_precomputed_gradients():
+    """``loss.backward()`` hands the backward exactly 1: the gradients forward computed are returned
+    as they are, with no multiply over the weight gradient; any other upstream value scales them."""
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(64, 16, generator=gen, requires_grad=True)
+    w = torch.randn(300, 16, generator=gen, requires_grad=True)
+    target = torch.randint(0, 300, (64,), generator=gen)
+
+    class Ops(TorchDispatchMode):
+        def __init__(self) -> None:
+            super().__init__()
+            self.names: list[str] = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.names.append(func.__name__)
+            return func(*args, **(kwargs or {}))
+
+    loss = fusedce.linear_cross_entropy(x, w, target)
+    with Ops() as seen:
+        loss.backward()
+    assert not [n for n in seen.names if n.startswith("mul")], seen.names
+    once = (x.grad.clone(), w.grad.clone())
+    x.grad = w.grad = None
+    (fusedce.linear_cross_entropy(x, w, target) * 3).backward()
+    torch.testing.assert_close(x.grad, 3 * once[0])
+    torch.testing.assert_close(w.grad, 3 * once[1])
