@@ -58,7 +58,7 @@ launch_note="fast launcher (default)"
 # pytest-xdist is there (the GPU machine's image has it).
 parallel=()
 python3 -c "import xdist" 2>/dev/null && parallel=(-n 8)
-timeout 170 python3 -m pytest -o addopts="" -p no:cacheprovider -q -rs --durations=8 "${parallel[@]}" \
+timeout 170 python3 -m pytest -o addopts="" -p no:cacheprovider -q -rfs --tb=short --durations=8 "${parallel[@]}" \
     tests/test_triton_cuda.py tests/test_linear_cuda.py 2>&1 | tee "$out/kernel_parity.log"
 parity=$?
 if [ $parity -ne 0 ]; then
