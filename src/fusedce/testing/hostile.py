@@ -48,7 +48,9 @@ def _neg_inf_mask(case: Case, inputs: Inputs) -> None:
 
     def mask(x: Tensor) -> Tensor:
         gen = torch.Generator().manual_seed(seed_of(case) + 2)
-        x = torch.where(torch.rand(x.shape, generator=gen, dtype=torch.float64) < 0.25, -math.inf, x)
+        # drawn on the CPU (the same mask on every device), then moved to the case's device
+        masked = torch.rand(x.shape, generator=gen, dtype=torch.float64).to(x.device) < 0.25
+        x = torch.where(masked, -math.inf, x)
         rows = x.movedim(case.class_dim, -1)
         rows[(0,) * (x.dim() - 1)] = -math.inf
         rows[(-1,) * (x.dim() - 1)] = -math.inf
@@ -97,7 +99,7 @@ def _confident_prob_target(case: Case, inputs: Inputs) -> None:
     dim = case.class_dim
     classes = case.shape[dim]
     hot = (torch.arange(classes).view([-1] + [1] * (len(case.shape) - dim - 1)) == seed_of(case) % classes)
-    hot = hot.double().expand(case.shape)
+    hot = hot.double().expand(case.shape).to(inputs.input.device)
     _modified_input(inputs, lambda x: x + 20 * hot)
     inputs.target = (hot * (1 - 1e-6) + 1e-6 / classes).to(inputs.target.dtype)
 
