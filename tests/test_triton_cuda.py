@@ -400,3 +400,25 @@ def test_functional_fast_path_on_cuda(reduction):
     (expected_grad,) = torch.autograd.grad(expected, x)
     assert_close_report(loss, expected.float(), TOLERANCES["kernel"][torch.float32], "loss")
     assert_close_report(grad, expected_grad, TOLERANCES["kernel"][torch.float32], "grad")
+
+
+@pytest.mark.parametrize("weighted", [False, True])
+@pytest.mark.parametrize("op", ["cross_entropy", "nll_loss"])
+def test_an_unbatched_ignored_target_gives_torchs_cuda_zero(op, weighted):
+    """torch's CUDA kernel for one unbatched sample returns 0 for an ignored target ('mean'),
+    where its CPU kernel returns NaN; a valid target of weight 0 is NaN on both."""
+    import fusedce
+
+    x = torch.randn(7, device="cuda", requires_grad=True)
+    weight = torch.rand(7, device="cuda") if weighted else None
+    for target, zero_weight in ((torch.tensor(-100, device="cuda"), False), (torch.tensor(3, device="cuda"), True)):
+        w = weight
+        if zero_weight and w is not None:
+            w = w.clone()
+            w[3] = 0.0
+        ours = getattr(fusedce, op)(x, target, weight=w)
+        theirs = getattr(torch.nn.functional, op)(x, target, weight=w)
+        torch.testing.assert_close(ours, theirs, equal_nan=True)
+        (g_ours,) = torch.autograd.grad(ours, x)
+        (g_theirs,) = torch.autograd.grad(theirs, x)
+        torch.testing.assert_close(g_ours, g_theirs, equal_nan=True)

@@ -459,6 +459,11 @@ def _reduce_index_loss(
         # torch divides its NLL and smoothing terms separately; with a zero denominator the NLL
         # term is 0/0, so the mean (and every non-ignored row's gradient) is NaN, not inf.
         denominator = torch.where(denominator == 0, float("nan"), denominator)
+    elif input.dim() == 1 and input.device.type == "cuda":
+        # torch's CUDA kernel for one unbatched sample returns 0 for an ignored target where
+        # its CPU kernel gives 0/0 = NaN ("if the only element was omitted, we get 0"; a valid
+        # target of weight 0 is still NaN). Dividing by 1 there keeps the gradient 0, not 0/0.
+        denominator = torch.where(valid, denominator, torch.ones_like(denominator))
     return (total / denominator).to(input.dtype)
 
 
