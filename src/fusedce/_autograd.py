@@ -67,13 +67,14 @@ class CrossEntropy(Function):
         x, target, weight, ctx.ignore_index, ctx.smoothing, ctx.inplace_backward = inputs
         stats = output[1]
         ctx.mark_non_differentiable(stats)
+        ctx.set_materialize_grads(False)  # no zero-filled (rows, 2) gradient for the stats
         ctx.save_for_backward(x, target, weight, stats)
         ctx.save_for_forward(x, target, weight, stats)
 
     @staticmethod
-    def backward(ctx: Any, grad_loss: Tensor, _grad_stats: Tensor | None) -> tuple[Tensor | None, ...]:
+    def backward(ctx: Any, grad_loss: Tensor | None, _grad_stats: Tensor | None) -> tuple[Tensor | None, ...]:
         x, target, weight, stats = ctx.saved_tensors
-        if not ctx.needs_input_grad[0]:
+        if not ctx.needs_input_grad[0] or grad_loss is None:  # None: only the stats were used
             return (None,) * 6
         args = (target, weight)
         consts = (ctx.ignore_index, ctx.smoothing)
@@ -124,13 +125,14 @@ class CrossEntropyExtras(Function):
         ctx.consts = (ignore_index, smoothing, z_loss, softcap)
         stats = output[1]
         ctx.mark_non_differentiable(stats)
+        ctx.set_materialize_grads(False)  # no zero-filled (rows, 2) gradient for the stats
         ctx.save_for_backward(x, target, weight, stats)
         ctx.save_for_forward(x, target, weight, stats)
 
     @staticmethod
-    def backward(ctx: Any, grad_loss: Tensor, _grad_stats: Tensor | None) -> tuple[Tensor | None, ...]:
+    def backward(ctx: Any, grad_loss: Tensor | None, _grad_stats: Tensor | None) -> tuple[Tensor | None, ...]:
         x, target, weight, stats = ctx.saved_tensors
-        if not ctx.needs_input_grad[0]:
+        if not ctx.needs_input_grad[0] or grad_loss is None:  # None: only the stats were used
             return (None,) * 8
         ignore_index, smoothing, z_loss, softcap = ctx.consts
         if _recording_backward():
@@ -225,12 +227,15 @@ class CrossEntropyProb(Function):
         x, target, weight, ctx.smoothing, ctx.inplace_backward = inputs
         stats = output[1]
         ctx.mark_non_differentiable(stats)
+        ctx.set_materialize_grads(False)  # no zero-filled (rows, 2) gradient for the stats
         ctx.save_for_backward(x, target, weight, stats)
         ctx.save_for_forward(x, target, weight, stats)
 
     @staticmethod
-    def backward(ctx: Any, grad_loss: Tensor, _grad_stats: Tensor | None) -> tuple[Tensor | None, ...]:
+    def backward(ctx: Any, grad_loss: Tensor | None, _grad_stats: Tensor | None) -> tuple[Tensor | None, ...]:
         x, target, weight, stats = ctx.saved_tensors
+        if grad_loss is None:  # only the stats were used
+            return (None,) * 5
         eps = ctx.smoothing
         recording = _recording_backward()
         if recording:

@@ -444,7 +444,8 @@ def _reduce_index_loss(
     rows = rows if rows.dtype == torch.int64 else rows.long()
     valid = rows != ignore_index
     if weight is None:
-        denominator = valid.sum()
+        # count_nonzero, not sum: a bool sum first copies the mask to int64 (a fresh N-row buffer)
+        denominator = torch.count_nonzero(valid)
     else:
         # Clamp so that an out-of-range target (which the CUDA kernels report as NaN instead of
         # raising) cannot index out of bounds here.
