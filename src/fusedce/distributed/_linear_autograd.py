@@ -32,7 +32,7 @@ from torch.autograd import Function
 from torch.autograd.function import once_differentiable
 
 from ..kernels.reference import accumulation_dtype
-from ..linear.autograd import _grad_rows, _reduce
+from ..linear.autograd import _grad_rows, _reduce, _upstream_scale
 from ..linear.chunked import LossSpec, _Block, _blocks, _Gradients
 from . import _collectives, _local, _rows
 
@@ -187,9 +187,10 @@ class VocabParallelLinearCrossEntropy(Function):
         precomputed, ctx.precomputed = ctx.precomputed, None
         missing = list(wanted)
         if precomputed is not None:
+            scale = _upstream_scale(grad_out)  # 1 (loss.backward()): no pass over the gradients
             for i in range(3):
                 if wanted[i] and precomputed[i] is not None:
-                    grads[i] = precomputed[i].mul_(grad_out)
+                    grads[i] = precomputed[i] if scale == 1.0 else precomputed[i].mul_(scale)
                     missing[i] = False
         if any(missing):
             grad_rows = _grad_rows(grad_out, spec.mode, denominator, ctx.rows_shape)
