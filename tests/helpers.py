@@ -6,6 +6,7 @@ from typing import NamedTuple
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from fusedce.kernels import _load, available_backends
 from fusedce.testing.compare import ulp
@@ -103,3 +104,16 @@ def targets_with_ignored(shape: tuple[int, int, int], ignore_index: int) -> torc
     target = torch.randint(0, classes, (outer, inner), generator=gen)
     target.view(-1)[::3] = ignore_index
     return target
+
+
+class OpRecorder(TorchDispatchMode):
+    """Records the name of every op dispatched while it is active. Under a dispatch mode fusedce
+    calls its registered torch.library ops, so its kernels show up here as fusedce.* ops."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.ops: list[str] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
+        self.ops.append(str(func.overloadpacket).removeprefix("torch.ops."))
+        return func(*args, **(kwargs or {}))

@@ -13,25 +13,14 @@ from collections import Counter
 
 import pytest
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode, _disable_current_modes
+from torch.utils._python_dispatch import _disable_current_modes
 
 import fusedce
 from fusedce.kernels import available_backends, use_backend
 
+from .helpers import OpRecorder
+
 pytestmark = pytest.mark.skipif("cpu" not in available_backends("cpu"), reason="the C++ CPU backend is unavailable")
-
-
-class OpRecorder(TorchDispatchMode):
-    """Records the name of every op dispatched while it is active. Under a dispatch mode fusedce
-    calls its registered torch.library ops, so its kernels show up here as fusedce.* ops."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.ops: list[str] = []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
-        self.ops.append(str(func.overloadpacket).removeprefix("torch.ops."))
-        return func(*args, **(kwargs or {}))
 
 
 def _forward_and_backward(call) -> tuple[Counter[str], Counter[str]]:  # type: ignore[no-untyped-def]

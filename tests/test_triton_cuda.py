@@ -14,7 +14,7 @@ import torch
 
 from fusedce.kernels import _load, reference
 
-from .helpers import TOLERANCES, assert_close_report, layouts, targets_with_ignored
+from .helpers import TOLERANCES, OpRecorder, assert_close_report, layouts, targets_with_ignored
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
@@ -377,22 +377,11 @@ def test_reduced_in_a_cuda_graph(backend):
 @pytest.mark.parametrize("reduction", ["mean", "sum"])
 def test_functional_fast_path_on_cuda(reduction):
     """fusedce.cross_entropy on CUDA takes the fused ops (one each way) and matches torch."""
-    from torch.utils._python_dispatch import TorchDispatchMode
-
     import fusedce
-
-    class Recorder(TorchDispatchMode):
-        def __init__(self) -> None:
-            super().__init__()
-            self.ops: list[str] = []
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
-            self.ops.append(str(func.overloadpacket).removeprefix("torch.ops."))
-            return func(*args, **(kwargs or {}))
 
     x, target = _reduced_inputs(16384, 1000, torch.float32)
     x.requires_grad_(True)
-    with Recorder() as recorder:
+    with OpRecorder() as recorder:
         loss = fusedce.cross_entropy(x, target, reduction=reduction)
     assert recorder.ops == ["fusedce.ce_reduced_forward"]
     (grad,) = torch.autograd.grad(loss, x)

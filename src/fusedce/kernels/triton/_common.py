@@ -267,6 +267,21 @@ def online_lse_step(m, s, xf, cmask):
 
 
 @triton.jit
+def row_lse(x_ptr, x_row, rmask, num_classes, stride_xc, ACC: tl.constexpr, BLOCK_R: tl.constexpr,
+            BLOCK_C: tl.constexpr, COL_I64: tl.constexpr):
+    """``online_lse_step`` over all the classes of a tile of rows (each starting at ``x_row``):
+    their max ``m`` and ``s``, for the kernels that read nothing else along the way."""
+    m = tl.full([BLOCK_R], float("-inf"), ACC)
+    s = tl.zeros([BLOCK_R], ACC)
+    for c0 in range(0, num_classes, BLOCK_C):
+        cols, offs = col_offsets(c0, stride_xc, BLOCK_C, COL_I64)
+        cmask = rmask[:, None] & (cols < num_classes)[None, :]
+        xf = tl.load(x_ptr + x_row[:, None] + offs[None, :], mask=cmask, other=0.0).to(ACC)
+        m, s = online_lse_step(m, s, xf, cmask)
+    return m, s
+
+
+@triton.jit
 def log1p(s):
     """``log(1 + s)`` for ``s >= 0`` to a few ulp (the interpreter has no libdevice log1p):
     ``s·log(u)/(u - 1)`` with ``u = 1 + s`` rounded, whose rounding error cancels in the ratio

@@ -38,9 +38,9 @@ from ._common import (
     finish_logsum,
     launch,
     load_stats,
-    online_lse_step,
     plan,
     reference_max,
+    row_lse,
     store_stats,
     tile_rows,
     tl_acc,
@@ -93,13 +93,7 @@ def _ce_reduced_fwd_kernel(
     x_row = o * stride_xo
 
     # The row loss exactly as _ce_fwd_kernel forms it without weight and smoothing.
-    m = tl.full([BLOCK_R], float("-inf"), ACC)
-    s = tl.zeros([BLOCK_R], ACC)
-    for c0 in range(0, num_classes, BLOCK_C):
-        cols, offs = col_offsets(c0, stride_xc, BLOCK_C, COL_I64)
-        cmask = rmask[:, None] & (cols < num_classes)[None, :]
-        xf = tl.load(x_ptr + x_row[:, None] + offs[None, :], mask=cmask, other=0.0).to(ACC)
-        m, s = online_lse_step(m, s, xf, cmask)
+    m, s = row_lse(x_ptr, x_row, rmask, num_classes, stride_xc, ACC, BLOCK_R, BLOCK_C, COL_I64)
     logsum = finish_logsum(m, s)
     t = tl.load(target_ptr + o * stride_t, mask=rmask, other=0).to(tl.int64)
     kept = rmask & (t != ignore_index)

@@ -18,8 +18,8 @@ from ._common import (
     col_offsets,
     finish_logsum,
     launch,
-    online_lse_step,
     plan,
+    row_lse,
     tile_rows,
     tl_acc,
     to_output,
@@ -50,13 +50,7 @@ def _softmax_fwd_kernel(
 ):
     o, i, _r, rmask = tile_rows(tl.program_id(0), n_rows, inner, inner_tiles, BLOCK_R, INNER_TILE)
     x_row = o * stride_xo + i * stride_xi
-    m = tl.full([BLOCK_R], float("-inf"), ACC)
-    s = tl.zeros([BLOCK_R], ACC)
-    for c0 in range(0, num_classes, BLOCK_C):
-        cols, offs = col_offsets(c0, stride_xc, BLOCK_C, COL_I64)
-        cmask = rmask[:, None] & (cols < num_classes)[None, :]
-        xf = tl.load(x_ptr + x_row[:, None] + offs[None, :], mask=cmask, other=0.0).to(ACC)
-        m, s = online_lse_step(m, s, xf, cmask)
+    m, s = row_lse(x_ptr, x_row, rmask, num_classes, stride_xc, ACC, BLOCK_R, BLOCK_C, COL_I64)
     logsum = finish_logsum(m, s)
     inv_sum = tl.where(logsum == logsum, 1.0 / (1.0 + s), float("nan"))  # Σ = 1 + s
 
