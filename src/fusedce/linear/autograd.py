@@ -115,8 +115,11 @@ def _upstream_scale(grad_out: Tensor) -> Tensor | float:
     the multiply. That multiply reads and writes the whole weight gradient: about 1 GB for a
     Llama-3 head, 2.5 ms of an H200's time (measured) for nothing. The read is a device sync,
     which costs nothing here, as the backward has no other work to queue behind the forward's.
-    Under torch.compile or a functorch transform the tensor itself is used."""
+    Under torch.compile, a functorch transform or CUDA graph capture (where a sync is not
+    allowed) the tensor itself is used."""
     if torch.compiler.is_compiling() or torch._C._functorch.is_functorch_wrapped_tensor(grad_out):
+        return grad_out
+    if grad_out.is_cuda and torch.cuda.is_current_stream_capturing():
         return grad_out
     return grad_out.item()
 
