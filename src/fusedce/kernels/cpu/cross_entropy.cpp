@@ -569,7 +569,7 @@ void ce_prob_backward_kernel(const Tensor& grad_loss, const Tensor& x, const Ten
 
 // The (outer, inner, 2) row stats for a per-row (outer, inner) result.
 Tensor empty_stats(const Tensor& loss) {
-  return at::empty({loss.size(0), loss.size(1), 2}, loss.options());
+  return pooled_empty({loss.size(0), loss.size(1), 2}, loss.options());
 }
 
 void check_canonical(const Tensor& x) {
@@ -594,7 +594,7 @@ std::tuple<Tensor, Tensor> ce_forward(const Tensor& x, const Tensor& target,
   check_targets(view2<int64_t>(t), x.size(0), x.size(2), x.size(1), ignore_index);
   check_has_classes(x);
   const auto acc_dtype = x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-  Tensor loss = at::empty({x.size(0), x.size(2)}, x.options().dtype(acc_dtype));
+  Tensor loss = pooled_empty({x.size(0), x.size(2)}, x.options().dtype(acc_dtype));
   Tensor stats = empty_stats(loss);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "fusedce_ce_forward",
                                   [&] {
@@ -626,7 +626,7 @@ std::tuple<Tensor, Tensor> ce_prob_forward(const Tensor& x, const Tensor& target
                                            double smoothing) {
   check_canonical(x);
   const auto acc_dtype = x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-  Tensor loss = at::empty({x.size(0), x.size(2)}, x.options().dtype(acc_dtype));
+  Tensor loss = pooled_empty({x.size(0), x.size(2)}, x.options().dtype(acc_dtype));
   Tensor stats = empty_stats(loss);
   if (x.size(1) == 0) {  // the max of no classes, the log of an empty sum, an empty loss sum
     return {loss.fill_(0), stats.fill_(-std::numeric_limits<double>::infinity())};

@@ -178,8 +178,8 @@ std::tuple<Tensor, Tensor> ce_extras_forward(const Tensor& x, const Tensor& targ
   const Tensor t = long_targets(target);
   check_targets(view2<int64_t>(t), x.size(0), x.size(2), x.size(1), ignore_index);
   check_extras_input(x);
-  Tensor loss = at::empty({x.size(0), x.size(2)}, x.options().dtype(acc_dtype_of(x)));
-  Tensor stats = at::empty({x.size(0), x.size(2), 2}, loss.options());
+  Tensor loss = pooled_empty({x.size(0), x.size(2)}, x.options().dtype(acc_dtype_of(x)));
+  Tensor stats = pooled_empty({x.size(0), x.size(2), 2}, loss.options());
   AT_DISPATCH_FLOATING_TYPES_AND2(
       at::kHalf, at::kBFloat16, x.scalar_type(), "fusedce_ce_extras_forward", [&] {
         ce_extras_forward_kernel<scalar_t>(x, t, weight, ignore_index, smoothing, z_loss, softcap,

@@ -59,7 +59,7 @@ Tensor nll_forward(const Tensor& x, const Tensor& target, const std::optional<Te
   check_targets(view2<int64_t>(t), x.size(0), x.size(2), x.size(1), ignore_index);
   TORCH_CHECK(x.size(1) > 0 || t.numel() == 0, "index 0 is out of bounds for dimension 1 with size 0");
   const auto acc_dtype = x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-  Tensor loss = at::empty({x.size(0), x.size(2)}, x.options().dtype(acc_dtype));
+  Tensor loss = pooled_empty({x.size(0), x.size(2)}, x.options().dtype(acc_dtype));
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "fusedce_nll_forward", [&] {
     nll_forward_kernel<scalar_t>(x, view2<int64_t>(t), weight, ignore_index, loss);
   });

@@ -14,7 +14,8 @@ namespace {
 
 constexpr size_t kMinBytes = size_t(1) << 20;   // smaller ones come from malloc's heap, no faults
 constexpr size_t kMaxBytes = size_t(64) << 20;  // larger ones: huge pages (common.h) and no hoarding
-constexpr size_t kMaxKept = 4;
+constexpr size_t kMaxKept = 8;                   // a call's gradient, per-row loss and stats, twice over
+constexpr size_t kMaxKeptBytes = size_t(128) << 20;
 
 struct Pool {
   std::mutex mutex;
@@ -48,8 +49,14 @@ at::Tensor pooled_empty(at::IntArrayRef sizes, const at::TensorOptions& options)
     }
   }
   at::Tensor out = at::empty(sizes, options);
-  if (p.kept.size() >= kMaxKept) {
-    // Evict the oldest idle storage; when every kept one is in use, the oldest reference.
+  // Make room, the oldest idle storage first; when every kept one is in use, the oldest reference
+  // (dropping it frees nothing: its tensors live on).
+  auto kept_bytes = [&p] {
+    size_t total = 0;
+    for (const auto& s : p.kept) total += s.nbytes();
+    return total;
+  };
+  while (!p.kept.empty() && (p.kept.size() >= kMaxKept || kept_bytes() + bytes > kMaxKeptBytes)) {
     auto victim = std::find_if(p.kept.begin(), p.kept.end(), idle);
     p.kept.erase(victim != p.kept.end() ? victim : p.kept.begin());
   }
