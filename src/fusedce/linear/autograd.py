@@ -145,7 +145,7 @@ def _backward(ctx: Any, grad_out: Tensor, grad_rows: Tensor, x2: Tensor, w2: Ten
                 grads[i] = g
     # The weight and bias gradients may have been accumulated in float32 (chunked.weight_grad_dtype).
     if grads[1] is not None:
-        grads[1] = grads[1].to(w2.dtype)
+        grads[1] = chunked.narrowed(grads[1], w2.dtype)
     if grads[2] is not None and b1 is not None:
         grads[2] = grads[2].to(b1.dtype)
     if grads[4] is not None and weight is not None:

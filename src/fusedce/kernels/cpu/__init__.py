@@ -45,6 +45,7 @@ from ..reference import ce_prob_weight_grad as ce_prob_weight_grad
 # elementwise expressions that torch already runs at memory speed.
 
 __all__ = [
+    "accumulate_widened_",
     "accumulation_dtype",
     "ce_backward",
     "ce_extras_backward",
@@ -62,6 +63,7 @@ __all__ = [
     "kernel_dir",
     "log_softmax_backward",
     "log_softmax_forward",
+    "narrowed",
     "nll_backward",
     "nll_forward",
     "softmax_backward",
@@ -76,6 +78,7 @@ _SOURCES = (
     "nll.cpp",
     "output_pool.cpp",
     "softmax.cpp",
+    "widen.cpp",
     "bindings.cpp",
 )
 _HEADERS = ("common.h", "ops.h", "output_pool.h")
@@ -325,6 +328,18 @@ def ensure_available() -> ModuleType:
 
 def _kernels() -> ModuleType:
     return _ext if _ext is not None else ensure_available()
+
+
+def accumulate_widened_(acc: Tensor, block: Tensor, assign: bool) -> None:
+    """``acc = block.float()`` (assign) or ``acc += block.float()``, for a contiguous float32
+    ``acc`` and a contiguous half-precision ``block`` (the linear head's weight-gradient sum)."""
+    _kernels().accumulate_widened_(acc, block, assign)
+
+
+def narrowed(acc: Tensor, dtype: torch.dtype) -> Tensor:
+    """``acc.to(dtype)`` for a contiguous float32 ``acc`` and a half-precision ``dtype``, in one
+    vectorised pass (the linear head's weight gradient; ATen's conversion is several times slower)."""
+    return _kernels().narrowed(acc, dtype)
 
 
 def empty_cache() -> None:

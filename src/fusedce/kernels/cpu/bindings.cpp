@@ -22,4 +22,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("softmax_forward", &fusedce::softmax_forward);
   m.def("softmax_backward", &fusedce::softmax_backward);
   m.def("empty_output_pool", &fusedce::empty_output_pool);
+  m.def("accumulate_widened_", &fusedce::accumulate_widened_);
+  m.def("narrowed", &fusedce::narrowed);
 }

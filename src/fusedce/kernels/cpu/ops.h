@@ -60,4 +60,10 @@ at::Tensor log_softmax_backward(const at::Tensor& grad_out, const at::Tensor& ou
 at::Tensor softmax_forward(const at::Tensor& x);
 at::Tensor softmax_backward(const at::Tensor& grad_out, const at::Tensor& out);
 
+// The linear head's float32 weight-gradient sum over half-precision blocks (widen.cpp):
+// acc = float(block) when assign, else acc += float(block).
+void accumulate_widened_(at::Tensor& acc, const at::Tensor& block, bool assign);
+// acc rounded to the half-precision dtype, to nearest even (widen.cpp).
+at::Tensor narrowed(const at::Tensor& acc, at::ScalarType dtype);
+
 }  // namespace fusedce
