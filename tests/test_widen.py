@@ -71,3 +71,15 @@ def chunked_options(rows: int):  # type: ignore[no-untyped-def]
         batch_chunk_size = rows
 
     return Options()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, *HALF], ids=str)
+def test_max_row_abs_sum_is_the_largest_row_1_norm(dtype):
+    gen = torch.Generator().manual_seed(3)
+    w = (torch.randn(300, 77, generator=gen) * 10).to(dtype)
+    expected = w.float().abs().sum(1).max().item()
+    assert _load("cpu").max_row_abs_sum(w) == pytest.approx(expected, rel=1e-5)
+    w[123, 5] = float("inf")
+    assert _load("cpu").max_row_abs_sum(w) == float("inf")
+    w[7, 0] = float("nan")  # NaN wins over inf, wherever it sits
+    assert _load("cpu").max_row_abs_sum(w) != _load("cpu").max_row_abs_sum(w)

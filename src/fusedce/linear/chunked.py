@@ -208,10 +208,7 @@ class _Gradients:
         # A reused scratch for one block's weight gradient when it cannot be added in place, and
         # a small float32 one to widen it through, a slice at a time.
         self._w_block = None if not want_w or acc == w2.dtype else torch.empty_like(w2)
-        self._widen = None
-        if self._w_block is not None:
-            slice_rows = max(1, min(w2.shape[0], _WIDEN_BYTES // max(1, w2.shape[1] * 4)))
-            self._widen = torch.empty((slice_rows, w2.shape[1]), dtype=acc, device=w2.device)
+        self._widen: Tensor | None = None  # made on first use: the C++ pass needs none
 
     def add(self, rows: Selection, grad: Tensor, x_rows: Tensor, w2: Tensor) -> None:
         first, self._started = not self._started, True
@@ -249,11 +246,14 @@ class _Gradients:
         runs, else widening ``block`` to float32 a slice at a time (``add_`` of a bf16 tensor into
         a float32 one is an order of magnitude slower than ``copy_`` into float32 then a
         same-dtype ``add_``, and a whole float32 copy would cost memory)."""
-        assert self.w is not None and self._widen is not None
+        assert self.w is not None
         widen = getattr(backend_for(block.device), "accumulate_widened_", None)
         if widen is not None and block.is_contiguous() and self.w.is_contiguous():
             widen(self.w, block, first)
             return
+        if self._widen is None:
+            slice_rows = max(1, min(block.shape[0], _WIDEN_BYTES // max(1, block.shape[1] * 4)))
+            self._widen = torch.empty((slice_rows, block.shape[1]), dtype=self.w.dtype, device=block.device)
         if first:
             self.w.copy_(block)
             return

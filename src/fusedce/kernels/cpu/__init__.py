@@ -63,6 +63,7 @@ __all__ = [
     "kernel_dir",
     "log_softmax_backward",
     "log_softmax_forward",
+    "max_row_abs_sum",
     "narrowed",
     "nll_backward",
     "nll_forward",
@@ -340,6 +341,12 @@ def narrowed(acc: Tensor, dtype: torch.dtype) -> Tensor:
     """``acc.to(dtype)`` for a contiguous float32 ``acc`` and a half-precision ``dtype``, in one
     vectorised pass (the linear head's weight gradient; ATen's conversion is several times slower)."""
     return _kernels().narrowed(acc, dtype)
+
+
+def max_row_abs_sum(w: Tensor) -> float:
+    """``max_c ‖w_c‖₁`` over the rows of a contiguous 2-D float32 or half-precision ``w``,
+    summed in float32 in one pass (NaN if any element is NaN)."""
+    return float(_kernels().max_row_abs_sum(w))
 
 
 def empty_cache() -> None:

@@ -24,4 +24,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("empty_output_pool", &fusedce::empty_output_pool);
   m.def("accumulate_widened_", &fusedce::accumulate_widened_);
   m.def("narrowed", &fusedce::narrowed);
+  m.def("max_row_abs_sum", &fusedce::max_row_abs_sum);
 }

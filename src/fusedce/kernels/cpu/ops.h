@@ -65,5 +65,7 @@ at::Tensor softmax_backward(const at::Tensor& grad_out, const at::Tensor& out);
 void accumulate_widened_(at::Tensor& acc, const at::Tensor& block, bool assign);
 // acc rounded to the half-precision dtype, to nearest even (widen.cpp).
 at::Tensor narrowed(const at::Tensor& acc, at::ScalarType dtype);
+// max over the rows of W of sum |W_rc|, in float32 (NaN if any is NaN) (widen.cpp).
+double max_row_abs_sum(const at::Tensor& w);
 
 }  // namespace fusedce
