@@ -39,13 +39,19 @@ def _product_kernel(x_ptr, m_ptr, l_ptr, n_cols, stride, BLOCK_C: tl.constexpr):
 
 
 @triton.jit
+def _row_block(x_ptr, row, stride, c0, n_cols, BLOCK_C: tl.constexpr):
+    """Columns c0 .. c0+BLOCK_C of a row in float32, -inf past its end."""
+    cols = c0 + tl.arange(0, BLOCK_C)
+    return tl.load(x_ptr + row * stride + cols, mask=cols < n_cols, other=float("-inf")).to(tl.float32)
+
+
+@triton.jit
 def _lanes_kernel(x_ptr, m_ptr, l_ptr, n_cols, stride, BLOCK_C: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     m = tl.full([BLOCK_C], float("-inf"), tl.float32)
     s = tl.zeros([BLOCK_C], tl.float32)
     for c0 in range(0, n_cols, BLOCK_C):
-        cols = c0 + tl.arange(0, BLOCK_C)
-        x = tl.load(x_ptr + row * stride + cols, mask=cols < n_cols, other=float("-inf")).to(tl.float32)
+        x = _row_block(x_ptr, row, stride, c0, n_cols, BLOCK_C)
         # One exp per element: exp(-|x - m|) is x's term when x <= m, else the old total's
         # rescale; a tie adds exactly exp(0) = 1. Both -inf: no term (not exp(nan)).
         e = tl.where((x == float("-inf")) & (m == float("-inf")), 0.0, tl.exp(-tl.abs(x - m)))
@@ -67,8 +73,7 @@ def _classic_kernel(x_ptr, m_ptr, l_ptr, n_cols, stride, BLOCK_C: tl.constexpr):
     m = tl.full([BLOCK_C], float("-inf"), tl.float32)
     s = tl.zeros([BLOCK_C], tl.float32)
     for c0 in range(0, n_cols, BLOCK_C):
-        cols = c0 + tl.arange(0, BLOCK_C)
-        x = tl.load(x_ptr + row * stride + cols, mask=cols < n_cols, other=float("-inf")).to(tl.float32)
+        x = _row_block(x_ptr, row, stride, c0, n_cols, BLOCK_C)
         m_new = tl.maximum(m, x)
         safe = tl.where(m_new == float("-inf"), 0.0, m_new)
         s = s * tl.exp(m - safe) + tl.exp(x - safe)
