@@ -402,6 +402,56 @@ def differences(spec: Spec, backend: str) -> list[str]:
                 what, a, second.to(b.dtype), None, spec.precision, row_dim, margin
             ):
                 problem = None
+        if problem and what == "grad 0" and _exactly_no_worse_than_torch(spec, a, b):
+            problem = None
         if problem:
             problems.append(problem)
     return problems
+
+
+# At most this many rows are re-judged exactly (a failure beyond that is reported as it is).
+_EXACT_ROWS = 8
+
+
+def _exactly_no_worse_than_torch(spec: Spec, ours: Tensor, theirs: Tensor) -> bool:
+    """For a float64 cross_entropy, torch's float64 gradient is the only reference, and it has
+    rounding errors of its own: at 33002 classes a confident probability target's hot class came
+    out 2.5e-13 from the exact value in torch and 4e-14 in fusedce, which the derived margin
+    counted against fusedce. Here the rows where the two differ are judged against the exact
+    ``u - p·Σu`` (mpmath, 40 digits, from torch's own ``u = ∂loss/∂log p`` and the logits): they
+    pass when every element of ours is as close to it as torch's (plus an ulp)."""
+    if spec.op != "cross_entropy" or spec.precision != torch.float64 or not spec.shape or ours.dim() == 0:
+        return False
+    import mpmath
+
+    call = _float64(build(spec))
+    dim = spec.class_dim
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with torch.no_grad():
+            shape = call.invoke(F.cross_entropy)
+    u = log_prob_upstream(lambda: call.invoke(F.cross_entropy), call.input, upstream(spec, shape))
+    if u is None:
+        return False
+    classes = spec.shape[dim]
+    rows = [t.detach().double().movedim(dim, -1).reshape(-1, classes) for t in (call.input, u, ours, theirs)]
+    x, uu, a, b = rows
+    if not (x.isfinite().all() and uu.isfinite().all() and a.isfinite().all() and b.isfinite().all()):
+        return False
+    differing = ((a - b).abs() > 4 * ulp(b, torch.float64)).any(dim=1).nonzero().flatten().tolist()
+    if len(differing) > _EXACT_ROWS:
+        return False
+    mpmath.mp.dps = 40
+    for r in differing:
+        xs = [mpmath.mpf(v) for v in x[r].tolist()]
+        us = [mpmath.mpf(v) for v in uu[r].tolist()]
+        top = max(xs)
+        exps = [mpmath.exp(v - top) for v in xs]
+        total, u_sum = mpmath.fsum(exps), mpmath.fsum(us)
+        for c in range(classes):
+            exact = us[c] - exps[c] / total * u_sum
+            ours_err = abs(mpmath.mpf(float(a[r, c])) - exact)
+            torch_err = abs(mpmath.mpf(float(b[r, c])) - exact)
+            if ours_err > torch_err + float(ulp(b[r, c : c + 1], torch.float64)[0]):
+                return False
+    return True

@@ -72,6 +72,8 @@ def test_softmax_family_matches_torch(request, backend):
 # ulp of 1), float16 softmax of bfloat16 input (the output's rounding, magnified), a uint8 target
 # on K-dimensional rows with no classes (torch raises its Long/Byte error), and a float16
 # log-probability below -65504 that torch's 0·inf turns into a NaN target gradient; and below.
+CONFIDENT_33002 = Spec("cross_entropy", (33002,), torch.float64, 0, target="confident", target_dtype=torch.float64)
+
 FOUND = [
     Spec("cross_entropy", (3,), torch.float32, 0, magnitude=0.01, offset=-3000.0, label_smoothing=1.0),
     Spec("cross_entropy", (2,), torch.float32, 1, magnitude=0.01, label_smoothing=1.0),
@@ -135,6 +137,9 @@ FOUND = [
     Spec("cross_entropy", (2, 2), torch.float32, 2, magnitude=100.0, nan=True),
     Spec("cross_entropy", (3, 7045), torch.float64, 3, nan=True, target="confident", target_dtype=torch.float64),
     Spec("cross_entropy", (2, 16821), torch.float64, 0, nan=True, target="confident", target_dtype=torch.float64),
+    # float64, 33002 classes, a confident probability target: torch's own hot-class gradient is
+    # 2.5e-13 from the exact value, fusedce's 4e-14 (judged exactly, fuzz_compare)
+    CONFIDENT_33002,
 ]
 
 
@@ -176,3 +181,24 @@ def test_the_fuzz_rule_can_fail():
     assert compare_tensor("value", theirs, theirs, truth, torch.float32) is None
     assert compare_tensor("value", ours, theirs, torch.log_softmax(x32.double(), 1), torch.float32) is not None
 
+
+
+def test_the_exact_rejudge_still_catches_a_worse_gradient():
+    """The float64 re-judge against the exact gradient (fuzz_compare) passes fusedce's result on
+    the case it was made for, and fails it with its hot class moved to torch's side of the exact
+    value, farther than torch (whose own error there is 2.5e-13)."""
+    from fusedce import functional, use_backend
+
+    from .fuzz_compare import _exactly_no_worse_than_torch, run
+    from .fuzz_spec import build
+
+    spec = CONFIDENT_33002
+    with use_backend("reference"):
+        ours = run(functional.cross_entropy, spec, build(spec)).grads[0]
+    theirs = run(torch.nn.functional.cross_entropy, spec, build(spec)).grads[0]
+    assert _exactly_no_worse_than_torch(spec, ours, theirs)
+    # Mirror ours about torch at the hot class: 5.4e-13 from the exact value, beyond torch's error.
+    worse = ours.clone()
+    hot = int((ours - theirs).abs().argmax())
+    worse[hot] = 2 * theirs[hot] - ours[hot]
+    assert not _exactly_no_worse_than_torch(spec, worse, theirs)
