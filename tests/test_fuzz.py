@@ -140,6 +140,9 @@ FOUND = [
     # float64, 33002 classes, a confident probability target: torch's own hot-class gradient is
     # 2.5e-13 from the exact value, fusedce's 4e-14 (judged exactly, fuzz_compare)
     CONFIDENT_33002,
+    # a float32 softmax over 65535 classes: each lane's plain sum of 4096 exps was 14x torch's error
+    Spec("softmax", (2, 65535, 1), torch.float64, 201522897, magnitude=0.1, offset=60000.0, nan=True, dim=1,
+         softmax_dtype=torch.float32),
 ]
 
 
