@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import cProfile
-import importlib
 import io
 import pstats
 import statistics
@@ -25,6 +24,7 @@ import torch
 import torch.nn.functional as F
 
 import fusedce
+from fusedce.kernels.triton import launcher
 
 SHAPES = {
     "tiny 256x10": ((256, 10), 10),
@@ -67,33 +67,20 @@ def host_and_wall_us(step: Callable[[], None], calls: int) -> tuple[float, float
     return host, statistics.median(walls) * 1e6
 
 
-def _launch_modes() -> tuple[list[str], Callable[[str], None] | None]:
-    """The Triton launch modes to time, and the setter that switches between them in-process."""
-    try:
-        launcher = importlib.import_module("fusedce.kernels.triton.launcher")
-    except ImportError:
-        return ["default"], None
-    set_mode = getattr(launcher, "set_mode", None)
-    return (["fast", "plain"], set_mode) if set_mode is not None else (["default"], None)
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--calls", type=int, default=100)
     parser.add_argument("--profile", help="write a cProfile of fusedce at the imagenet shape here")
     args = parser.parse_args()
-    modes, set_mode = _launch_modes()
     rows = []
     for name, (shape, classes) in SHAPES.items():
         x, target = _inputs(shape, classes)
         eager_host, eager_wall = host_and_wall_us(_step(F.cross_entropy, x, target), args.calls)
-        for mode in modes:
-            if set_mode is not None:
-                set_mode(mode)
+        for mode in launcher.MODES:
+            launcher.set_mode(mode)
             host, wall = host_and_wall_us(_step(fusedce.cross_entropy, x, target), args.calls)
             rows.append((name, mode, host, wall, eager_host, eager_wall))
-    if set_mode is not None:
-        set_mode("fast")
+    launcher.set_mode(None)  # back to FUSEDCE_TRITON_LAUNCH
     print(
         "shape               | launch | fusedce host µs | eager host µs | host ×eager | fusedce wall µs "
         "| eager wall µs | eager/fusedce wall"
