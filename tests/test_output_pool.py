@@ -70,8 +70,27 @@ def test_empty_cache_drops_the_pools_reference(inputs):
     assert _uses(grad) == pooled - 1
 
 
-def test_sizes_outside_the_range_are_not_kept(inputs):
+def test_small_outputs_are_not_kept(inputs):
     _, _ = inputs
     small = _gradient(torch.randn(8, 10), torch.randint(0, 10, (8,)))
     alone = torch.empty(8, 10)
     assert _uses(small) == _uses(alone)
+
+
+def test_large_outputs_are_reused_and_kept_two_at_most(inputs):
+    """Above 64 MiB (an LM's gradient) the pool keeps the two most recent, whatever their size."""
+    _, _ = inputs
+    target = torch.zeros(1024, dtype=torch.long)
+    first = _gradient(torch.zeros(1024, 16500), target)  # a 68 MB float32 gradient
+    address = first.data_ptr()
+    del first
+    # Reused before _uses is asked: a storage's Python object, once made, stays with it and holds
+    # a reference, so that the pool never hands that storage out again.
+    again = _gradient(torch.ones(1024, 16500), target)
+    assert again.data_ptr() == address
+    torch.testing.assert_close(again[0, :2], torch.tensor([1 / 16500 - 1, 1 / 16500]) / 1024)
+    del again
+    grads = [_gradient(torch.zeros(1024, c), target) for c in (16400, 16600, 16700)]
+    alone = torch.empty(8, 10)
+    # The first was evicted when the third came: only its tensor refers to it now.
+    assert [_uses(g) - _uses(alone) for g in grads] == [0, 1, 1]
