@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import time
 
 import pytest
 import torch
@@ -132,6 +133,15 @@ def test_backward_mode_runs_the_forward_in_setup():
     assert calls == ["fwd"]
     step.run()
     assert calls == ["fwd"] and inputs.x.grad is not None
+
+
+def test_the_repeat_budget_counts_the_setup():
+    """A repeat costs its setup too (the backward mode's is a whole forward): a fast call behind a
+    slow setup gets few repeats, not the hundreds its timed call alone would fit."""
+    step = timing.Step(setup=lambda: time.sleep(0.05), run=lambda: None)
+    once = timing.warm_up(step, 1, budget_s=1.0)
+    assert once >= 0.05
+    assert timing.auto_repeats(once, 1.0, 5, 1000) <= 20
 
 
 def test_the_memory_probe_on_a_small_shape():

@@ -350,7 +350,7 @@ def max_row_abs_sum(w: Tensor) -> float:
 
 
 def empty_cache() -> None:
-    """Release the mid-sized outputs the kernels keep for reuse (output_pool.h); a no-op when
+    """Release the outputs the kernels keep for reuse (output_pool.h); a no-op when
     the kernels were never loaded."""
     if _ext is not None:
         _ext.empty_output_pool()
