@@ -117,3 +117,23 @@ class OpRecorder(TorchDispatchMode):
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
         self.ops.append(str(func.overloadpacket).removeprefix("torch.ops."))
         return func(*args, **(kwargs or {}))
+
+
+def lane_hostile_rows(classes: int) -> torch.Tensor:
+    """Rows that tell row_lse's per-lane statistics apart from a plain sum: an offset, ties within
+    and across lanes, -inf masks, a confident row, and +inf or NaN arriving after -inf."""
+    gen = torch.Generator().manual_seed(3)
+    x = torch.randn(11, classes, generator=gen) * 2
+    x[0] += 3000.0  # a large common offset
+    x[1] = 0.5  # every class tied
+    x[2, ::2] = float("-inf")
+    x[3, 17] += 40.0  # confident: the rest is ~1e-17
+    x[4, classes // 2 :] = float("-inf")
+    x[5, 3] = x[5, classes - 1] = x[5].max() + 1  # a tie at the max, in two lanes
+    x[6] = float("-inf")
+    x[7, classes - 5] = float("inf")  # a late +inf
+    x[8, 1] = x[8, 2] = float("inf")  # +inf in two lanes
+    x[9, : classes // 2] = float("-inf")
+    x[9, classes - 3] = float("nan")  # NaN where its lane had seen only -inf
+    x[10, 0] = float("-inf")  # -inf then finite values in one lane
+    return x

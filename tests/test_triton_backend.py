@@ -13,7 +13,7 @@ import torch
 
 from fusedce.kernels import _load, available_backends, reference
 
-from .helpers import TOLERANCES, assert_close_report
+from .helpers import TOLERANCES, assert_close_report, lane_hostile_rows
 
 pytestmark = pytest.mark.skipif(
     "triton" not in available_backends("cpu"),
@@ -93,26 +93,6 @@ def test_online_lse_non_finite_blocks(triton_backend, small_blocks):
     assert loss[3:6].isnan().all() and loss[[0, 1, 2, 6, 7]].isfinite().all()
 
 
-def _lane_hostile_rows(classes: int) -> torch.Tensor:
-    """Rows that tell row_lse's per-lane statistics apart from a plain sum: an offset, ties within
-    and across lanes, -inf masks, a confident row, and +inf or NaN arriving after -inf."""
-    gen = torch.Generator().manual_seed(3)
-    x = torch.randn(11, classes, generator=gen) * 2
-    x[0] += 3000.0  # a large common offset
-    x[1] = 0.5  # every class tied
-    x[2, ::2] = float("-inf")
-    x[3, 17] += 40.0  # confident: the rest is ~1e-17
-    x[4, classes // 2 :] = float("-inf")
-    x[5, 3] = x[5, classes - 1] = x[5].max() + 1  # a tie at the max, in two lanes
-    x[6] = float("-inf")
-    x[7, classes - 5] = float("inf")  # a late +inf
-    x[8, 1] = x[8, 2] = float("inf")  # +inf in two lanes
-    x[9, : classes // 2] = float("-inf")
-    x[9, classes - 3] = float("nan")  # NaN where its lane had seen only -inf
-    x[10, 0] = float("-inf")  # -inf then finite values in one lane
-    return x
-
-
 @pytest.mark.parametrize("block", [16, 4096])
 def test_lane_lse_hostile_rows(triton_backend, monkeypatch, block):
     """row_lse (softmax, log_softmax, the reduced loss) keeps a running max and sum per lane and
@@ -122,7 +102,7 @@ def test_lane_lse_hostile_rows(triton_backend, monkeypatch, block):
 
     monkeypatch.setattr(_common, "MAX_BLOCK_C", block)
     classes = 5000 if block == 4096 else 70
-    x = _lane_hostile_rows(classes)
+    x = lane_hostile_rows(classes)
     target = torch.arange(x.shape[0]) * 7 % classes
     _compare(x.unsqueeze(2), target.unsqueeze(1), backend=triton_backend)
     for mean in (True, False):

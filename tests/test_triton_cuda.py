@@ -14,7 +14,7 @@ import torch
 
 from fusedce.kernels import _load, reference
 
-from .helpers import TOLERANCES, OpRecorder, assert_close_report, layouts, targets_with_ignored
+from .helpers import TOLERANCES, OpRecorder, assert_close_report, lane_hostile_rows, layouts, targets_with_ignored
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
@@ -117,6 +117,29 @@ def test_non_finite_rows(backend):
     assert loss[:3].isnan().all() and loss[3:].isfinite().all()
     out = backend.log_softmax_forward(x)
     assert out[:3].isnan().all() and out[3, 4].item() == float("-inf")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_lane_statistics_on_hostile_rows(backend, dtype):
+    """row_lse's per-lane max and sum (softmax, log_softmax, the reduced loss) on the GPU's own
+    tiles (bfloat16: 4096-wide, 2048 lanes; float32: 2048), where max skips NaN: offsets, ties
+    across lanes, -inf masks, +inf and NaN after -inf (tests/helpers.py)."""
+    x = lane_hostile_rows(5000).to(dtype).cuda()
+    target = (torch.arange(x.shape[0]) * 7 % 5000).cuda()
+    tol = TOLERANCES["kernel"][dtype]
+    for op in ("softmax_forward", "log_softmax_forward"):
+        ours = getattr(backend, op)(x.unsqueeze(2))
+        theirs = getattr(reference, op)(x.unsqueeze(2))
+        assert_close_report(ours, theirs, tol, op)
+    for mean in (True, False):
+        loss, stats, _ = backend.ce_reduced_forward(x[:6], target[:6], -100, mean)
+        ref_loss, ref_stats = reference.ce_forward(x[:6].unsqueeze(2), target[:6].unsqueeze(1), None, -100, 0.0)
+        total = ref_loss.sum() / (6 if mean else 1)
+        assert_close_report(loss, total.to(dtype), tol, "reduced loss")
+        assert_close_report(stats, ref_stats, tol, "reduced stats")
+        _, stats, _ = backend.ce_reduced_forward(x, target, -100, mean)
+        ref_stats = reference.ce_forward(x.unsqueeze(2), target.unsqueeze(1), None, -100, 0.0)[1]
+        assert_close_report(stats, ref_stats, tol, "stats of every row")
 
 
 def test_out_of_bounds_targets_poison_the_row(backend):
