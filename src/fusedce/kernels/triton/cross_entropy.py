@@ -30,6 +30,7 @@ from ._common import (
     online_shifted_sum_step,
     plan,
     reference_max,
+    row_lse,
     scalar,
     split_scalar,
     store_stats,
@@ -136,24 +137,31 @@ def _ce_fwd_kernel(
     x_row = o * stride_xo + i * stride_xi
     cap = scalar(cap_hi, cap_lo, ACC)
 
-    m = tl.full([BLOCK_R], float("-inf"), ACC)
-    s = tl.zeros([BLOCK_R], ACC)
     sum_wd = tl.zeros([BLOCK_R], ACC)  # Σ w_c·(m - x_c) (smoothing only)
     sum_w = tl.zeros([BLOCK_R], ACC)  # Σ w_c over the blocks folded so far (smoothing only)
-    for c0 in range(0, num_classes, BLOCK_C):
-        cols, offs = col_offsets(c0, stride_xc, BLOCK_C, COL_I64)
-        cmask = rmask[:, None] & (cols < num_classes)[None, :]
-        xf = tl.load(x_ptr + x_row[:, None] + offs[None, :], mask=cmask, other=0.0).to(ACC)
-        xf = _capped(xf, cap, HAS_SOFTCAP)
-        m_old = m
-        m, s = online_lse_step(m, s, xf, cmask)
-        if HAS_SMOOTHING:
-            if HAS_WEIGHT:
-                w = tl.load(weight_ptr + cols, mask=cols < num_classes, other=0.0).to(ACC)
-            else:
-                w = tl.where(cols < num_classes, 1.0, 0.0).to(ACC)
-            sum_wd = online_shifted_sum_step(sum_wd, sum_w, m_old, m, w[None, :], xf, cmask)
-            sum_w += tl.sum(w, axis=0)
+    if HAS_SMOOTHING or HAS_SOFTCAP:
+        # Block by block: the smoothing sum follows the row's running max, and the capped
+        # logits' ties are found by value (see online_lse_step).
+        m = tl.full([BLOCK_R], float("-inf"), ACC)
+        s = tl.zeros([BLOCK_R], ACC)
+        for c0 in range(0, num_classes, BLOCK_C):
+            cols, offs = col_offsets(c0, stride_xc, BLOCK_C, COL_I64)
+            cmask = rmask[:, None] & (cols < num_classes)[None, :]
+            xf = tl.load(x_ptr + x_row[:, None] + offs[None, :], mask=cmask, other=0.0).to(ACC)
+            xf = _capped(xf, cap, HAS_SOFTCAP)
+            m_old = m
+            m, s = online_lse_step(m, s, xf, cmask)
+            if HAS_SMOOTHING:
+                if HAS_WEIGHT:
+                    w = tl.load(weight_ptr + cols, mask=cols < num_classes, other=0.0).to(ACC)
+                else:
+                    w = tl.where(cols < num_classes, 1.0, 0.0).to(ACC)
+                sum_wd = online_shifted_sum_step(sum_wd, sum_w, m_old, m, w[None, :], xf, cmask)
+                sum_w += tl.sum(w, axis=0)
+    else:
+        # The row statistics alone, lane by lane, as the reduced loss forms them: the two give
+        # the same stats bit for bit.
+        m, s = row_lse(x_ptr, x_row, rmask, num_classes, stride_xc, ACC, BLOCK_R, BLOCK_C, COL_I64)
     logsum = finish_logsum(m, s)
 
     kept, bad, safe, w_t = _load_index_targets(
