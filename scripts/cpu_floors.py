@@ -4,6 +4,9 @@
    C++ kernels directly (no validation, no reduction inside) against torch eager and fusedce.
 2. seg (16×21×128×128): the forward kernel's cost per logit on seg's tile path (class dim not
    last, C = 21) against the row path of an lm-32k-shaped input (4096×32000).
+3. lm-32k bf16 (4096×32000): the forward and backward kernels over all 4096 rows, from memory,
+   against the same work on 32 rows at a time that stay in cache (128 calls): a kernel that
+   takes as long from cache is bound by its arithmetic, not by memory.
 
 Usage: ``python scripts/cpu_floors.py`` (after ``bash scripts/test.sh`` or in ./.venv).
 """
@@ -102,7 +105,31 @@ def seg() -> None:
           f"({eager_us / ours_us:.2f}x)")
 
 
+def lm_bf16() -> None:
+    classes, calls = 32000, 128
+    print("lm-32k bf16, 4096 rows' worth (median ms): forward, backward")
+    for rows in (4096, 4096 // calls):
+        x = (torch.randn(rows, classes, 1) * 3).bfloat16()
+        t = torch.randint(0, classes, (rows, 1))
+        _, stats = cpu.ce_forward(x, t, None, -100, 0.0)
+        g = torch.ones(rows, 1)
+        repeat = 4096 // rows
+
+        def forward(x: torch.Tensor = x, t: torch.Tensor = t, repeat: int = repeat) -> None:
+            for _ in range(repeat):
+                cpu.ce_forward(x, t, None, -100, 0.0)
+
+        def backward(x: torch.Tensor = x, t: torch.Tensor = t, stats: torch.Tensor = stats,
+                     g: torch.Tensor = g, repeat: int = repeat) -> None:
+            for _ in range(repeat):
+                cpu.ce_backward(g, x, t, None, stats, -100, 0.0, False)
+
+        where = "from memory" if rows == 4096 else f"{rows} rows x {repeat}, in cache"
+        print(f"  {where:>24}: {median_us(forward, 20) / 1e3:6.2f}  {median_us(backward, 20) / 1e3:6.2f}")
+
+
 if __name__ == "__main__":
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
     tiny()
     seg()
+    lm_bf16()
