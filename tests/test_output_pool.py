@@ -78,7 +78,7 @@ def test_small_outputs_are_not_kept(inputs):
 
 
 def test_large_outputs_are_reused_and_kept_two_at_most(inputs):
-    """Above 64 MiB (an LM's gradient) the pool keeps the two most recent, whatever their size."""
+    """Above 64 MiB (an LM's gradient) the pool keeps the two most recent (up to 1 GiB in all)."""
     _, _ = inputs
     target = torch.zeros(1024, dtype=torch.long)
     first = _gradient(torch.zeros(1024, 16500), target)  # a 68 MB float32 gradient
@@ -94,3 +94,14 @@ def test_large_outputs_are_reused_and_kept_two_at_most(inputs):
     alone = torch.empty(8, 10)
     # The first was evicted when the third came: only its tensor refers to it now.
     assert [_uses(g) - _uses(alone) for g in grads] == [0, 1, 1]
+
+
+def test_an_output_above_the_large_bound_is_never_kept(inputs):
+    """A one-off output above 1 GiB is not hoarded, and evicts nothing to make room."""
+    _, _ = inputs
+    target = torch.zeros(1024, dtype=torch.long)
+    kept = _gradient(torch.zeros(1024, 16500), target)
+    huge = _gradient(torch.zeros(1024, 262200), target)  # a 1.07 GB float32 gradient
+    alone = torch.empty(8, 10)
+    assert _uses(huge) == _uses(alone)
+    assert _uses(kept) == _uses(alone) + 1

@@ -17,6 +17,7 @@ constexpr size_t kMaxBytes = size_t(64) << 20;  // mid-sized: up to here
 constexpr size_t kMaxKept = 8;                   // a call's gradient, per-row loss and stats, twice over
 constexpr size_t kMaxKeptBytes = size_t(128) << 20;
 constexpr size_t kMaxKeptLarge = 2;              // a softmax's output and its gradient
+constexpr size_t kMaxKeptLargeBytes = size_t(1) << 30;  // so that a one-off output is not hoarded
 
 // One size class: its kept storages, oldest first, and its bounds.
 struct Shelf {
@@ -27,7 +28,7 @@ struct Shelf {
 struct Pool {
   std::mutex mutex;
   Shelf mid{{}, kMaxKept, kMaxKeptBytes};
-  Shelf large{{}, kMaxKeptLarge, SIZE_MAX};
+  Shelf large{{}, kMaxKeptLarge, kMaxKeptLargeBytes};
 };
 
 Pool& pool() {
@@ -58,6 +59,9 @@ at::Tensor pooled_empty(at::IntArrayRef sizes, const at::TensorOptions& options)
     }
   }
   at::Tensor out = at::empty(sizes, options);
+  if (bytes > shelf.max_bytes) {
+    return out;  // never kept, and nothing evicted for it
+  }
   // Make room, the oldest idle storage first; when every kept one is in use, the oldest reference
   // (dropping it frees nothing: its tensors live on).
   auto kept_bytes = [&shelf] {
