@@ -244,21 +244,9 @@ void ce_backward_kernel(const Tensor& grad_loss, const Tensor& x, const Tensor& 
   // p_t - 1 rounded from p_t loses every digit (0 where the truth is -1e-41), and the fast exp's
   // error would survive the cancellation. Below 1/2 the first form keeps the small pc·p_t apart
   // from the smoothing terms (the second would cancel pc against (ε/C)·W). Exactly 0 when C = 1.
-  auto target_grad_of = [&](const Coefs& k, acc log_p_t) -> acc {
-    const acc w_t = wp ? wp[k.t] : acc(1);
-    const acc tc = (1 - eps) * w_t;
-    const acc pc = tc + eps_per_class * total_w;
-    if (log_p_t > -acc(0.6931471805599453)) {
-      return k.g * (pc * std::expm1(log_p_t) + eps_per_class * (total_w - w_t));
-    }
-    return k.g * ((pc * std::exp(log_p_t) - eps_per_class * w_t) - tc);
-  };
-  auto target_grad = [&](const Coefs& k, acc x_t, acc m, acc ls) -> acc {
-    return target_grad_of(k, (x_t - m) - ls);
-  };
-  // target_grad_of for a vector of rows: their log p_t, w_t and g (Sleef's 1-ulp exp and expm1,
-  // both sides formed, the side picked per lane as target_grad_of picks it; a NaN log p_t takes
-  // the second, as there).
+  // For a vector of rows (their log p_t, w_t and g) with Sleef's 1-ulp exp and expm1: both forms
+  // are made and each lane picks its own (a NaN log p_t the second). The tile path takes it a
+  // vector of rows at a time (a libm call per row was most of a small-C tile's backward).
   auto target_grads = [&](const AVec& log_p_t, const AVec& w_t, const AVec& g) -> AVec {
     const AVec epc(eps_per_class), total(total_w);
     const AVec tc = AVec(1 - eps) * w_t;
@@ -266,6 +254,12 @@ void ce_backward_kernel(const Tensor& grad_loss, const Tensor& x, const Tensor& 
     const AVec confident = g * (pc * log_p_t.expm1() + epc * (total - w_t));
     const AVec other = g * ((pc * log_p_t.exp() - epc * w_t) - tc);
     return AVec::blendv(other, confident, log_p_t > AVec(-acc(0.6931471805599453)));
+  };
+  // One row's (the row path's): its lane of a broadcast.
+  auto target_grad = [&](const Coefs& k, acc x_t, acc m, acc ls) -> acc {
+    __at_align__ acc lanes[AVec::size()];
+    target_grads(AVec((x_t - m) - ls), AVec(wp ? wp[k.t] : acc(1)), AVec(k.g)).store(lanes);
+    return lanes[0];
   };
 
   if (row_contiguous(xv.s1, classes) && row_contiguous(ov.s1, classes)) {
@@ -391,9 +385,8 @@ void ce_backward_kernel(const Tensor& grad_loss, const Tensor& x, const Tensor& 
             }
           }
           // The target class, from x_t read in or before the class loop (src may be dst), while
-          // the block's output is still in L1: target_grad_of's arithmetic a vector of rows at a
-          // time (a libm exp or expm1 per row was most of a small-C tile's backward: 15 ns a row
-          // at C = 10), then one store per row.
+          // the block's output is still in L1: target_grads a vector of rows at a time, then one
+          // store per row.
           const int64_t end = std::min(lb + NV * L, rows.n);
           __at_align__ acc grad_t[NV * L], w_t[NV * L], g[NV * L];
           for (int64_t b = lb; b < lb + NV * L; ++b) {
