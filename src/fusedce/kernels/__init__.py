@@ -44,9 +44,9 @@ def _load(name: str) -> ModuleType | None:
 def empty_cache() -> None:
     """Release the memory that fusedce's kernels keep for reuse between calls: on CPU, recent
     outputs that nobody holds any more (gradients, softmax outputs, per-row losses and stats; up
-    to eight of 1 to 64 MiB, 128 MiB in all, and the two most recent larger ones, 1 GiB in all), kept so that
-    the next step's outputs skip the page faults of fresh memory. Outputs still in use are not touched. Like
-    ``torch.cuda.empty_cache``, it changes no result."""
+    to eight of 1 to 64 MiB, 128 MiB in all, and the two most recent larger ones, 1 GiB in all),
+    kept so that the next step's outputs skip the page faults of fresh memory. Outputs still in
+    use are not touched. Like ``torch.cuda.empty_cache``, it changes no result."""
     cpu = _loaded.get("cpu")
     if cpu is not None:
         cpu.empty_cache()

@@ -42,7 +42,8 @@ _DEFAULT_BLOCK_BYTES = 16 << 20
 # Half-precision logits on CPU: each block's weight gradient is widened into the float32 sum
 # (``weight_grad_dtype``), a pass over the whole (C, H) gradient per block, so fewer, larger
 # blocks pay off: `python -m fusedce bench --workload lmhead` (bf16, 4096 x 512 x 32000, 2-core
-# EPYC) went from 589.8 ms with 262-row blocks to 509.6 ms with these 1048-row ones.
+# EPYC) went from 589.8 ms with 262-row blocks to 509.6 ms with these 64 MB ones (1048 rows,
+# since rounded to 1024, below).
 _HALF_CPU_BLOCK_BYTES = 64 << 20
 # On CUDA a block's row count is a multiple of the matmul tile's rows (cuBLAS's are 64 to 256), so
 # that no tile of the logits matmul is mostly empty, and at least _CUDA_MIN_ROWS: the weight
@@ -51,9 +52,10 @@ _HALF_CPU_BLOCK_BYTES = 64 << 20
 # 165 bf16 FLOP per byte of HBM traffic; ``addmm_`` over k rows does k/2 per byte of bf16 C).
 _CUDA_ROW_MULTIPLE = 128
 _CUDA_MIN_ROWS = 256
-# On CPU a multiple of 64 rows: oneDNN's bf16 products for the logits and the input gradient ran
-# 10 to 15% slower per row on 1048-row blocks than on 1024-row ones (torch.mm timed alone), and
-# the bf16 lmhead's linear_cross_entropy took 502 ms with 1024-row blocks against 526 with 1048.
+# On CPU a multiple of 64 rows: oneDNN's bf16 matmuls ran the 1048-row blocks of the budget below
+# slower than 1024-row ones (`python -m fusedce bench --workload linear_cross_entropy/lmhead/bf16
+# --mode full --provider fusedce --torch-env thp --no-memory`, twice each: 548.1 and 549.6 ms
+# with 1048 rows, 518.6 and 516.3 with 1024).
 _CPU_ROW_MULTIPLE = 64
 
 

@@ -847,7 +847,8 @@ struct ExpSumRest {
       // The same sum in three vector instructions besides the exp, where the generic form takes
       // seven (its compare builds a vector mask, its tie count and its blend then consume it):
       // the compare's mask register counts the ties with a popcount on the integer ports, and
-      // masks the add (the lm-32k bfloat16 forward: 16.0 ms before, 13.7 after).
+      // masks the add (`python -m fusedce bench`, lm-32k bf16 forward: 15.81 ms before, 12.99
+      // after, in benchmarks/RESULTS.md).
       const __mmask16 top = _mm512_cmp_ps_mask(d, _mm512_setzero_ps(), _CMP_EQ_OQ);
       tie_count += __builtin_popcount(static_cast<unsigned>(top));
       block = Vectorized<acc>(_mm512_mask_add_ps(block, static_cast<__mmask16>(~top), block,

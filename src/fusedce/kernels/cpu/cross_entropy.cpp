@@ -246,7 +246,7 @@ void ce_backward_kernel(const Tensor& grad_loss, const Tensor& x, const Tensor& 
   // from the smoothing terms (the second would cancel pc against (ε/C)·W). Exactly 0 when C = 1.
   // For a vector of rows (their log p_t, w_t and g) with Sleef's 1-ulp exp and expm1: both forms
   // are made and each lane picks its own (a NaN log p_t the second). The tile path takes it a
-  // vector of rows at a time (a libm call per row was most of a small-C tile's backward).
+  // vector of rows at a time, rather than a libm call per row.
   auto target_grads = [&](const AVec& log_p_t, const AVec& w_t, const AVec& g) -> AVec {
     const AVec epc(eps_per_class), total(total_w);
     const AVec tc = AVec(1 - eps) * w_t;
