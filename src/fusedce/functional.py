@@ -379,21 +379,25 @@ def _uint8_smoothing_quirk(
     reduction: Reduction, input: Tensor,
 ) -> Tensor:
     """torch's ``(1-ε)·NLL + (ε/C)·smooth`` with the smoothing term masked where the uint8 target
-    equals ``ignore_index % 256`` (``_smoothing_mask_wraps``): each term from its own kernel pass
-    (ε = 0 gives the NLL, ε = 1 the smoothing term over C), and under 'mean' each divided by its
-    own count, as torch divides them. (A weighted 'mean' with a uint8 target raises earlier.)
+    equals ``ignore_index % 256`` (``_smoothing_mask_wraps``), and under 'mean' each term divided
+    by its own count, as torch divides them. (A weighted 'mean' with a uint8 target raises
+    earlier.)
 
-    The smoothing term is torch's formula on a log-softmax (this rare path materialises it): a
-    kernel pass with ε = 1 would scale an infinite NLL term by 0 (NaN) where torch adds inf."""
-    # Both terms from one float32 copy of half-precision logits: their gradients add up in float32
-    # and round to the input's dtype once.
+    This rare path is torch's formula on one log-softmax, which it materialises: both terms from
+    the same log-probabilities, as torch's, so that their gradients, which are summed and may
+    cancel (a class with p near 1 gets (1-ε)·(p - 1) + ε·(p - 1/C)), carry the same roundings
+    (two separately computed ones were 9.6e-6 off where torch was 2.8e-6, found by the fuzz)."""
+    # One float32 copy of half-precision logits: the terms' gradients add up in float32 and round
+    # to the input's dtype once.
     x = x if x.dtype in (torch.float32, torch.float64) else x.float()
-    nll, _ = _autograd.cross_entropy(x, rows, weight, ignore_index, 0.0, False)
     # Over the last dim: torch's log_softmax over dim 1 of the (outer, C, inner) form takes its
     # strided kernel, whose float32 log-sum was off by 4e-6 relative where the last-dim one is
     # within an ulp or two (found by the fuzz: a (2, 503) input, its gradient).
     log_p = torch.log_softmax(x.transpose(1, 2), dim=2).transpose(1, 2)
+    index = rows.long()
+    nll = -log_p.gather(1, index.unsqueeze(1)).squeeze(1)
     if weight is not None:
+        nll = nll * weight.to(log_p.dtype)[index]
         log_p = log_p * weight.to(log_p.dtype).reshape(1, -1, 1)
     smooth = -log_p.sum(1) / x.shape[1]
     kept = rows != ignore_index % 256
