@@ -59,6 +59,7 @@ __all__ = [
     "ce_reduced_forward",
     "empty_cache",
     "ensure_available",
+    "inline_exp",
     "is_built",
     "kernel_dir",
     "log_softmax_backward",
@@ -76,6 +77,7 @@ _SOURCES = (
     "cross_entropy.cpp",
     "cross_entropy_extras.cpp",
     "cross_entropy_reduced.cpp",
+    "exp_probe.cpp",
     "nll.cpp",
     "output_pool.cpp",
     "softmax.cpp",
@@ -347,6 +349,12 @@ def max_row_abs_sum(w: Tensor) -> float:
     """``max_c ‖w_c‖₁`` over the rows of a contiguous 2-D float32 or half-precision ``w``,
     summed in float32 in one pass (NaN if any element is NaN)."""
     return float(_kernels().max_row_abs_sum(w))
+
+
+def inline_exp(x: Tensor, degree: int) -> Tensor:
+    """The row path's inline exp (common.h's exp_avx512) of ``degree`` 4 or 6 over a contiguous 1-D
+    float32 ``x``; the AVX512 build only (else RuntimeError). For the test of its accuracy."""
+    return _kernels().inline_exp(x, degree)
 
 
 def empty_cache() -> None:

@@ -25,4 +25,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("accumulate_widened_", &fusedce::accumulate_widened_);
   m.def("narrowed", &fusedce::narrowed);
   m.def("max_row_abs_sum", &fusedce::max_row_abs_sum);
+  m.def("inline_exp", &fusedce::inline_exp);
 }

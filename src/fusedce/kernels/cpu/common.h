@@ -27,6 +27,7 @@
 #include <ATen/cpu/vec/functional.h>
 #include <ATen/cpu/vec/vec.h>
 #include <c10/util/Exception.h>
+#include <c10/util/bit_cast.h>
 
 #include <algorithm>
 #include <cmath>
@@ -146,48 +147,62 @@ inline auto dispatch_exp(bool fast, F&& f) {
 // ---------------------------------------------------------------------------------------------
 // The row path's exp. Sleef's exp is an out-of-line call per vector, and exp_u20 spends about 20
 // instructions on its range reduction and its scaling; on AVX512 the row path computes float exp
-// inline in about 12: exp(x) = 2^n · e^r with n = round(x / ln 2) and r = x - n·ln 2 (ln 2 split
-// Cody-Waite style into a head of 16 significant bits, whose product with n is exact, and a
-// tail), e^r = 1 + r·q(r) by Horner on |r| <= ln(2)/2, and 2^n applied by vscalefps, which rounds
-// once, underflows gradually and overflows to inf. The argument is clamped into [-104, 89] first
-// (exp is 0, or inf, in float beyond), so ±inf need no special case; a NaN passes both clamps.
+// inline, in one of two forms.
+//
+// Degree 6, for float32 results (about 12 instructions): exp(x) = 2^n · e^r with
+// n = round(x / ln 2) and r = x - n·ln 2 (ln 2 split Cody-Waite style into a head of 16
+// significant bits, whose product with n is exact, and a tail), e^r = 1 + r·q(r) by Horner on
+// |r| <= ln(2)/2, and 2^n applied by vscalefps, which rounds once, underflows gradually and
+// overflows to inf. The argument is clamped into [-104, 89] first (exp is 0, or inf, in float
+// beyond), so ±inf need no special case; a NaN passes both clamps.
+//
+// Degree 4, for results rounded to 16 bits (8 instructions): exp(x) = 2^y with y = x·log2(e)
+// rounded to float, n = round(y) and f = y - n (vreduceps, exact), 2^f = 1 + f·q(f) on
+// |f| <= 1/2, and 2^n by vscalefps. No clamp: vreduceps gives f = 0 for y = ±inf (so 2^n is 0 or
+// inf) and passes a NaN. The rounding of y adds |y|·2^-24·ln 2 of relative error (4e-6 at
+// x = -87, where a term's exp reaches float's smallest normal), to the fit's 2^-18.4.
 //
 // q's coefficients were fitted here (least squares on Chebyshev nodes, reweighted towards
 // minimax, relative error; then rounded to float). Measured against float64 exp on every 61st
-// float of [-104, 89]: degree 6 is within 1.03 ulp (Sleef's 1-ulp exp: 0.98), degree 4 within
-// 43 ulp (2^-18.4 relative: a thousandth of a bfloat16 ulp, a 150th of a float16 ulp).
+// float of [-104, 89] (tests/test_inline_exp.py): degree 6 within 1.05 ulp (Sleef's 1-ulp exp:
+// 0.98); degree 4 within 2^-18.4 relative plus the rounding of y above, at most 2^-16.9 where the
+// result is a normal float: a 250th of a bfloat16 ulp, and a 30th of a float16 one (whose
+// results are 2^-24 at least, where |y| <= 24 and the error is within 2^-18).
 // ---------------------------------------------------------------------------------------------
 
 #if defined(CPU_CAPABILITY_AVX512)
-// kNonPositive: the caller guarantees x <= 0 or NaN (x - max of a row with a finite max), so the
-// upper clamp, one instruction of about thirteen, is left out.
+// kNonPositive (degree 6): the caller guarantees x <= 0 or NaN (x - max of a row with a finite
+// max), so the upper clamp, one instruction of about thirteen, is left out.
 template <int kDegree, bool kNonPositive = false>
 inline __m512 exp_avx512(__m512 x) {
   static_assert(kDegree == 4 || kDegree == 6, "exp_avx512: fitted for degree 4 or 6");
-  // min/max return their second operand when either is NaN: x goes second.
-  if constexpr (!kNonPositive) {
-    x = _mm512_min_ps(_mm512_set1_ps(89.0f), x);
-  }
-  x = _mm512_max_ps(_mm512_set1_ps(-104.0f), x);
-  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
-                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693145751953125f), x);
-  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(1.428606765330187045e-06f), r);
-  __m512 q;
-  if constexpr (kDegree == 6) {
-    q = _mm512_set1_ps(0.0013843653723597527f);
+  constexpr int kNearest = _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC;
+  if constexpr (kDegree == 4) {
+    const __m512 y = _mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f));
+    const __m512 f = _mm512_reduce_ps(y, kNearest);
+    __m512 q = _mm512_set1_ps(0.009582851082086563f);
+    q = _mm512_fmadd_ps(q, f, _mm512_set1_ps(0.05590642988681793f));
+    q = _mm512_fmadd_ps(q, f, _mm512_set1_ps(0.24024099111557007f));
+    q = _mm512_fmadd_ps(q, f, _mm512_set1_ps(0.6931241750717163f));
+    return _mm512_scalef_ps(_mm512_fmadd_ps(q, f, _mm512_set1_ps(1.0f)),
+                            _mm512_roundscale_ps(y, kNearest));
+  } else {
+    // min/max return their second operand when either is NaN: x goes second.
+    if constexpr (!kNonPositive) {
+      x = _mm512_min_ps(_mm512_set1_ps(89.0f), x);
+    }
+    x = _mm512_max_ps(_mm512_set1_ps(-104.0f), x);
+    const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)), kNearest);
+    __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693145751953125f), x);
+    r = _mm512_fnmadd_ps(n, _mm512_set1_ps(1.428606765330187045e-06f), r);
+    __m512 q = _mm512_set1_ps(0.0013843653723597527f);
     q = _mm512_fmadd_ps(q, r, _mm512_set1_ps(0.00837415549904108f));
     q = _mm512_fmadd_ps(q, r, _mm512_set1_ps(0.04166800156235695f));
     q = _mm512_fmadd_ps(q, r, _mm512_set1_ps(0.16666431725025177f));
     q = _mm512_fmadd_ps(q, r, _mm512_set1_ps(0.4999999403953552f));
     q = _mm512_fmadd_ps(q, r, _mm512_set1_ps(1.0f));
-  } else {
-    q = _mm512_set1_ps(0.041513845324516296f);
-    q = _mm512_fmadd_ps(q, r, _mm512_set1_ps(0.16787473857402802f));
-    q = _mm512_fmadd_ps(q, r, _mm512_set1_ps(0.5000301599502563f));
-    q = _mm512_fmadd_ps(q, r, _mm512_set1_ps(0.9999668598175049f));
+    return _mm512_scalef_ps(_mm512_fmadd_ps(q, r, _mm512_set1_ps(1.0f)), n);
   }
-  return _mm512_scalef_ps(_mm512_fmadd_ps(q, r, _mm512_set1_ps(1.0f)), n);
 }
 #endif
 
@@ -205,9 +220,19 @@ struct SumExp {
   }
 };
 
+// The degree of the row path's inline exp in a row's Σ exp(x - max) for inputs of scalar_t. A
+// 16-bit row's results (its loss, its log-probabilities, the gradient from its log-sum) are
+// rounded to 16 bits, and the degree-4 exp's relative error (at most 2^-16.9 on each term and so
+// on the sum; on log Σ at most that, absolutely) is a 250th of a bfloat16 ulp and a 30th of a
+// float16 one: it rarely moves a result across a rounding boundary, by an ulp when it does. Float32 rows keep the degree-6 exp, within an ulp as Sleef's. The sum
+// is the exp pass's work, which bounds the forward (the logits come from memory faster): with
+// degree 4 two fused multiply-adds of about fifteen vector instructions per vector go.
+template <typename scalar_t>
+inline constexpr int kSumExpDegree = c10::is_reduced_floating_point_v<scalar_t> ? 4 : 6;
+
 // The exp of the row path's gradients, which are rounded to scalar_t. On AVX512 float lanes: the
-// degree-4 exp where the gradient is c·exp(...) alone and 16-bit, so that its error (2^-18.4)
-// vanishes in the rounding; the degree-6 exp for float32, and where the gradient is a difference
+// degree-4 exp where the gradient is c·exp(...) alone and 16-bit, so that its error (at most
+// 2^-16.9) vanishes in the rounding; the degree-6 exp for float32, and where the gradient is a difference
 // that can cancel (label smoothing's c·p - s·w, near p = the smoothed target), which would
 // magnify that error (more precise than exp_u20 there, and cheaper). exp_u20 elsewhere, as
 // FastExp. Like FastExp, it is for rows whose reference values are finite.
@@ -253,8 +278,22 @@ struct VecIO {
     }
   }
 
+  // kStream: with a non-temporal store, past the caches, which p must be aligned for (64 bytes
+  // on AVX512). For an output larger than the caches: a plain store first reads each line it
+  // writes into the cache (a third of a backward's memory traffic), to write it back later.
+  template <bool kStream = false>
   static void store(scalar_t* p, const AVec (&v)[kPer]) {
     if constexpr (kSame) {
+#if defined(CPU_CAPABILITY_AVX512)
+      if constexpr (kStream) {
+        if constexpr (std::is_same_v<scalar_t, float>) {
+          _mm512_stream_ps(reinterpret_cast<float*>(p), v[0]);
+        } else {
+          _mm512_stream_pd(reinterpret_cast<double*>(p), v[0]);
+        }
+        return;
+      }
+#endif
       v[0].store(p);
     } else {
 #if defined(CPU_CAPABILITY_AVX512) && defined(__AVX512BF16__)
@@ -264,12 +303,24 @@ struct VecIO {
       if constexpr (std::is_same_v<scalar_t, at::BFloat16>) {
         const __m512 lo = v[0], hi = v[1];
         if ((_mm512_fpclass_ps_mask(lo, 0x20) | _mm512_fpclass_ps_mask(hi, 0x20)) == 0) {
-          _mm512_storeu_si512(p, reinterpret_cast<__m512i>(_mm512_cvtne2ps_pbh(hi, lo)));
+          const __m512i packed = reinterpret_cast<__m512i>(_mm512_cvtne2ps_pbh(hi, lo));
+          if constexpr (kStream) {
+            _mm512_stream_si512(reinterpret_cast<__m512i*>(p), packed);
+          } else {
+            _mm512_storeu_si512(p, packed);
+          }
           return;
         }
       }
 #endif
-      at::vec::convert_from_float<scalar_t>(v[0], v[1]).store(p);
+      const Vectorized<scalar_t> packed = at::vec::convert_from_float<scalar_t>(v[0], v[1]);
+#if defined(CPU_CAPABILITY_AVX512)
+      if constexpr (kStream) {
+        _mm512_stream_si512(reinterpret_cast<__m512i*>(p), static_cast<__m512i>(packed));
+        return;
+      }
+#endif
+      packed.store(p);
     }
   }
 
@@ -325,32 +376,32 @@ inline void for_each_vec(const scalar_t* p, int64_t count, acc_t<scalar_t> fill,
   }
 }
 
-// Every class of a row once, in an unspecified order: for reductions that do not depend on it (a
-// max, a sum without per-class weights); j is only the position of the block that a vector came
-// from (for prefetching). A bfloat16 is the upper half of a float32, so the even and odd values
-// of 32 loaded ones widen with one shift and one mask, where load_to_float's ordered widening
-// splits and zero-extends the halves (six instructions for the two vectors): a fifth of the
-// bfloat16 forward's compute.
-template <typename scalar_t, typename F>
-inline void for_each_vec_unordered(const scalar_t* p, int64_t count, acc_t<scalar_t> fill, F&& f) {
+// Outputs this large (an LM's gradient) are written with non-temporal stores where the row path
+// allows: larger than the last-level cache (32 MiB on the development machine) by a margin, so
+// that no consumer could have found them in the cache anyway. lm-32k bfloat16 backward
+// (`python -m fusedce bench`): see benchmarks/RESULTS.md.
+constexpr int64_t kStreamMinBytes = int64_t{64} << 20;
+
+// Whether a row-path output of `bytes` takes non-temporal stores: large, and every row (at
+// data + o*s0 + i*s2, i < inner) aligned to a vector (AVX512 only).
+template <typename scalar_t>
+inline bool streamable_rows(const View3<scalar_t>& out, int64_t inner, int64_t bytes) {
 #if defined(CPU_CAPABILITY_AVX512)
-  if constexpr (std::is_same_v<scalar_t, at::BFloat16>) {
-    using IO = VecIO<scalar_t>;
-    const __m512i upper = _mm512_set1_epi32(static_cast<int32_t>(0xFFFF0000u));
-    int64_t j = 0;
-    for (; j + IO::kStep <= count; j += IO::kStep) {
-      const __m512i raw = _mm512_loadu_si512(p + j);
-      f(typename IO::AVec(_mm512_castsi512_ps(_mm512_slli_epi32(raw, 16))), j, IO::kLanes);
-      f(typename IO::AVec(_mm512_castsi512_ps(_mm512_and_si512(raw, upper))), j, IO::kLanes);
-    }
-    for (; j < count; j += IO::kLanes) {
-      const int64_t n = std::min(IO::kLanes, count - j);
-      f(IO::load_partial(p + j, n, fill), j, n);
-    }
-    return;
-  }
+  constexpr int64_t kAlign = 64, kSize = sizeof(scalar_t);
+  static_assert(VecIO<scalar_t>::kStep * kSize == kAlign);
+  return bytes >= kStreamMinBytes && reinterpret_cast<uintptr_t>(out.data) % kAlign == 0 &&
+         (out.s0 * kSize) % kAlign == 0 && (inner == 1 || (out.s2 * kSize) % kAlign == 0);
+#else
+  (void)out, (void)inner, (void)bytes;
+  return false;
 #endif
-  for_each_vec(p, count, fill, std::forward<F>(f));
+}
+
+// Orders a task's non-temporal stores before whatever reads the output after the task's join.
+inline void stream_fence() {
+#if defined(CPU_CAPABILITY_AVX512)
+  _mm_sfence();
+#endif
 }
 
 // Two rows of the same length side by side (x and target, out and grad); padding is 0.
@@ -373,7 +424,9 @@ inline void for_each_vec2(const scalar_t* p, const scalar_t* q, int64_t count, F
 }
 
 // dst[j] = f(src[j]...) over a row; dst may be src (each step loads before it stores).
-template <typename scalar_t, typename F>
+// kStream: the whole steps with non-temporal stores, for which dst must be vector-aligned
+// (streamable_rows); the caller fences when its task is done (stream_fence).
+template <bool kStream = false, typename scalar_t, typename F>
 inline void map_row(const scalar_t* src, scalar_t* dst, int64_t count, F&& f) {
   using IO = VecIO<scalar_t>;
   int64_t j = 0;
@@ -383,7 +436,7 @@ inline void map_row(const scalar_t* src, scalar_t* dst, int64_t count, F&& f) {
     for (int64_t k = 0; k < IO::kPer; ++k) {
       v[k] = f(v[k], j + k * IO::kLanes, IO::kLanes);
     }
-    IO::store(dst + j, v);
+    IO::template store<kStream>(dst + j, v);
   }
   for (; j < count; j += IO::kLanes) {
     const int64_t n = std::min(IO::kLanes, count - j);
@@ -443,27 +496,146 @@ inline acc hmax(const Vectorized<acc>& v) {
   return m;
 }
 
-template <typename scalar_t>
-inline acc_t<scalar_t> row_max(const scalar_t* p, int64_t count) {
-  using AVec = Vectorized<acc_t<scalar_t>>;
-  const auto ninf = -kInf<acc_t<scalar_t>>;
-  // Two accumulators halve the dependency chain of the (compare, or) NaN-propagating maximum.
-  AVec m0(ninf), m1(ninf);
-  bool odd = false;
-  for_each_vec_unordered(p, count, ninf, [&](const AVec& v, int64_t, int64_t) {
-    if (odd) {
-      m1 = at::vec::maximum(m1, v);
-    } else {
-      m0 = at::vec::maximum(m0, v);
-    }
-    odd = !odd;
-  });
-  return hmax(at::vec::maximum(m0, m1));
+// The larger of a running max m and x; where x is NaN the result may be either (block_stats
+// finds such lanes afterwards, from their NaN rest, and takes the NaN-propagating max there).
+template <typename acc>
+inline Vectorized<acc> max_unordered(const Vectorized<acc>& m, const Vectorized<acc>& x) {
+#if defined(CPU_CAPABILITY_AVX512)
+  if constexpr (std::is_same_v<acc, float>) {
+    return _mm512_max_ps(m, x);
+  }
+#elif defined(CPU_CAPABILITY_AVX2)
+  if constexpr (std::is_same_v<acc, float>) {
+    return _mm256_max_ps(m, x);
+  }
+#endif
+  return at::vec::maximum(m, x);
 }
 
-// The row path reads a row from memory in its max pass and then works on it from the cache, while
-// the memory bus would idle. Prefetching the next row during that cached pass overlaps the two
-// (about 10% on lm-32k forward). `next` is null for the last row of a task.
+// The max of a row, a piece at a time: the row path's forward has two passes over each row, a
+// max pass that reads it from memory and an exp pass that works on it from the cache (a row of
+// up to a few hundred KB stays in L2). Each pass has the core to itself, so they add: the max
+// pass waits on memory, and the exp pass leaves the memory bus idle. Computing the next row's
+// max inside the current row's exp pass overlaps the two: the loads from memory issue among the
+// arithmetic, a piece per vector of the exp pass. (A software prefetch of the next row there,
+// instead, left the max pass at its full cost: lm-32k bf16 forward, `python -m fusedce bench`,
+// 11.2 ms before, see benchmarks/RESULTS.md.)
+//
+// advance_to(j) takes in the whole pieces of the row below class j; finish() the rest, and
+// returns the max. Of a row that holds a NaN, the max may be NaN or the max of the other values
+// (max_unordered, one instruction where the NaN-propagating max takes four): the exp pass that
+// follows every use meets the NaN, and the row's log-sum is NaN all the same. A null row (no
+// next row) makes advance_to a no-op.
+//
+// bfloat16 on AVX512: the max from the bits, 32 values an instruction with no widening. Read as
+// int16, bfloat16s of the same sign order as their bits do (the positive ones upwards, the
+// negative ones downwards, below every positive one), so the row's max is its largest int16 when
+// that is >= 0 and its smallest one otherwise (a NaN with the sign bit clear, the one arithmetic
+// makes, is the largest of all). Padding is -inf, which neither extreme picks over a finite
+// value.
+template <typename scalar_t>
+class RowMaxAhead {
+  using acc = acc_t<scalar_t>;
+  using AVec = Vectorized<acc>;
+  using IO = VecIO<scalar_t>;
+#if defined(CPU_CAPABILITY_AVX512)
+  static constexpr bool kBits = std::is_same_v<scalar_t, at::BFloat16>;
+#else
+  static constexpr bool kBits = false;
+#endif
+  static constexpr int64_t kPiece = kBits ? 32 : IO::kStep;
+
+ public:
+  RowMaxAhead(const scalar_t* row, int64_t count) : row_(row), count_(count) {
+    for (auto& m : m_) {
+      m = AVec(-kInf<acc>);
+    }
+#if defined(CPU_CAPABILITY_AVX512)
+    if constexpr (kBits) {
+      hi_ = _mm512_set1_epi16(std::numeric_limits<int16_t>::min());
+      lo_ = _mm512_set1_epi16(kNegInfBits);
+    }
+#endif
+  }
+
+  void advance_to(int64_t j) {
+    if (row_ != nullptr) {
+      for (; done_ + kPiece <= std::min(j, count_); done_ += kPiece) {
+        piece(row_ + done_);
+      }
+    }
+  }
+
+  acc finish() {
+    if (row_ == nullptr) {
+      return -kInf<acc>;
+    }
+    advance_to(count_);
+    const int64_t n = count_ - done_;
+#if defined(CPU_CAPABILITY_AVX512)
+    if constexpr (kBits) {
+      if (n > 0) {
+        const __mmask32 tail = static_cast<__mmask32>((uint64_t{1} << n) - 1);
+        take(_mm512_mask_loadu_epi16(_mm512_set1_epi16(kNegInfBits), tail, row_ + done_));
+      }
+      __at_align__ int16_t his[32], los[32];
+      _mm512_store_si512(his, hi_);
+      _mm512_store_si512(los, lo_);
+      int16_t top = his[0], bottom = los[0];
+      for (int k = 1; k < 32; ++k) {
+        top = std::max(top, his[k]);
+        bottom = std::min(bottom, los[k]);
+      }
+      const uint32_t bits = static_cast<uint16_t>(top >= 0 ? top : bottom);
+      return c10::bit_cast<float>(bits << 16);
+    }
+#endif
+    for (int64_t j = done_; j < count_; j += IO::kLanes) {
+      const int64_t k = std::min(IO::kLanes, count_ - j);
+      m_[0] = max_unordered(m_[0], IO::load_partial(row_ + j, k, -kInf<acc>));
+    }
+    for (int64_t k = 1; k < IO::kPer; ++k) {
+      m_[0] = max_unordered(m_[0], m_[k]);
+    }
+    return hmax(m_[0]);
+  }
+
+ private:
+  static constexpr int16_t kNegInfBits = static_cast<int16_t>(0xFF80);
+
+  void piece(const scalar_t* p) {
+#if defined(CPU_CAPABILITY_AVX512)
+    if constexpr (kBits) {
+      take(_mm512_loadu_si512(p));
+      return;
+    }
+#endif
+    typename IO::AVec v[IO::kPer];
+    IO::load(p, v);
+    for (int64_t k = 0; k < IO::kPer; ++k) {
+      m_[k] = max_unordered(m_[k], v[k]);
+    }
+  }
+
+#if defined(CPU_CAPABILITY_AVX512)
+  void take(const __m512i& v) {
+    hi_ = _mm512_max_epi16(hi_, v);
+    lo_ = _mm512_min_epi16(lo_, v);
+  }
+  __m512i hi_, lo_;
+#endif
+  const scalar_t* row_;
+  int64_t count_;
+  int64_t done_ = 0;
+  AVec m_[IO::kPer];  // lane-wise maxima of the generic path, one chain per loaded vector
+};
+
+template <typename scalar_t>
+inline acc_t<scalar_t> row_max(const scalar_t* p, int64_t count) {
+  return RowMaxAhead<scalar_t>(p, count).finish();
+}
+
+// The row after row r in a task [.., end), or null for its last.
 template <typename scalar_t>
 inline const scalar_t* next_row(const View3<const scalar_t>& x, int64_t r, int64_t end, int64_t inner) {
   if (r + 1 >= end) {
@@ -473,10 +645,21 @@ inline const scalar_t* next_row(const View3<const scalar_t>& x, int64_t r, int64
   return x.row(o, r + 1 - o * inner);
 }
 
-template <typename scalar_t>
-inline void prefetch(const scalar_t* next, int64_t j) {
-  if (next != nullptr) {
-    __builtin_prefetch(next + j);
+// Runs f(r, o, i, row, m, ahead) over the rows [begin, end) of a row-path task in order: m is
+// the row's max, and ahead the next row's max, which f's exp pass advances as it goes (and need
+// not: what it leaves is done after f).
+template <typename scalar_t, typename F>
+inline void for_each_row_max_ahead(const View3<const scalar_t>& x, int64_t begin, int64_t end,
+                                   int64_t inner, int64_t classes, F&& f) {
+  if (begin >= end) {
+    return;
+  }
+  acc_t<scalar_t> m = row_max(x.row(begin / inner, begin % inner), classes);
+  for (int64_t r = begin; r < end; ++r) {
+    const int64_t o = r / inner, i = r - o * inner;
+    RowMaxAhead<scalar_t> ahead(next_row(x, r, end, inner), classes);
+    f(r, o, i, x.row(o, i), m, ahead);
+    m = ahead.finish();
   }
 }
 
@@ -831,17 +1014,32 @@ struct KahanSum {
 // sums kBlock terms plainly, then folds them into a compensated (Kahan) total: plain all along,
 // a lane adds C/16 terms one after another, and at C = 65535 in float32 a softmax came out 3.6e-6
 // off, 14 times torch's error (found by the fuzz); Kahan on every term cost the lm-32k forward
-// 18% (its dependency chain), the fold every kBlock vectors costs nothing measurable.
-template <typename acc>
+// 18% (its dependency chain), the fold every kBlock vectors costs nothing measurable. kDegree:
+// the inline exp's on AVX512 float lanes (kSumExpDegree of the input's dtype).
+template <typename acc, int kDegree = 6>
 struct ExpSumRest {
   static constexpr int kBlock = 16;
-  Vectorized<acc> block{acc(0)}, ties{acc(0)};
+  // add2 sums into two blocks, one per vector: one chain of adds, one add's latency per vector,
+  // bounded the exp pass.
+  Vectorized<acc> block{acc(0)}, block2{acc(0)}, ties{acc(0)};
   int64_t tie_count = 0;  // ties counted from a mask register (the AVX512 float add)
   KahanSum<acc> folded;
   int pending = 0;
 
   // d = x - m for a row whose max m is finite: d <= 0, or NaN.
   void add(const Vectorized<acc>& d) {
+    accumulate(block, d);
+    fold_if_full(1);
+  }
+
+  // Two vectors of d at once, summed in separate chains.
+  void add2(const Vectorized<acc>& d, const Vectorized<acc>& d2) {
+    accumulate(block, d);
+    accumulate(block2, d2);
+    fold_if_full(2);
+  }
+
+  void accumulate(Vectorized<acc>& into, const Vectorized<acc>& d) {
 #if defined(CPU_CAPABILITY_AVX512)
     if constexpr (std::is_same_v<acc, float>) {
       // The same sum in three vector instructions besides the exp, where the generic form takes
@@ -851,20 +1049,20 @@ struct ExpSumRest {
       // after, in benchmarks/RESULTS.md).
       const __mmask16 top = _mm512_cmp_ps_mask(d, _mm512_setzero_ps(), _CMP_EQ_OQ);
       tie_count += __builtin_popcount(static_cast<unsigned>(top));
-      block = Vectorized<acc>(_mm512_mask_add_ps(block, static_cast<__mmask16>(~top), block,
-                                                 exp_avx512<6, true>(d)));
-      fold_if_full();
+      into = Vectorized<acc>(_mm512_mask_add_ps(into, static_cast<__mmask16>(~top), into,
+                                                exp_avx512<kDegree, true>(d)));
       return;
     }
 #endif
-    block += term(d, ties);
-    fold_if_full();
+    into += term(d, ties);
   }
 
-  void fold_if_full() {
-    if (++pending == kBlock) {
-      folded.add(block);  // finite or NaN: add() keeps a NaN sum NaN and its carry finite
-      block = Vectorized<acc>(acc(0));
+  void fold_if_full(int added) {
+    pending += added;
+    if (pending >= kBlock) {
+      // finite or NaN: add() keeps a NaN sum NaN and its carry finite
+      folded.add(block + block2);
+      block = block2 = Vectorized<acc>(acc(0));
       pending = 0;
     }
   }
@@ -880,9 +1078,56 @@ struct ExpSumRest {
 
   // The row's rest; its max must be finite (so that some lane had d == 0).
   acc total() const {
-    return hsum((folded.sum - folded.carry) + block) + ((hsum(ties) + static_cast<acc>(tie_count)) - acc(1));
+    return hsum((folded.sum - folded.carry) + (block + block2)) + ((hsum(ties) + static_cast<acc>(tie_count)) - acc(1));
   }
 };
+
+// The exp pass of the row path's forwards: a row's rest (ExpSumRest: Σ_c exp(x_c - m) - 1, m its
+// max, which must be finite), the classes in any order, two vectors at a time into separate
+// chains, advancing the next row's max as it goes (RowMaxAhead). A bfloat16 row widens its even
+// and odd values with one shift and one mask, where the ordered widening splits and zero-extends
+// the halves (six instructions for the two vectors).
+template <typename scalar_t>
+inline acc_t<scalar_t> row_rest(const scalar_t* row, int64_t count, acc_t<scalar_t> m,
+                                RowMaxAhead<scalar_t>& ahead) {
+  using acc = acc_t<scalar_t>;
+  using AVec = Vectorized<acc>;
+  using IO = VecIO<scalar_t>;
+  constexpr int64_t kPair = 2 * IO::kLanes;
+  const AVec vm(m);
+  ExpSumRest<acc, kSumExpDegree<scalar_t>> sum;
+  // A copy, which the compiler keeps in registers (the caller's lives in memory).
+  RowMaxAhead<scalar_t> next = ahead;
+  int64_t j = 0;
+  for (; j + kPair <= count; j += kPair) {
+    next.advance_to(j + kPair);
+    AVec v[2];
+#if defined(CPU_CAPABILITY_AVX512)
+    if constexpr (std::is_same_v<scalar_t, at::BFloat16>) {
+      const __m512i raw = _mm512_loadu_si512(row + j);
+      v[0] = AVec(_mm512_castsi512_ps(_mm512_slli_epi32(raw, 16)));
+      v[1] = AVec(_mm512_castsi512_ps(_mm512_and_si512(raw, _mm512_set1_epi32(static_cast<int32_t>(0xFFFF0000u)))));
+    } else
+#endif
+    if constexpr (IO::kPer == 2) {
+      typename IO::AVec w[2];
+      IO::load(row + j, w);
+      v[0] = w[0];
+      v[1] = w[1];
+    } else {
+      v[0] = AVec::loadu(row + j);
+      v[1] = AVec::loadu(row + j + IO::kLanes);
+    }
+    sum.add2(v[0] - vm, v[1] - vm);
+  }
+  for (; j < count; j += IO::kLanes) {
+    const int64_t n = std::min(IO::kLanes, count - j);
+    next.advance_to(j + n);
+    sum.add(IO::load_partial(row + j, n, -kInf<acc>) - vm);  // padding -inf: its exp is 0
+  }
+  ahead = next;
+  return sum.total();
+}
 
 // Σ a·b to about twice the working precision (the Dot2 of Ogita, Rump and Oishi): each product's
 // rounding error (recovered exactly with an FMA) and each addition's (TwoSum) go into a second
@@ -935,22 +1180,6 @@ inline Vectorized<acc> select_eq(const Vectorized<acc>& u, const Vectorized<acc>
   }
 #endif
   return Vectorized<acc>::blendv(a, b, u == w);
-}
-
-// The larger of a running max m and x; where x is NaN the result may be either (block_stats
-// finds such lanes afterwards, from their NaN rest, and takes the NaN-propagating max there).
-template <typename acc>
-inline Vectorized<acc> max_unordered(const Vectorized<acc>& m, const Vectorized<acc>& x) {
-#if defined(CPU_CAPABILITY_AVX512)
-  if constexpr (std::is_same_v<acc, float>) {
-    return _mm512_max_ps(m, x);
-  }
-#elif defined(CPU_CAPABILITY_AVX2)
-  if constexpr (std::is_same_v<acc, float>) {
-    return _mm256_max_ps(m, x);
-  }
-#endif
-  return at::vec::maximum(m, x);
 }
 
 // Lane-wise row stats of a block of NV vectors of lanes (src points at the block's first lane of

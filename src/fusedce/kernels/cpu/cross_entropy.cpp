@@ -62,42 +62,36 @@ void ce_forward_kernel(const Tensor& x, const Tensor& target, const std::optiona
     dispatch_bool(smooth, [&](auto kSmooth) {
       dispatch_bool(wp != nullptr, [&](auto kWeight) {
         at::parallel_for(0, outer * inner, row_grain(classes), [&](int64_t begin, int64_t end) {
-          for (int64_t r = begin; r < end; ++r) {
-            const int64_t o = r / inner, i = r - o * inner;
-            const scalar_t* row = xv.row(o, i);
-            const acc m = row_max(row, classes);
+          for_each_row_max_ahead(xv, begin, end, inner, classes, [&](int64_t r, int64_t o, int64_t i,
+                                                                     const scalar_t* row, acc m, auto& ahead) {
             acc ls = kNaN<acc>, shifted = 0;
             if (std::isfinite(m)) {  // otherwise the row's log-sum is NaN, and so is its loss
-              const AVec vm(m);
-              ExpSumRest<acc> sum;  // the loss's precision: a 1-ulp exp, as log1p (see there)
-              AVec wsum(0);
-              const scalar_t* next = next_row(xv, r, end, inner);
-              auto body = [&](const AVec& v, int64_t j, int64_t n) {
-                prefetch(next, j);
-                const AVec d = v - vm;  // padding is -inf: exp gives 0
-                sum.add(d);  // the loss's precision: see ExpSumRest
-                if constexpr (kSmooth) {
+              if constexpr (!kSmooth) {
+                ls = std::log1p(row_rest(row, classes, m, ahead));  // the loss's precision: see there
+              } else {
+                // Σ w_c(x_c - m) beside the sum: the class weights need the classes in order.
+                const AVec vm(m);
+                ExpSumRest<acc, kSumExpDegree<scalar_t>> sum;
+                AVec wsum(0);
+                for_each_vec(row, classes, -kInf<acc>, [&](const AVec& v, int64_t j, int64_t n) {
+                  ahead.advance_to(j + n);
+                  const AVec d = v - vm;  // padding is -inf: exp gives 0
+                  sum.add(d);
                   if constexpr (kWeight) {
                     wsum += mask_tail(load_acc(wp + j, n) * d, n);
                   } else {
                     wsum += mask_tail(d, n);
                   }
-                }
-              };
-              // Only the class weights need the classes in order.
-              if constexpr (kWeight) {
-                for_each_vec(row, classes, -kInf<acc>, body);
-              } else {
-                for_each_vec_unordered(row, classes, -kInf<acc>, body);
+                });
+                ls = std::log1p(sum.total());
+                shifted = hsum(wsum);
               }
-              ls = std::log1p(sum.total());
-              shifted = hsum(wsum);
             }
             const int64_t t = tv(o, i);
             const acc x_t = t == ignore_index ? acc(0) : static_cast<acc>(row[t * xv.s1]);
             store_stats(stats_p, r, m, ls);
             loss_p[r] = row_loss(t, m, ls, x_t, shifted);
-          }
+          });
         });
       });
     });
@@ -263,8 +257,11 @@ void ce_backward_kernel(const Tensor& grad_loss, const Tensor& x, const Tensor& 
   };
 
   if (row_contiguous(xv.s1, classes) && row_contiguous(ov.s1, classes)) {
+    // In place, the plain store finds its line in the cache, where the load left it.
+    const bool stream = out.data_ptr() != x.data_ptr() && streamable_rows(ov, inner, out.nbytes());
     dispatch_bool(smooth, [&](auto kSmooth) {
       dispatch_bool(wp != nullptr, [&](auto kWeight) {
+       dispatch_bool(stream, [&](auto kStream) {
         at::parallel_for(0, outer * inner, row_grain(classes), [&](int64_t begin, int64_t end) {
           for (int64_t r = begin; r < end; ++r) {
             const int64_t o = r / inner, i = r - o * inner;
@@ -276,7 +273,7 @@ void ce_backward_kernel(const Tensor& grad_loss, const Tensor& x, const Tensor& 
             const acc x_t = static_cast<acc>(row[k.t * xv.s1]);
             const AVec vm(m), vl(ls), vc(k.coef), vsw(k.sw);
             dispatch_row_grad_exp<scalar_t, decltype(kSmooth)::value>(std::isfinite(ls), [&](auto exp_fn) {
-              map_row(row, dst, classes, [&](const AVec& v, int64_t j, int64_t n) {
+              map_row<kStream>(row, dst, classes, [&](const AVec& v, int64_t j, int64_t n) {
                 AVec grad = vc * exp_fn((v - vm) - vl);
                 if constexpr (kSmooth) {
                   if constexpr (kWeight) {
@@ -292,7 +289,11 @@ void ce_backward_kernel(const Tensor& grad_loss, const Tensor& x, const Tensor& 
             // the (possibly 16-bit) output.
             dst[k.t * ov.s1] = static_cast<scalar_t>(target_grad(k, x_t, m, ls));
           }
+          if constexpr (kStream) {
+            stream_fence();
+          }
         });
+       });
       });
     });
     return;
@@ -446,24 +447,16 @@ void ce_prob_forward_kernel(const Tensor& x, const Tensor& target,
 
   if (row_contiguous(xv.s1, classes) && row_contiguous(tv.s1, classes)) {
     at::parallel_for(0, outer * inner, row_grain(classes), [&](int64_t begin, int64_t end) {
-      for (int64_t r = begin; r < end; ++r) {
-        const int64_t o = r / inner, i = r - o * inner;
-        const scalar_t* row = xv.row(o, i);
-        const acc m = row_max(row, classes);
+      for_each_row_max_ahead(xv, begin, end, inner, classes, [&](int64_t r, int64_t o, int64_t i,
+                                                                 const scalar_t* row, acc m, auto& ahead) {
         if (!std::isfinite(m)) {
           // The log-sum is NaN, and every term of the loss with it.
           store_stats(stats_p, r, m, kNaN<acc>);
           loss_p[r] = kNaN<acc>;
-          continue;
+          return;
         }
         const AVec vm(m);
-        ExpSumRest<acc> sum;  // the loss's precision: a 1-ulp exp, as log1p (see there)
-        const scalar_t* next = next_row(xv, r, end, inner);
-        for_each_vec(row, classes, -kInf<acc>, [&](const AVec& v, int64_t j, int64_t) {
-          prefetch(next, j);
-          sum.add(v - vm);
-        });
-        const acc ls = std::log1p(sum.total());
+        const acc ls = std::log1p(row_rest(row, classes, m, ahead));  // the loss's precision
         const AVec vl(ls);
         AVec l(0);
         for_each_vec2(row, tv.row(o, i), classes,
@@ -476,7 +469,7 @@ void ce_prob_forward_kernel(const Tensor& x, const Tensor& target,
                       });
         store_stats(stats_p, r, m, ls);
         loss_p[r] = hsum(l);
-      }
+      });
     });
     return;
   }

@@ -68,4 +68,8 @@ at::Tensor narrowed(const at::Tensor& acc, at::ScalarType dtype);
 // max over the rows of W of sum |W_rc|, in float32 (NaN if any is NaN) (widen.cpp).
 double max_row_abs_sum(const at::Tensor& w);
 
+// The row path's inline exp of the given degree (4 or 6) over a contiguous 1-D float32 tensor, on
+// the AVX512 build (exp_probe.cpp): for the test of its accuracy.
+at::Tensor inline_exp(const at::Tensor& x, int64_t degree);
+
 }  // namespace fusedce

@@ -20,20 +20,11 @@ void softmax_forward_kernel(const Tensor& x, Tensor& out) {
 
   if (row_contiguous(xv.s1, classes) && row_contiguous(ov.s1, classes)) {
     at::parallel_for(0, outer * inner, row_grain(classes), [&](int64_t begin, int64_t end) {
-      for (int64_t r = begin; r < end; ++r) {
-        const int64_t o = r / inner, i = r - o * inner;
-        const scalar_t* row = xv.row(o, i);
-        const acc m = row_max(row, classes);
+      for_each_row_max_ahead(xv, begin, end, inner, classes, [&](int64_t r, int64_t o, int64_t i,
+                                                                 const scalar_t* row, acc m, auto& ahead) {
         acc ls = kNaN<acc>, inv = kNaN<acc>;
         if (std::isfinite(m)) {
-          const AVec vm(m);
-          ExpSumRest<acc> sum;  // the outputs' precision: a 1-ulp exp, as log1p (see there)
-          const scalar_t* next = next_row(xv, r, end, inner);
-          for_each_vec(row, classes, -kInf<acc>, [&](const AVec& v, int64_t j, int64_t) {
-            prefetch(next, j);
-            sum.add(v - vm);
-          });
-          const acc rest = sum.total();
+          const acc rest = row_rest(row, classes, m, ahead);  // the outputs' precision: see there
           ls = std::log1p(rest);
           inv = acc(1) / (acc(1) + rest);
         }
@@ -45,7 +36,7 @@ void softmax_forward_kernel(const Tensor& x, Tensor& out) {
             return (v - vm).exp() * vinv;
           }
         });
-      }
+      });
     });
     return;
   }
