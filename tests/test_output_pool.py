@@ -105,3 +105,25 @@ def test_an_output_above_the_large_bound_is_never_kept(inputs):
     alone = torch.empty(8, 10)
     assert _uses(huge) == _uses(alone)
     assert _uses(kept) == _uses(alone) + 1
+
+
+def test_the_linear_heads_scratch_and_gradients_are_pooled():
+    """The linear head's block scratch comes from the pool: once dropped, the next request of its
+    size gets its storage back (never while held); its bf16 weight gradient is pooled too."""
+    from fusedce.linear.chunked import scratch
+
+    fusedce.empty_cache()
+    like = torch.empty(1)
+    with use_backend("cpu"):
+        block = scratch((1024, 512), torch.bfloat16, like)  # 1 MiB
+        held = scratch((1024, 512), torch.bfloat16, like)
+        assert held.data_ptr() != block.data_ptr()
+        where = block.data_ptr()
+        del block
+        assert scratch((1024, 512), torch.bfloat16, like).data_ptr() == where
+
+        x = torch.randn(64, 64).bfloat16().requires_grad_()
+        w = torch.randn(8192, 64).bfloat16().requires_grad_()  # a 1 MiB gradient
+        fusedce.linear_cross_entropy(x, w, torch.randint(0, 8192, (64,))).backward()
+    assert w.grad is not None
+    assert _uses(w.grad) == _uses(torch.empty(8, 10)) + 1  # the pool's reference

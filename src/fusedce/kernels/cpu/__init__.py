@@ -68,6 +68,7 @@ __all__ = [
     "narrowed",
     "nll_backward",
     "nll_forward",
+    "pooled_empty",
     "softmax_backward",
     "softmax_forward",
     "toolchain",
@@ -355,6 +356,13 @@ def inline_exp(x: Tensor, degree: int) -> Tensor:
     """The row path's inline exp (common.h's exp_avx512) of ``degree`` 4 or 6 over a contiguous 1-D
     float32 ``x``; the AVX512 build only (else RuntimeError). For the test of its accuracy."""
     return _kernels().inline_exp(x, degree)
+
+
+def pooled_empty(shape: tuple[int, ...], dtype: torch.dtype) -> Tensor:
+    """An uninitialised contiguous CPU tensor from the kernels' output pool (output_pool.h): a
+    kept storage of its size that nobody holds any more, else a fresh one, which the pool then
+    keeps. For scratch that a training step asks for again at every step (the linear head's)."""
+    return _kernels().pooled_empty(list(shape), dtype)
 
 
 def empty_cache() -> None:

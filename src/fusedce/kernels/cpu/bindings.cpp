@@ -22,6 +22,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("softmax_forward", &fusedce::softmax_forward);
   m.def("softmax_backward", &fusedce::softmax_backward);
   m.def("empty_output_pool", &fusedce::empty_output_pool);
+  m.def("pooled_empty", &fusedce::pooled_empty_cpu);
   m.def("accumulate_widened_", &fusedce::accumulate_widened_);
   m.def("narrowed", &fusedce::narrowed);
   m.def("max_row_abs_sum", &fusedce::max_row_abs_sum);

@@ -14,8 +14,8 @@ namespace {
 
 constexpr size_t kMinBytes = size_t(1) << 20;   // smaller ones come from malloc's heap, no faults
 constexpr size_t kMaxBytes = size_t(64) << 20;  // mid-sized: up to here
-constexpr size_t kMaxKept = 8;                   // a call's gradient, per-row loss and stats, twice over
-constexpr size_t kMaxKeptBytes = size_t(128) << 20;
+constexpr size_t kMaxKept = 12;                  // a call's gradient, per-row loss and stats, twice over
+constexpr size_t kMaxKeptBytes = size_t(320) << 20;  // and a linear head's block scratch (chunked.py)
 constexpr size_t kMaxKeptLarge = 2;              // a softmax's output and its gradient
 constexpr size_t kMaxKeptLargeBytes = size_t(1) << 30;  // so that a one-off output is not hoarded
 
@@ -76,6 +76,10 @@ at::Tensor pooled_empty(at::IntArrayRef sizes, const at::TensorOptions& options)
   }
   shelf.kept.push_back(out.storage());
   return out;
+}
+
+at::Tensor pooled_empty_cpu(at::IntArrayRef sizes, at::ScalarType dtype) {
+  return pooled_empty(sizes, at::TensorOptions().dtype(dtype).device(at::kCPU));
 }
 
 void empty_output_pool() {

@@ -8,9 +8,11 @@
 // holds it any more (its use count is the pool's own reference alone). CUDA's caching allocator
 // does this for every tensor; torch's CPU allocator does not.
 //
-// Bounded: outputs of kMinBytes to kMaxBytes (1 to 64 MiB) are kept, at most kMaxKept (8) of them
-// and kMaxKeptBytes (128 MiB) in all (a 16x21x128x128 segmentation gradient is 22 MB, its per-row
-// loss and stats 1 and 2 MB: their fresh pages cost the seg forward 0.7 ms of its 1.8). Larger
+// Bounded: outputs of kMinBytes to kMaxBytes (1 to 64 MiB) are kept, at most kMaxKept (12) of them
+// and kMaxKeptBytes (320 MiB) in all (a 16x21x128x128 segmentation gradient is 22 MB, its per-row
+// loss and stats 1 and 2 MB: their fresh pages cost the seg forward 0.7 ms of its 1.8; the linear
+// head takes its block scratch and weight-gradient sum from here too, 200 MB at the bf16 lmhead
+// shape, see linear/chunked.py's scratch). Larger
 // ones, an LM's (N, C) gradient, are kept two at most and kMaxKeptLargeBytes (1 GiB) in all: the
 // lm-32k bfloat16 backward took 18.38 ms into a fresh 262 MB gradient and 12.76 ms into a kept
 // one (`python -m fusedce bench`, benchmarks/RESULTS.md). Holding one idle between steps does not raise a training step's peak: the
@@ -28,6 +30,9 @@ namespace fusedce {
 // An uninitialised contiguous tensor of ``sizes``: a kept storage of exactly its bytes when one is
 // free, else a fresh one (then kept when it is in the pool's size range).
 at::Tensor pooled_empty(at::IntArrayRef sizes, const at::TensorOptions& options);
+
+// pooled_empty for Python (the linear head's scratch): a CPU tensor of ``dtype``.
+at::Tensor pooled_empty_cpu(at::IntArrayRef sizes, at::ScalarType dtype);
 
 // Drop every kept storage (those still in use live on with their tensors).
 void empty_output_pool();

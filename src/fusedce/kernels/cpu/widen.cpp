@@ -44,7 +44,7 @@ at::Tensor narrowed(const at::Tensor& acc, at::ScalarType dtype) {
   TORCH_CHECK(acc.scalar_type() == at::kFloat && acc.is_contiguous() &&
                   (dtype == at::kBFloat16 || dtype == at::kHalf),
               "fusedce: narrowed takes a contiguous float32 tensor and a half-precision dtype");
-  at::Tensor out = at::empty(acc.sizes(), acc.options().dtype(dtype));
+  at::Tensor out = pooled_empty(acc.sizes(), acc.options().dtype(dtype));
   AT_DISPATCH_REDUCED_FLOATING_TYPES(dtype, "narrowed", [&] {
     using IO = VecIO<scalar_t>;
     const float* src = acc.const_data_ptr<float>();
