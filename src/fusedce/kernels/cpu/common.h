@@ -207,13 +207,15 @@ inline __m512 exp_avx512(__m512 x) {
 #endif
 
 // The exp of the row path's log-sum, whose precision the loss needs (see FastExp): Sleef's, or
-// on AVX512 float lanes the inline degree-6 exp, as precise at about half the cost.
+// on AVX512 float lanes the inline exp (degree 6 as precise at about half the cost; degree 4 for
+// results rounded to 16 bits, see kSumExpDegree). Any argument: ±inf and NaN come out as exp's.
+template <int kDegree = 6>
 struct SumExp {
   template <typename V>
   V operator()(const V& v) const {
 #if defined(CPU_CAPABILITY_AVX512)
     if constexpr (std::is_same_v<V, Vectorized<float>>) {
-      return V(exp_avx512<6>(v));
+      return V(exp_avx512<kDegree>(v));
     }
 #endif
     return v.exp();
@@ -444,7 +446,8 @@ inline void map_row(const scalar_t* src, scalar_t* dst, int64_t count, F&& f) {
   }
 }
 
-template <typename scalar_t, typename F>
+// kStream: as map_row's.
+template <bool kStream = false, typename scalar_t, typename F>
 inline void map_row2(const scalar_t* src, const scalar_t* src2, scalar_t* dst, int64_t count, F&& f) {
   using IO = VecIO<scalar_t>;
   int64_t j = 0;
@@ -455,7 +458,7 @@ inline void map_row2(const scalar_t* src, const scalar_t* src2, scalar_t* dst, i
     for (int64_t k = 0; k < IO::kPer; ++k) {
       u[k] = f(u[k], v[k], j + k * IO::kLanes, IO::kLanes);
     }
-    IO::store(dst + j, u);
+    IO::template store<kStream>(dst + j, u);
   }
   for (; j < count; j += IO::kLanes) {
     const int64_t n = std::min(IO::kLanes, count - j);
@@ -1073,7 +1076,7 @@ struct ExpSumRest {
     const Vectorized<acc> zero(0);
     const Vectorized<acc> top = d == zero;
     ties = ties + (Vectorized<acc>(1) & top);
-    return Vectorized<acc>::blendv(SumExp{}(d), zero, top);
+    return Vectorized<acc>::blendv(SumExp<>{}(d), zero, top);
   }
 
   // The row's rest; its max must be finite (so that some lane had d == 0).
