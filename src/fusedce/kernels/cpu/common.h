@@ -128,6 +128,11 @@ struct FastExp {
 // For rows whose max or log-sum is not finite: std::exp propagates NaN and +inf as torch does.
 struct PreciseExp {
   template <typename V>
+  V shifted(const V& d, const V& ls) const {
+    return (*this)(d - ls);
+  }
+
+  template <typename V>
   V operator()(const V& v) const {
     using T = typename V::value_type;
     __at_align__ T lanes[V::size()];
@@ -171,6 +176,19 @@ inline auto dispatch_exp(bool fast, F&& f) {
 // ---------------------------------------------------------------------------------------------
 
 #if defined(CPU_CAPABILITY_AVX512)
+constexpr float kLog2e = 1.44269504088896341f;
+
+// 2^y by the degree-4 form (exp_avx512<4> of y·ln 2), for callers that fold work into y.
+inline __m512 exp2_avx512_deg4(__m512 y) {
+  constexpr int kNearest = _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC;
+  const __m512 f = _mm512_reduce_ps(y, kNearest);
+  __m512 q = _mm512_set1_ps(0.009582851082086563f);
+  q = _mm512_fmadd_ps(q, f, _mm512_set1_ps(0.05590642988681793f));
+  q = _mm512_fmadd_ps(q, f, _mm512_set1_ps(0.24024099111557007f));
+  q = _mm512_fmadd_ps(q, f, _mm512_set1_ps(0.6931241750717163f));
+  return _mm512_scalef_ps(_mm512_fmadd_ps(q, f, _mm512_set1_ps(1.0f)), _mm512_roundscale_ps(y, kNearest));
+}
+
 // kNonPositive (degree 6): the caller guarantees x <= 0 or NaN (x - max of a row with a finite
 // max), so the upper clamp, one instruction of about thirteen, is left out.
 template <int kDegree, bool kNonPositive = false>
@@ -178,21 +196,14 @@ inline __m512 exp_avx512(__m512 x) {
   static_assert(kDegree == 4 || kDegree == 6, "exp_avx512: fitted for degree 4 or 6");
   constexpr int kNearest = _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC;
   if constexpr (kDegree == 4) {
-    const __m512 y = _mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f));
-    const __m512 f = _mm512_reduce_ps(y, kNearest);
-    __m512 q = _mm512_set1_ps(0.009582851082086563f);
-    q = _mm512_fmadd_ps(q, f, _mm512_set1_ps(0.05590642988681793f));
-    q = _mm512_fmadd_ps(q, f, _mm512_set1_ps(0.24024099111557007f));
-    q = _mm512_fmadd_ps(q, f, _mm512_set1_ps(0.6931241750717163f));
-    return _mm512_scalef_ps(_mm512_fmadd_ps(q, f, _mm512_set1_ps(1.0f)),
-                            _mm512_roundscale_ps(y, kNearest));
+    return exp2_avx512_deg4(_mm512_mul_ps(x, _mm512_set1_ps(kLog2e)));
   } else {
     // min/max return their second operand when either is NaN: x goes second.
     if constexpr (!kNonPositive) {
       x = _mm512_min_ps(_mm512_set1_ps(89.0f), x);
     }
     x = _mm512_max_ps(_mm512_set1_ps(-104.0f), x);
-    const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)), kNearest);
+    const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(kLog2e)), kNearest);
     __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693145751953125f), x);
     r = _mm512_fnmadd_ps(n, _mm512_set1_ps(1.428606765330187045e-06f), r);
     __m512 q = _mm512_set1_ps(0.0013843653723597527f);
@@ -248,6 +259,21 @@ struct RowGradExp {
     }
 #endif
     return v.exp_u20();
+  }
+
+  // exp(d - ls), d = x - max and ls the row's log-sum (finite, in [0, log C]). Degree 4 folds the
+  // subtraction into the base-2 scaling: y = d·log2(e) - ls·log2(e) in one FMA, whose roundings
+  // (of ls·log2(e) and of y) add (|ls| + |y|)·2^-24·ln 2 of relative error, as the subtraction's
+  // and the scaling's did.
+  template <typename V>
+  V shifted(const V& d, const V& ls) const {
+#if defined(CPU_CAPABILITY_AVX512)
+    if constexpr (kDegree == 4 && std::is_same_v<V, Vectorized<float>>) {
+      const __m512 log2e = _mm512_set1_ps(kLog2e);
+      return V(exp2_avx512_deg4(_mm512_fmsub_ps(d, log2e, _mm512_mul_ps(ls, log2e))));
+    }
+#endif
+    return (*this)(d - ls);
   }
 };
 

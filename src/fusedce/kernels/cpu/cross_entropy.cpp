@@ -274,7 +274,8 @@ void ce_backward_kernel(const Tensor& grad_loss, const Tensor& x, const Tensor& 
             const AVec vm(m), vl(ls), vc(k.coef), vsw(k.sw);
             dispatch_row_grad_exp<scalar_t, decltype(kSmooth)::value>(std::isfinite(ls), [&](auto exp_fn) {
               map_row<kStream>(row, dst, classes, [&](const AVec& v, int64_t j, int64_t n) {
-                AVec grad = vc * exp_fn((v - vm) - vl);
+                // exp((x - m) - ls); RowGradExp::shifted saves 16-bit rows an instruction a vector
+                AVec grad = vc * exp_fn.shifted(v - vm, vl);
                 if constexpr (kSmooth) {
                   if constexpr (kWeight) {
                     grad = grad - vsw * load_acc(wp + j, n);
