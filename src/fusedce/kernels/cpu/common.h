@@ -1052,8 +1052,8 @@ struct KahanSum {
 template <typename acc, int kDegree = 6>
 struct ExpSumRest {
   static constexpr int kBlock = 16;
-  // add2 sums into two blocks, one per vector: one chain of adds, one add's latency per vector,
-  // bounded the exp pass.
+  // add2 takes the two vectors one step of row_rest loads (a bfloat16 load widens into two),
+  // each into its own block, so that neither waits on the other's add.
   Vectorized<acc> block{acc(0)}, block2{acc(0)}, ties{acc(0)};
   int64_t tie_count = 0;  // ties counted from a mask register (the AVX512 float add)
   KahanSum<acc> folded;
@@ -1116,8 +1116,8 @@ struct ExpSumRest {
 };
 
 // The exp pass of the row path's forwards: a row's rest (ExpSumRest: Σ_c exp(x_c - m) - 1, m its
-// max, which must be finite), the classes in any order, two vectors at a time into separate
-// chains, advancing the next row's max as it goes (RowMaxAhead). A bfloat16 row widens its even
+// max, which must be finite), the classes in any order, two vectors at a time (ExpSumRest::add2),
+// advancing the next row's max as it goes (RowMaxAhead). A bfloat16 row widens its even
 // and odd values with one shift and one mask, where the ordered widening splits and zero-extends
 // the halves (six instructions for the two vectors).
 template <typename scalar_t>
