@@ -102,9 +102,8 @@ def _computed_rows(x2: Tensor, w2: Tensor, b1: Tensor | None, target: Tensor, sp
 def scratch(shape: tuple[int, ...], dtype: torch.dtype, like: Tensor) -> Tensor:
     """An uninitialised tensor on ``like``'s device: on CPU from the C++ backend's output pool
     where it runs (kernels/cpu/output_pool.h), so that a training step's blocks and sums reuse the
-    last step's pages instead of faulting in fresh zeroed ones (at the bf16 lmhead shape the
-    kernel's page clearing went from 3.9% to 0.1% of a `perf` profile of the steps); elsewhere
-    ``new_empty`` (CUDA's caching allocator does the same)."""
+    last step's pages instead of faulting in fresh zeroed ones (about 200 MB a step at the bf16
+    lmhead shape); elsewhere ``new_empty`` (CUDA's caching allocator does the same)."""
     if like.device.type == "cpu":
         pooled = getattr(backend_for(like.device), "pooled_empty", None)
         if pooled is not None:

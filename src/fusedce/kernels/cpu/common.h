@@ -546,9 +546,8 @@ inline Vectorized<acc> max_unordered(const Vectorized<acc>& m, const Vectorized<
 // up to a few hundred KB stays in L2). Each pass has the core to itself, so they add: the max
 // pass waits on memory, and the exp pass leaves the memory bus idle. Computing the next row's
 // max inside the current row's exp pass overlaps the two: the loads from memory issue among the
-// arithmetic, a piece per vector of the exp pass. (A software prefetch of the next row there,
-// instead, left the max pass at its full cost: lm-32k bf16 forward, `python -m fusedce bench`,
-// 11.2 ms before, see benchmarks/RESULTS.md.)
+// arithmetic, a piece per vector of the exp pass. (The forward used to prefetch the next row
+// there instead, at the exp pass's own position, and still paid most of the max pass.)
 //
 // advance_to(j) takes in the whole pieces of the row below class j; finish() the rest, and
 // returns the max. Of a row that holds a NaN, the max may be NaN or the max of the other values
