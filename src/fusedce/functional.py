@@ -405,7 +405,7 @@ def _uint8_smoothing_quirk(
     if reduction != "mean":
         combined = (1 - smoothing) * nll + smoothing * smooth
         return _reduce_index_loss(combined, rows, weight, ignore_index, reduction, input, 0.0)
-    valid = rows.long() != ignore_index  # every row: ignore_index is outside the uint8 range
+    valid = index != ignore_index  # every row: ignore_index is outside the uint8 range
     nll_mean = nll.sum() / valid.sum()
     smooth_mean = smooth.sum() / kept.sum()
     return ((1 - smoothing) * nll_mean + smoothing * smooth_mean).to(input.dtype)

@@ -261,40 +261,40 @@ void ce_backward_kernel(const Tensor& grad_loss, const Tensor& x, const Tensor& 
     const bool stream = out.data_ptr() != x.data_ptr() && streamable_rows(ov, inner, out.nbytes());
     dispatch_bool(smooth, [&](auto kSmooth) {
       dispatch_bool(wp != nullptr, [&](auto kWeight) {
-       dispatch_bool(stream, [&](auto kStream) {
-        at::parallel_for(0, outer * inner, row_grain(classes), [&](int64_t begin, int64_t end) {
-          for (int64_t r = begin; r < end; ++r) {
-            const int64_t o = r / inner, i = r - o * inner;
-            const scalar_t* row = xv.row(o, i);
-            scalar_t* dst = ov.row(o, i);
-            const Coefs k = coefs(o, i);
-            const acc m = mv(o, i), ls = lv(o, i);
-            // Read before the row is overwritten (out may be x itself).
-            const acc x_t = static_cast<acc>(row[k.t * xv.s1]);
-            const AVec vm(m), vl(ls), vc(k.coef), vsw(k.sw);
-            dispatch_row_grad_exp<scalar_t, decltype(kSmooth)::value>(std::isfinite(ls), [&](auto exp_fn) {
-              map_row<kStream>(row, dst, classes, [&](const AVec& v, int64_t j, int64_t n) {
-                // exp((x - m) - ls); RowGradExp::shifted saves 16-bit rows an instruction a vector
-                AVec grad = vc * exp_fn.shifted(v - vm, vl);
-                if constexpr (kSmooth) {
-                  if constexpr (kWeight) {
-                    grad = grad - vsw * load_acc(wp + j, n);
-                  } else {
-                    grad = grad - vsw;
+        dispatch_bool(stream, [&](auto kStream) {
+          at::parallel_for(0, outer * inner, row_grain(classes), [&](int64_t begin, int64_t end) {
+            for (int64_t r = begin; r < end; ++r) {
+              const int64_t o = r / inner, i = r - o * inner;
+              const scalar_t* row = xv.row(o, i);
+              scalar_t* dst = ov.row(o, i);
+              const Coefs k = coefs(o, i);
+              const acc m = mv(o, i), ls = lv(o, i);
+              // Read before the row is overwritten (out may be x itself).
+              const acc x_t = static_cast<acc>(row[k.t * xv.s1]);
+              const AVec vm(m), vl(ls), vc(k.coef), vsw(k.sw);
+              dispatch_row_grad_exp<scalar_t, decltype(kSmooth)::value>(std::isfinite(ls), [&](auto exp_fn) {
+                map_row<kStream>(row, dst, classes, [&](const AVec& v, int64_t j, int64_t n) {
+                  // exp((x - m) - ls); RowGradExp::shifted saves 16-bit rows an instruction a vector
+                  AVec grad = vc * exp_fn.shifted(v - vm, vl);
+                  if constexpr (kSmooth) {
+                    if constexpr (kWeight) {
+                      grad = grad - vsw * load_acc(wp + j, n);
+                    } else {
+                      grad = grad - vsw;
+                    }
                   }
-                }
-                return grad;
+                  return grad;
+                });
               });
-            });
-            // The target class: recomputed from x_t in the accumulation dtype, not patched in
-            // the (possibly 16-bit) output.
-            dst[k.t * ov.s1] = static_cast<scalar_t>(target_grad(k, x_t, m, ls));
-          }
-          if constexpr (kStream) {
-            stream_fence();
-          }
+              // The target class: recomputed from x_t in the accumulation dtype, not patched in
+              // the (possibly 16-bit) output.
+              dst[k.t * ov.s1] = static_cast<scalar_t>(target_grad(k, x_t, m, ls));
+            }
+            if constexpr (kStream) {
+              stream_fence();
+            }
+          });
         });
-       });
       });
     });
     return;

@@ -19,30 +19,30 @@ void softmax_forward_kernel(const Tensor& x, Tensor& out) {
   const auto ov = view3<scalar_t>(out);
 
   if (row_contiguous(xv.s1, classes) && row_contiguous(ov.s1, classes)) {
-   dispatch_bool(streamable_rows(ov, inner, out.nbytes()), [&](auto kStream) {
-    at::parallel_for(0, outer * inner, row_grain(classes), [&](int64_t begin, int64_t end) {
-      for_each_row_max_ahead(xv, begin, end, inner, classes, [&](int64_t r, int64_t o, int64_t i,
-                                                                 const scalar_t* row, acc m, auto& ahead) {
-        acc ls = kNaN<acc>, inv = kNaN<acc>;
-        if (std::isfinite(m)) {
-          const acc rest = row_rest(row, classes, m, ahead);  // the outputs' precision: see there
-          ls = std::log1p(rest);
-          inv = acc(1) / (acc(1) + rest);
-        }
-        const AVec vm(m), vl(ls), vinv(inv);
-        map_row<kStream>(row, ov.row(o, i), classes, [&](const AVec& v, int64_t, int64_t) {
-          if constexpr (kLog) {
-            return (v - vm) - vl;
-          } else {
-            return SumExp<kSumExpDegree<scalar_t>>{}(v - vm) * vinv;
+    dispatch_bool(streamable_rows(ov, inner, out.nbytes()), [&](auto kStream) {
+      at::parallel_for(0, outer * inner, row_grain(classes), [&](int64_t begin, int64_t end) {
+        for_each_row_max_ahead(xv, begin, end, inner, classes, [&](int64_t r, int64_t o, int64_t i,
+                                                                   const scalar_t* row, acc m, auto& ahead) {
+          acc ls = kNaN<acc>, inv = kNaN<acc>;
+          if (std::isfinite(m)) {
+            const acc rest = row_rest(row, classes, m, ahead);  // the outputs' precision: see there
+            ls = std::log1p(rest);
+            inv = acc(1) / (acc(1) + rest);
           }
+          const AVec vm(m), vl(ls), vinv(inv);
+          map_row<kStream>(row, ov.row(o, i), classes, [&](const AVec& v, int64_t, int64_t) {
+            if constexpr (kLog) {
+              return (v - vm) - vl;
+            } else {
+              return SumExp<kSumExpDegree<scalar_t>>{}(v - vm) * vinv;
+            }
+          });
         });
+        if constexpr (kStream) {
+          stream_fence();
+        }
       });
-      if constexpr (kStream) {
-        stream_fence();
-      }
     });
-   });
     return;
   }
 
@@ -92,51 +92,51 @@ void softmax_backward_kernel(const Tensor& grad_out, const Tensor& out, Tensor& 
 
   if (row_contiguous(gv.s1, classes) && row_contiguous(yv.s1, classes) &&
       row_contiguous(dv.s1, classes)) {
-   dispatch_bool(streamable_rows(dv, inner, grad.nbytes()), [&](auto kStream) {
-    at::parallel_for(0, outer * inner, row_grain(classes), [&](int64_t begin, int64_t end) {
-      for (int64_t r = begin; r < end; ++r) {
-        const int64_t o = r / inner, i = r - o * inner;
-        const scalar_t* grow = gv.row(o, i);
-        const scalar_t* yrow = yv.row(o, i);
-        AVec sum(0);
-        CompensatedDot<acc> dot;  // kPrecise: see there
-        if constexpr (kLog) {  // Σ grad alone: the outputs are read once, in the second pass
-          for_each_vec(grow, classes, acc(0), [&](const AVec& g, int64_t, int64_t) { sum += g; });
-        } else {
-          for_each_vec2(grow, yrow, classes, [&](const AVec& g, const AVec& y, int64_t, int64_t) {
-            if constexpr (kPrecise) {
-              dot.add(g, y);
-            } else {
-              sum += g * y;
-            }
-          });
+    dispatch_bool(streamable_rows(dv, inner, grad.nbytes()), [&](auto kStream) {
+      at::parallel_for(0, outer * inner, row_grain(classes), [&](int64_t begin, int64_t end) {
+        for (int64_t r = begin; r < end; ++r) {
+          const int64_t o = r / inner, i = r - o * inner;
+          const scalar_t* grow = gv.row(o, i);
+          const scalar_t* yrow = yv.row(o, i);
+          AVec sum(0);
+          CompensatedDot<acc> dot;  // kPrecise: see there
+          if constexpr (kLog) {  // Σ grad alone: the outputs are read once, in the second pass
+            for_each_vec(grow, classes, acc(0), [&](const AVec& g, int64_t, int64_t) { sum += g; });
+          } else {
+            for_each_vec2(grow, yrow, classes, [&](const AVec& g, const AVec& y, int64_t, int64_t) {
+              if constexpr (kPrecise) {
+                dot.add(g, y);
+              } else {
+                sum += g * y;
+              }
+            });
+          }
+          acc s_hi = hsum(sum), s_lo = 0;
+          if constexpr (!kLog && kPrecise) {
+            dot.total(s_hi, s_lo);
+          }
+          const AVec vs(s_hi), vs_lo(s_lo);
+          if constexpr (kLog) {
+            // The inline exp (SumExp: about twelve instructions a vector where exp_u20 takes about
+            // twenty, and within an ulp) takes any argument, so no row needs the precise path;
+            // degree 6 even for 16-bit rows, whose g - exp(y)·Σ may cancel.
+            map_row2<kStream>(grow, yrow, dv.row(o, i), classes,
+                              [&](const AVec& g, const AVec& y, int64_t, int64_t) {
+                                return g - SumExp<>{}(y) * vs;
+                              });
+          } else {
+            // g - s_hi is exact where it cancels (Sterbenz), and s_lo then adds the digits.
+            map_row2<kStream>(grow, yrow, dv.row(o, i), classes,
+                              [&](const AVec& g, const AVec& y, int64_t, int64_t) {
+                                return y * ((g - vs) - vs_lo);
+                              });
+          }
         }
-        acc s_hi = hsum(sum), s_lo = 0;
-        if constexpr (!kLog && kPrecise) {
-          dot.total(s_hi, s_lo);
+        if constexpr (kStream) {
+          stream_fence();
         }
-        const AVec vs(s_hi), vs_lo(s_lo);
-        if constexpr (kLog) {
-          // The inline exp (SumExp: about twelve instructions a vector where exp_u20 takes about
-          // twenty, and within an ulp) takes any argument, so no row needs the precise path;
-          // degree 6 even for 16-bit rows, whose g - exp(y)·Σ may cancel.
-          map_row2<kStream>(grow, yrow, dv.row(o, i), classes,
-                            [&](const AVec& g, const AVec& y, int64_t, int64_t) {
-                              return g - SumExp<>{}(y) * vs;
-                            });
-        } else {
-          // g - s_hi is exact where it cancels (Sterbenz), and s_lo then adds the digits.
-          map_row2<kStream>(grow, yrow, dv.row(o, i), classes,
-                            [&](const AVec& g, const AVec& y, int64_t, int64_t) {
-                              return y * ((g - vs) - vs_lo);
-                            });
-        }
-      }
-      if constexpr (kStream) {
-        stream_fence();
-      }
+      });
     });
-   });
     return;
   }
 
